@@ -1,0 +1,134 @@
+"""Shared plumbing: where artifacts live, which device/dtype to use, torchrun setup, atomic writes.
+
+Everything here is small and dependency-free on purpose: every other module imports it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class PicochatError(Exception):
+    """An error the user can fix. The CLI prints its message as one line and exits non-zero."""
+
+
+# --------------------------------------------------------------------------- paths
+
+def home() -> Path:
+    """Root of all artifacts: $PICOCHAT_HOME, default ~/.cache/picochat."""
+    return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+
+
+def data_dir(name: str = "embedded") -> Path:
+    return home() / "data" / name
+
+
+def tokenizer_dir() -> Path:
+    return home() / "tokenizer"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
+
+    A crash (or kill) mid-write leaves the old file intact and at most a stray *.tmp file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- device / dtype
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(requested)
+    except RuntimeError as e:
+        raise PicochatError(f"unknown device {requested!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PicochatError("--device cuda requested but CUDA is not available on this machine")
+    return dev
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (fast and stable); plain fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast_ctx(device: torch.device):
+    dt = autocast_dtype(device)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dt)
+
+
+# --------------------------------------------------------------------------- distributed
+
+@dataclass
+class DistInfo:
+    enabled: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return DistInfo(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    return DistInfo(False, 0, 0, 1)
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    info = dist_info()
+    if info.enabled and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+    return info
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if dist_info().rank == 0:
+        print(*args, **kwargs)
+        sys.stdout.flush()
