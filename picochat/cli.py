@@ -1,0 +1,306 @@
+"""The one `picochat` command. Each subcommand is a thin function over the modules.
+
+    picochat data prepare --source embedded       corpus -> parquet shards
+    picochat tokenizer train|eval                 BPE tokenizer
+    picochat train base --depth 4                 pretraining (also under torchrun)
+    picochat sample --model base/d4 -p "..."      generate text from a checkpoint
+
+Errors the user can fix (PicochatError, bad flags) print one line and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from picochat.common import PicochatError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage + error over two lines; we print one line and point at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {v}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v}")
+    return v
+
+
+# ----------------------------------------------------------------------------- data
+
+def cmd_data_prepare(args):
+    from picochat.common import data_dir
+    from picochat.data.corpus import prepare
+    t0 = time.time()
+    meta = prepare(args.source, data_dir(args.name), overwrite=args.overwrite, val_fraction=args.val_fraction,
+                   max_docs=args.max_docs, max_chars=args.max_chars, hf_config=args.hf_config,
+                   text_field=args.text_field)
+    print(f"prepared {args.source} -> {data_dir(args.name)}: {meta['train_docs']:,} train docs "
+          f"({meta['train_chars']:,} chars), {meta['val_docs']:,} val docs ({meta['val_chars']:,} chars) "
+          f"in {time.time() - t0:.1f}s")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def cmd_tokenizer_train(args):
+    from picochat.common import data_dir, tokenizer_dir
+    from picochat.data.corpus import sample_texts
+    from picochat.tokenizer import train_tokenizer
+    texts = sample_texts(data_dir(args.data), "train", args.max_chars)
+    tok, stats = train_tokenizer(texts, args.vocab_size, tokenizer_dir())
+    print(f"trained tokenizer: vocab {tok.vocab_size:,} on {sum(map(len, texts)):,} chars in "
+          f"{stats.get('seconds', 0):.1f}s -> {tokenizer_dir()}")
+
+
+def cmd_tokenizer_eval(args):
+    from picochat.common import data_dir, tokenizer_dir
+    from picochat.data.corpus import sample_texts
+    from picochat.tokenizer import Tokenizer, evaluate_tokenizer, format_table
+    tok = Tokenizer.load(tokenizer_dir())
+    for split in ("train", "val"):
+        texts = sample_texts(data_dir(args.data), split, args.max_chars)
+        print(f"== {split} ({sum(map(len, texts)):,} chars)")
+        print(format_table(evaluate_tokenizer(tok, texts)))
+
+
+# ----------------------------------------------------------------------------- training
+
+def _add_train_flags(p, stage: str):
+    p.add_argument("--tag", help=f"checkpoint tag to write (default {stage}/d<depth>)")
+    p.add_argument("--data", default="embedded", help="prepared corpus name under $PICOCHAT_HOME/data (default: embedded)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--device-batch-size", type=_positive_int, default=8, help="rows per micro-batch per process (default 8)")
+    p.add_argument("--total-batch-size", type=int, default=-1,
+                   help="tokens per optimizer step; a multiple of device_batch x seq_len x processes; the rest is "
+                        "made up by gradient accumulation (default -1: one micro-batch per process)")
+    p.add_argument("--matrix-lr", type=_nonneg_float, default=0.02, help="Muon learning rate for hidden matrices (default 0.02)")
+    p.add_argument("--embedding-lr", type=_nonneg_float, default=0.2, help="AdamW lr for the token embedding (default 0.2, scaled by width)")
+    p.add_argument("--unembedding-lr", type=_nonneg_float, default=0.004, help="AdamW lr for lm_head (default 0.004, scaled by width)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--warmup-ratio", type=_nonneg_float, default=0.0, help="fraction of steps with linear lr warmup (default 0)")
+    p.add_argument("--warmdown-ratio", type=_nonneg_float, default=0.2, help="fraction of steps with linear lr decay at the end (default 0.2)")
+    p.add_argument("--eval-every", type=_nonneg_int, default=100, help="steps between val bits-per-byte evals; 0 = only at the end (default 100)")
+    p.add_argument("--eval-batches", type=_positive_int, default=8, help="val batches per eval (default 8)")
+    p.add_argument("--save-every", type=_nonneg_int, default=0, help="steps between checkpoints; 0 = only at the end (default 0)")
+    p.add_argument("--keep", type=_positive_int, default=2, help="checkpoints kept per tag (default 2)")
+    p.add_argument("--compile", default="off", help="torch.compile mode: off|default|reduce-overhead|max-autotune|"
+                   "max-autotune-no-cudagraphs (default off; reduce-overhead = CUDA graphs, more memory)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward (less memory, more compute)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weight init (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved under --tag exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="start fresh even if --tag already has checkpoints")
+    p.add_argument("--stop-after", type=_positive_int, help="stop (and checkpoint) after this many steps without changing "
+                   "the schedule; continue later with --resume")
+
+
+def cmd_train_base(args):
+    import torch
+    from picochat import checkpoint as ck
+    from picochat.common import data_dir, init_distributed, pick_device, tokenizer_dir
+    from picochat.data.corpus import list_shards
+    from picochat.data.loader import PretrainLoader
+    from picochat.eval.bpb import token_byte_lengths
+    from picochat.model.config import config_from_depth
+    from picochat.model.gpt import GPT
+    from picochat.tokenizer import Tokenizer
+    from picochat.train.loop import TrainSettings, run_training
+
+    t0 = time.time()
+    device = pick_device(args.device)
+    info = init_distributed(device)
+    tok = Tokenizer.load(tokenizer_dir())
+    data = data_dir(args.data)
+    list_shards(data, "train")  # clear error if the corpus is missing
+    tag = args.tag or f"base/d{args.depth}"
+    resume = None
+    if args.resume:
+        resume = ck.read_checkpoint(tag)
+        settings = TrainSettings(**resume.meta["settings"])
+        model, _ = ck.load_model(tag, device=device)
+        model.train()
+    else:
+        if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
+            raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
+        settings = TrainSettings(
+            stage="base", tag=tag, steps=args.steps, device_batch_size=args.device_batch_size, seq_len=args.seq_len,
+            total_batch_size=args.total_batch_size, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+            unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+            warmdown_ratio=args.warmdown_ratio, eval_every=args.eval_every, eval_batches=args.eval_batches,
+            save_every=args.save_every, keep=args.keep, compile=args.compile, grad_checkpoint=args.grad_checkpoint,
+            seed=args.seed, extra={"data": args.data})
+        settings.validate(info.world_size)
+        config = config_from_depth(args.depth, tok.vocab_size, args.seq_len, attention=args.attention,
+                                   n_kv_head=args.n_kv_head)
+        torch.manual_seed(args.seed)
+        model = GPT(config).to(device)
+        model.init_weights()
+    grad_accum = settings.validate(info.world_size)
+    B, T = settings.device_batch_size, settings.seq_len
+
+    def make_loader(state):
+        return PretrainLoader(data, tok, B, T, "train", info.rank, info.world_size, grad_accum, state, device=device)
+
+    def val_batches():
+        return PretrainLoader(data, tok, B, T, "val", info.rank, info.world_size, 1, None, device=device)
+
+    summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
+                           token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
+                           base_meta={"tokenizer_vocab": tok.vocab_size})
+    if info.is_master:
+        print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s")
+    if info.enabled:
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def cmd_sample(args):
+    from picochat.common import pick_device, tokenizer_dir
+    from picochat.checkpoint import load_model
+    from picochat.inference.engine import Engine
+    from picochat.tokenizer import Tokenizer
+    device = pick_device(args.device)
+    tok = Tokenizer.load(tokenizer_dir())
+    model, ckpt = load_model(args.model, device=device)
+    engine = Engine(model, tok)
+    prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        ids: list[int] = []
+        printed = ""
+        sys.stdout.write(args.prompt)
+        seed = None if args.seed is None else args.seed + i
+        for step in engine.generate_stream([prompt], args.max_tokens, temperature=args.temperature,
+                                           top_k=args.top_k, top_p=args.top_p, seed=seed,
+                                           stop_tokens={tok.bos_token_id}):
+            if step[0] is None or step[0] == tok.bos_token_id:
+                break
+            ids.append(step[0])
+            text = tok.decode(ids)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        sys.stdout.write(tok.decode(ids)[len(printed):] + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="picochat", description="Train, evaluate and serve your own small ChatGPT.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="prepare pretraining corpora").add_subparsers(dest="action", required=True)
+    p = data.add_parser("prepare", help="write a corpus as parquet shards with a val split")
+    p.add_argument("--source", default="embedded", help="embedded (Shakespeare, offline) | hf:REPO (online, e.g. "
+                   "hf:HuggingFaceFW/fineweb-edu) | local:PATH (folder/file of .txt/.jsonl/.parquet) (default embedded)")
+    p.add_argument("--name", default="embedded", help="name to store it under $PICOCHAT_HOME/data (default embedded)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared corpus of that name")
+    p.add_argument("--val-fraction", type=_fraction, default=0.05, help="share of text held out for validation (default 0.05)")
+    p.add_argument("--max-docs", type=_positive_int, help="stop after this many documents")
+    p.add_argument("--max-chars", type=_positive_int, help="stop after this many characters")
+    p.add_argument("--hf-config", help="dataset config for hf: sources (e.g. sample-10BT)")
+    p.add_argument("--text-field", default="text", help="text column/field for hf/jsonl/parquet sources (default text)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    tokp = sub.add_parser("tokenizer", help="train or evaluate the BPE tokenizer").add_subparsers(dest="action", required=True)
+    p = tokp.add_parser("train", help="train a byte-level BPE on the prepared corpus")
+    p.add_argument("--data", default="embedded", help="prepared corpus name (default embedded)")
+    p.add_argument("--vocab-size", type=_positive_int, default=4096, help="vocabulary size incl. special tokens (default 4096)")
+    p.add_argument("--max-chars", type=_positive_int, default=20_000_000, help="characters of training text to use (default 20M)")
+    p.set_defaults(func=cmd_tokenizer_train)
+    p = tokp.add_parser("eval", help="compression (bytes per token) on train and val text")
+    p.add_argument("--data", default="embedded", help="prepared corpus name (default embedded)")
+    p.add_argument("--max-chars", type=_positive_int, default=2_000_000, help="characters per split to evaluate (default 2M)")
+    p.set_defaults(func=cmd_tokenizer_eval)
+
+    train = sub.add_parser("train", help="training stages").add_subparsers(dest="stage", required=True)
+    p = train.add_parser("base", help="pretrain a GPT on the prepared corpus")
+    p.add_argument("--depth", type=_positive_int, default=4, help="number of layers; width = 64 x depth (default 4)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="context length in tokens (default 256)")
+    p.add_argument("--attention", default="mha", choices=["mha", "gqa", "mla"], help="attention variant (default mha)")
+    p.add_argument("--n-kv-head", type=_positive_int, help="key/value heads for GQA (default: n_head, or n_head/2 for gqa)")
+    _add_train_flags(p, "base")
+    p.set_defaults(func=cmd_train_base)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--model", default="base/d4", help="checkpoint tag (default base/d4)")
+    p.add_argument("-p", "--prompt", default="", help="text to continue")
+    p.add_argument("--max-tokens", type=_positive_int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=_nonneg_int, default=50, help="keep the k most likely tokens; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default off)")
+    p.add_argument("-n", "--num-samples", type=_positive_int, default=1, help="how many samples (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    p.set_defaults(func=cmd_sample)
+
+    try:  # later stages register themselves when their modules exist
+        from picochat.safety.cli import register as register_safety
+        register_safety(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except PicochatError as e:
+        print(f"picochat: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # invalid values caught deep inside (sampling params, configs)
+        if os.environ.get("PICOCHAT_DEBUG"):
+            raise
+        print(f"picochat: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("picochat: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Causal self-attention: MHA and GQA in one class (n_kv_head < n_head gives GQA).
+
+Attention is pluggable: `build_attention(config, layer_idx)` picks the module from
+config.attention, so MLA (mla.py) slots in without touching the Block or the GPT.
+Every variant has the same call signature: forward(x, ctx) where ctx carries rotary angles,
+the KV cache and the mask for this step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from picochat.model.config import GPTConfig
+from picochat.model.kv_cache import KVCache
+from picochat.model.layers import apply_rotary, norm
+
+
+@dataclass
+class AttnContext:
+    """What one forward step tells every attention layer."""
+    cos: torch.Tensor                       # (B or 1, T, 1, rope_dim/2) rotary angles for these positions
+    sin: torch.Tensor
+    kv_cache: KVCache | None = None
+    attn_mask: torch.Tensor | None = None   # (B, 1, T, S) bool, True = attend; None with is_causal
+    is_causal: bool = True                  # plain causal over exactly the T new tokens
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, enable_gqa: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention over (B, H, T, D) tensors, honouring the step's mask."""
+    if ctx.attn_mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, enable_gqa=enable_gqa)
+    # with a cache and no mask we decode one token over all cached keys: nothing to mask
+    causal = ctx.is_causal and q.size(2) == k.size(2) and q.size(2) > 1
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        q, k = norm(q), norm(k)  # QK-norm: keeps attention logits bounded, stabilises training
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if ctx.kv_cache is not None:
+            k = ctx.kv_cache.update(self.layer_idx, "k", k, seq_dim=2)
+            v = ctx.kv_cache.update(self.layer_idx, "v", v, seq_dim=2)
+        y = sdpa(q, k, v, ctx, enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+    def kv_values_per_token(self) -> int:
+        """Numbers cached per token per layer (K and V for every kv head)."""
+        return 2 * self.n_kv_head * self.head_dim
+
+
+def build_attention(config: GPTConfig, layer_idx: int) -> nn.Module:
+    if config.attention in ("mha", "gqa"):
+        return CausalSelfAttention(config, layer_idx)
+    if config.attention == "mla":
+        from picochat.model.mla import MultiHeadLatentAttention  # optional module
+        return MultiHeadLatentAttention(config, layer_idx)
+    raise ValueError(f"unknown attention type {config.attention!r}")

@@ -1,0 +1,95 @@
+"""KV cache for inference: preallocated once, left-padded batches, rollback for speculation.
+
+The cache does not know what an attention layer stores. Each layer writes named tensors
+(MHA/GQA: "k" and "v" of shape (B, H_kv, T, D); MLA: the latent "c_kv" and the shared rotary key)
+and gets back views over everything cached so far. Buffers are allocated on first write at
+`max_len` along the sequence dim, so a whole generation allocates exactly once.
+
+Left padding: row b of a batch starts with `pad[b]` pad tokens. The model derives from `pad`
+(a) rotary positions that start at 0 at each row's first real token and (b) a key mask so no
+real token attends to padding. `pos` is the number of cached positions (same for all rows).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, batch_size: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, pad: torch.Tensor | list[int] | None = None):
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.pos = 0
+        self.layers: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}
+        if pad is None:
+            pad = torch.zeros(batch_size, dtype=torch.long)
+        self.pad = torch.as_tensor(pad, dtype=torch.long, device=self.device)
+        if self.pad.shape != (batch_size,):
+            raise ValueError(f"pad must have shape ({batch_size},), got {tuple(self.pad.shape)}")
+
+    @property
+    def has_padding(self) -> bool:
+        return bool((self.pad > 0).any())
+
+    def update(self, layer_idx: int, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        """Write x (T new positions along seq_dim) at [pos, pos+T); return the view [0, pos+T)."""
+        T = x.size(seq_dim)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos} + {T} > max_len {self.max_len}")
+        layer = self.layers.setdefault(layer_idx, {})
+        if name not in layer:
+            shape = list(x.shape)
+            shape[seq_dim] = self.max_len
+            buf = torch.zeros(shape, dtype=self.dtype or x.dtype, device=x.device)
+            layer[name] = (buf, seq_dim)
+        buf, seq_dim = layer[name]
+        buf.narrow(seq_dim, self.pos, T).copy_(x)
+        return buf.narrow(seq_dim, 0, self.pos + T)
+
+    def advance(self, T: int) -> None:
+        """Called by the model once all layers have written their T new positions."""
+        self.pos += T
+
+    def truncate(self, pos: int) -> None:
+        """Roll back to `pos` cached positions (speculative decoding rejects). Data past pos is
+        simply overwritten later; no copy needed."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot truncate to {pos}: cache holds {self.pos} positions")
+        self.pos = pos
+
+    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only `rows` of the batch (finished rows stop costing compute)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        for layer in self.layers.values():
+            for name, (buf, seq_dim) in layer.items():
+                layer[name] = (buf.index_select(0, rows.to(buf.device)), seq_dim)
+        self.pad = self.pad.index_select(0, rows)
+        self.batch_size = len(rows)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Rotary position ids (B, T) for the next T tokens: counted from each row's first real token."""
+        abs_pos = torch.arange(self.pos, self.pos + T, device=self.device)
+        return (abs_pos[None, :] - self.pad[:, None]).clamp_(min=0)
+
+    def attn_mask(self, T: int) -> torch.Tensor | None:
+        """Boolean (B, 1, T, pos+T) mask, True = may attend; None when plain causal/full suffices."""
+        S = self.pos + T
+        if T == 1 and not self.has_padding:
+            return None  # one query over all cached keys: no mask needed
+        q = torch.arange(self.pos, S, device=self.device)[:, None]          # (T, 1)
+        k = torch.arange(S, device=self.device)[None, :]                    # (1, S)
+        causal = k <= q                                                      # (T, S)
+        valid = k >= self.pad[:, None, None]                                 # (B, 1, S)
+        # a padding query would see no key at all (softmax of all -inf = NaN, and 0 * NaN poisons
+        # real rows later); let every query see itself so padding stays finite and harmless
+        mask = (causal[None] & valid) | (k == q)[None]
+        return mask[:, None]                                                 # (B, 1, T, S)
+
+    def nbytes(self) -> int:
+        return sum(buf.numel() * buf.element_size() for layer in self.layers.values() for buf, _ in layer.values())
+
+    def bytes_per_token(self) -> float:
+        """Cache bytes per position per batch row (all layers)."""
+        return self.nbytes() / max(1, self.max_len * self.batch_size)

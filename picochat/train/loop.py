@@ -1,0 +1,187 @@
+"""ONE training loop for base, mid and SFT: accumulation, schedule, compile, checkpointing, DDP.
+
+The stages differ only in the model they start from and the batches they feed: every stage
+hands this loop a model, a loader factory (state -> iterator of (x, y) with y == -1 where no
+loss is wanted) and optional validation batches. Resume is exact: weights, optimizer moments,
+loader position, step and metric history all come back from the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from picochat import checkpoint as ckpt_mod
+from picochat.common import DistInfo, PicochatError, autocast_ctx, print0
+from picochat.eval.bpb import evaluate_bpb
+from picochat.model.config import GPTConfig
+from picochat.model.gpt import GPT
+from picochat.train.optim import apply_schedule, build_optimizers
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class TrainSettings:
+    stage: str                          # base | mid | sft (recorded in checkpoints and the report)
+    tag: str                            # checkpoint tag to write, e.g. base/d4
+    steps: int                          # optimizer steps
+    device_batch_size: int              # rows per micro-batch per process
+    seq_len: int                        # tokens per row
+    total_batch_size: int = -1          # tokens per optimizer step; -1 = one micro-batch per process
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    eval_every: int = 100               # steps between val bpb evals (0 = only at the end)
+    eval_batches: int = 8
+    save_every: int = 0                 # steps between checkpoints (0 = only at the end)
+    keep: int = 2                       # checkpoints kept per tag
+    log_every: int = 10
+    compile: str = "off"
+    grad_checkpoint: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # stage-specific facts for meta.json (data mixture, ...)
+
+    def validate(self, world_size: int = 1) -> int:
+        """Check values; return gradient-accumulation steps."""
+        for name in ("steps", "device_batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise PicochatError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.compile not in COMPILE_MODES:
+            raise PicochatError(f"--compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise PicochatError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        per_step = self.device_batch_size * self.seq_len * world_size
+        if self.total_batch_size == -1:
+            return 1
+        if self.total_batch_size <= 0 or self.total_batch_size % per_step:
+            raise PicochatError(f"--total-batch-size {self.total_batch_size} must be a positive multiple of "
+                                f"device_batch_size x seq_len x world_size = {per_step}")
+        return self.total_batch_size // per_step
+
+
+def compile_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    if mode == "off":
+        return model
+    if device.type != "cuda" and mode in ("reduce-overhead", "max-autotune"):
+        # CUDA graphs exist only on CUDA; on CPU these modes mean the same kernels without graphs
+        print0(f"note: --compile {mode} uses CUDA graphs, unavailable on {device.type}; "
+               f"using max-autotune-no-cudagraphs instead")
+        mode = "max-autotune-no-cudagraphs"
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dict | None], Iterable],
+                 device: torch.device, dist_info: DistInfo, val_batches: Callable[[], Iterable] | None = None,
+                 token_bytes: torch.Tensor | None = None, resume: ckpt_mod.Checkpoint | None = None,
+                 stop_after: int | None = None, base_meta: dict | None = None) -> dict:
+    """Train `model` in place for settings.steps optimizer steps; returns a summary dict."""
+    grad_accum = settings.validate(dist_info.world_size)
+    cfg: GPTConfig = model.config
+    model.grad_checkpoint = settings.grad_checkpoint
+    optimizers = build_optimizers(model, settings.matrix_lr, settings.embedding_lr, settings.unembedding_lr,
+                                  settings.weight_decay)
+    step, history, loader_state, train_time = 0, [], None, 0.0
+    session_time = 0.0
+    if resume is not None:
+        ckpt_mod.load_optimizer_state(resume, optimizers)
+        step = resume.step
+        loader_state = resume.state.get("loader")
+        history = resume.state.get("history", [])
+        train_time = resume.state.get("train_time", 0.0)
+        print0(f"resuming {settings.tag} from step {step}")
+    loader = make_loader(loader_state)
+    train_model = compile_model(model, settings.compile, device)
+    if dist_info.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    tokens_per_step = settings.device_batch_size * settings.seq_len * dist_info.world_size * grad_accum
+    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    val_bpb = None
+
+    def do_eval() -> float | None:
+        if val_batches is None or token_bytes is None:
+            return None
+        return evaluate_bpb(model, val_batches(), token_bytes, max_batches=settings.eval_batches)
+
+    def save(at_step: int) -> None:
+        states = [loader.state_dict()]
+        if dist_info.enabled:
+            gathered = [None] * dist_info.world_size
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        if not dist_info.is_master:
+            return
+        from picochat.data.loader import merge_states
+        state = {"loader": merge_states(states) if "slots" in states[0] else states[0],
+                 "history": history, "train_time": train_time}
+        meta = dict(base_meta or {}, stage=settings.stage, settings=asdict(settings), val_bpb=val_bpb,
+                    tokens=at_step * tokens_per_step, train_time=train_time, num_params=model.num_params(),
+                    world_size=dist_info.world_size, device=str(device.type))
+        ckpt_mod.save_checkpoint(settings.tag, at_step, model, cfg, meta, optimizers, state, keep=settings.keep)
+
+    print0(f"{settings.stage}: {model.num_params():,} params, {settings.steps} steps x {tokens_per_step:,} tokens "
+           f"(grad accum {grad_accum}, world {dist_info.world_size}), tag {settings.tag}")
+    model.train()
+    bar = tqdm(total=end, initial=step, desc=settings.stage, disable=not dist_info.is_master, dynamic_ncols=True)
+    smooth = None
+    while step < end:
+        if settings.eval_every and step % settings.eval_every == 0 and step > 0:
+            val_bpb = do_eval()
+            history.append({"step": step, "val_bpb": val_bpb})
+        t0 = time.perf_counter()
+        mult = apply_schedule(optimizers, step, settings.steps, warmup_ratio=settings.warmup_ratio,
+                              warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
+        total = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = next(loader)
+            sync = micro == grad_accum - 1 or not dist_info.enabled
+            ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx, autocast_ctx(device):
+                loss = train_model(x, y) / grad_accum
+                loss.backward()
+            total += loss.detach()
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if dist_info.enabled:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        loss_val = total.item()  # also a sync point, so the timing below is real
+        if not math.isfinite(loss_val):
+            raise PicochatError(f"loss became {loss_val} at step {step}; lower the learning rates")
+        dt = time.perf_counter() - t0
+        train_time += dt
+        session_time += dt
+        step += 1
+        smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
+        if step % settings.log_every == 0 or step == end:
+            history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens_per_step / dt,
+                            "time": train_time})
+        bar.update(1)
+        bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        if settings.save_every and step % settings.save_every == 0 and step < end:
+            save(step)
+    bar.close()
+    if step >= settings.steps:
+        val_bpb = do_eval()
+        history.append({"step": step, "val_bpb": val_bpb})
+    save(step)
+    summary = {"step": step, "loss": smooth, "val_bpb": val_bpb, "train_time": train_time,
+               "tokens": step * tokens_per_step,
+               "tok_per_s": (step - (resume.step if resume else 0)) * tokens_per_step / max(session_time, 1e-9)}
+    if val_bpb is not None:
+        print0(f"{settings.stage} done: step {step}, val bpb {val_bpb:.4f}, {train_time:.1f}s training")
+    return summary
