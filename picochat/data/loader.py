@@ -21,36 +21,46 @@ import torch
 from picochat.data.corpus import count_documents, iter_documents
 
 
-class _SlotStream:
-    """One deterministic token stream over documents slot, slot + n, slot + 2n, ..."""
+class TextDocs:
+    """Tokenized documents of a prepared corpus split: docs(indices) -> token lists (BOS first)."""
 
-    def __init__(self, data_dir: Path, split: str, tokenizer, slot: int, n_slots: int, n_docs: int,
-                 v: int | None = None, offset: int = 0, tokenizer_batch: int = 64):
-        self.data_dir, self.split, self.tok = data_dir, split, tokenizer
-        self.slot, self.n_slots, self.n_docs = slot, n_slots, n_docs
+    def __init__(self, data_dir: Path, split: str, tokenizer):
+        self.data_dir, self.split, self.tok = Path(data_dir), split, tokenizer
+        self.n_docs = count_documents(self.data_dir, split)
+        self._reader: Iterator[str] | None = None
+        self._next = -1  # doc index the reader yields next
+
+    def _read(self, doc: int) -> str:
+        # sequential reads are the common case; restart the reader when we jump back or wrap
+        if self._reader is None or doc < self._next:
+            self._reader = iter_documents(self.data_dir, self.split, start=doc)
+            self._next = doc
+        while True:
+            text = next(self._reader)
+            self._next += 1
+            if self._next - 1 == doc:
+                return text
+
+    def __call__(self, indices: list[int]) -> list[list[int]]:
+        return self.tok.encode([self._read(i) for i in indices], prepend=self.tok.bos_token_id)
+
+
+class _SlotStream:
+    """One deterministic token stream over documents slot, slot + n, slot + 2n, ... (mod n_docs)."""
+
+    def __init__(self, docs, n_docs: int, slot: int, n_slots: int, v: int | None = None, offset: int = 0,
+                 tokenizer_batch: int = 64):
+        self.docs, self.n_docs = docs, n_docs
+        self.slot, self.n_slots = slot, n_slots
         self.tokenizer_batch = tokenizer_batch
         self.next_v = slot if v is None else v        # next document to tokenize
         self.chunks: deque[list] = deque()            # [v, tokens (np.int64), consumed]
         self.skip = offset                            # tokens of the first doc already consumed
         self.buffered = 0
-        self._reader: Iterator[str] | None = None
-        self._reader_doc = -1                         # doc index the reader will yield next
-
-    def _read_doc(self, doc: int) -> str:
-        # sequential reads are the common case; restart the reader when we jump or wrap
-        if self._reader is None or doc != self._reader_doc:
-            self._reader = iter_documents(self.data_dir, self.split, start=doc)
-            self._reader_doc = doc
-        while True:
-            text = next(self._reader)
-            self._reader_doc += 1
-            if self._reader_doc - 1 == doc:
-                return text
 
     def _fill(self) -> None:
         vs = [self.next_v + i * self.n_slots for i in range(self.tokenizer_batch)]
-        texts = [self._read_doc(v % self.n_docs) for v in vs]
-        ids = self.tok.encode(texts, prepend=self.tok.bos_token_id)
+        ids = self.docs([v % self.n_docs for v in vs])
         for v, toks in zip(vs, ids):
             arr = np.asarray(toks, dtype=np.int64)
             start = 0
@@ -91,17 +101,20 @@ class _SlotStream:
         return {"v": int(self.next_v), "offset": 0}
 
 
-class PretrainLoader:
-    """Yields (x, y) int64 tensors of shape (B, T) for this rank's micro-steps, in order."""
+class PackedLoader:
+    """Yields (x, y) int64 tensors of shape (B, T) for this rank's micro-steps, in order.
 
-    def __init__(self, data_dir: str | Path, tokenizer, batch_size: int, seq_len: int, split: str = "train",
+    `make_docs()` returns a `docs(indices) -> token lists` callable (one per slot, so each slot
+    keeps its own sequential file reader): tokenized text for pretraining (TextDocs), rendered
+    conversations for midtraining. `split` is only a label checked on resume.
+    """
+
+    def __init__(self, make_docs, n_docs: int, batch_size: int, seq_len: int, split: str = "train",
                  rank: int = 0, world_size: int = 1, grad_accum: int = 1, state: dict | None = None,
                  tokenizer_batch: int = 64, device: torch.device | str = "cpu"):
-        self.data_dir = Path(data_dir)
         self.B, self.T = batch_size, seq_len
         self.grad_accum = grad_accum
         self.device = torch.device(device)
-        n_docs = count_documents(self.data_dir, split)
         n_slots = world_size * grad_accum
         slots = [rank * grad_accum + a for a in range(grad_accum)]
         state = state or {}
@@ -111,8 +124,7 @@ class PretrainLoader:
         saved = state.get("slots", {})
         self.split, self.n_slots, self.rank = split, n_slots, rank
         self.streams = [
-            _SlotStream(self.data_dir, split, tokenizer, s, n_slots, n_docs,
-                        v=saved.get(str(s), {}).get("v"), offset=saved.get(str(s), {}).get("offset", 0),
+            _SlotStream(make_docs(), n_docs, s, n_slots, v=saved.get(str(s), {}).get("v"), offset=saved.get(str(s), {}).get("offset", 0),
                         tokenizer_batch=tokenizer_batch)
             for s in slots
         ]
@@ -135,6 +147,15 @@ class PretrainLoader:
         """Positions of this rank's slots (merge across ranks with merge_states under DDP)."""
         return {"split": self.split, "n_slots": self.n_slots, "micro": self.micro,
                 "slots": {str(s.slot): s.state() for s in self.streams}}
+
+
+def PretrainLoader(data_dir, tokenizer, batch_size: int, seq_len: int, split: str = "train", rank: int = 0,
+                   world_size: int = 1, grad_accum: int = 1, state: dict | None = None, tokenizer_batch: int = 64,
+                   device: torch.device | str = "cpu") -> PackedLoader:
+    """The pretraining stream over a prepared corpus split."""
+    n_docs = count_documents(Path(data_dir), split)
+    return PackedLoader(lambda: TextDocs(data_dir, split, tokenizer), n_docs, batch_size, seq_len, split, rank, world_size, grad_accum, state,
+                        tokenizer_batch, device)
 
 
 def merge_states(states: list[dict]) -> dict:

@@ -1,0 +1,1 @@
+"""Tasks: sized, indexable datasets of conversations, optionally with an evaluator (one file each)."""

@@ -1,0 +1,48 @@
+"""Multi-digit arithmetic with calculator tool calls. Procedural, offline.
+
+The assistant writes the expression inside <|python_start|>...<|python_end|>, the calculator's
+result comes back inside <|output_start|>...<|output_end|> (not supervised: the tool, not the
+model, produces it), then the assistant states the answer. The model only has to learn to copy
+the numbers into a tool call and the tool's output into its answer.
+"""
+from __future__ import annotations
+
+import random
+
+from picochat.calculator import run_tool
+from picochat.data.tasks.base import Task
+
+OPS = ["+", "-", "*"]
+TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Please calculate {a} {op} {b}"]
+
+
+class ArithmeticTask(Task):
+    name = "arithmetic"
+
+    def __init__(self, split: str = "train", size: int = 5000, max_digits: int = 4):
+        self.size, self.max_digits = size, max_digits
+        self.offset = 0 if split == "train" else 10_000_000  # disjoint seeds for train/test
+
+    def __len__(self):
+        return self.size
+
+    def problem(self, i: int) -> tuple[str, str, str]:
+        rng = random.Random(self.offset + i)
+        a = rng.randint(1, 10 ** rng.randint(1, self.max_digits))
+        b = rng.randint(1, 10 ** rng.randint(1, self.max_digits))
+        op = rng.choice(OPS)
+        q = rng.choice(TEMPLATES).format(a=a, op=op, b=b)
+        return q, f"{a} {op} {b}", run_tool(f"{a} {op} {b}")
+
+    def __getitem__(self, i):
+        q, expr, result = self.problem(i)
+        return {"messages": [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": [
+                {"type": "python", "text": expr},
+                {"type": "python_output", "text": result},
+                {"type": "text", "text": f"{expr} = {result}"},
+            ]}], "answer": result}
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return completion.strip().rstrip(".").split("=")[-1].strip() == conversation["answer"]

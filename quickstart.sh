@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, then the whole CPU pipeline on the embedded corpus.
+#   data -> tokenizer -> base pretraining -> sample
+# Everything lands under $PICOCHAT_HOME (default ~/.cache/picochat). Per-stage wall times are
+# printed at the end and saved to $PICOCHAT_HOME/quickstart_times.tsv for the report card.
+# Scale knobs (env): DEPTH (4), BASE_STEPS (600).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/install.sh
+. .venv/bin/activate
+export PICOCHAT_HOME=${PICOCHAT_HOME:-$HOME/.cache/picochat}
+DEPTH=${DEPTH:-4}
+BASE_STEPS=${BASE_STEPS:-600}
+mkdir -p "$PICOCHAT_HOME"
+TIMES="$PICOCHAT_HOME/quickstart_times.tsv"
+: > "$TIMES"
+
+stage() {  # stage NAME command...: run and record wall time
+  local name=$1; shift
+  echo; echo "=== $name: $*"
+  local t0=$EPOCHREALTIME
+  "$@"
+  awk -v n="$name" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%s\t%.1f\n", n, b - a}' >> "$TIMES"
+}
+
+stage data      picochat data prepare --source embedded --overwrite
+stage tokenizer picochat tokenizer train --vocab-size 4096
+picochat tokenizer eval --max-chars 500000
+stage base      picochat train base --depth "$DEPTH" --steps "$BASE_STEPS" --seq-len 256 --device-batch-size 8 \
+                  --eval-every 200 --overwrite
+stage sample    picochat sample --model "base/d$DEPTH" -p "ROMEO. " --max-tokens 120 --temperature 0.8 --top-k 40 --seed 0
+
+echo; echo "=== wall time per stage (seconds)"
+column -t "$TIMES" 2>/dev/null || cat "$TIMES"
+awk '{s+=$2} END {printf "total\t%.1f\n", s}' "$TIMES"

