@@ -105,7 +105,6 @@ def cmd_tokenizer_eval(args):
 
 def _add_train_flags(p, stage: str):
     p.add_argument("--tag", help=f"checkpoint tag to write (default {stage}/d<depth>)")
-    p.add_argument("--data", default="embedded", help="prepared corpus name under $PICOCHAT_HOME/data (default: embedded)")
     p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--device-batch-size", type=_positive_int, default=8, help="rows per micro-batch per process (default 8)")
     p.add_argument("--total-batch-size", type=int, default=-1,
@@ -120,6 +119,7 @@ def _add_train_flags(p, stage: str):
     p.add_argument("--eval-every", type=_nonneg_int, default=100, help="steps between val bits-per-byte evals; 0 = only at the end (default 100)")
     p.add_argument("--eval-batches", type=_positive_int, default=8, help="val batches per eval (default 8)")
     p.add_argument("--save-every", type=_nonneg_int, default=0, help="steps between checkpoints; 0 = only at the end (default 0)")
+    p.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss entries in the run history (default 10)")
     p.add_argument("--keep", type=_positive_int, default=2, help="checkpoints kept per tag (default 2)")
     p.add_argument("--compile", default="off", help="torch.compile mode: off|default|reduce-overhead|max-autotune|"
                    "max-autotune-no-cudagraphs (default off; reduce-overhead = CUDA graphs, more memory)")
@@ -165,7 +165,7 @@ def cmd_train_base(args):
             total_batch_size=args.total_batch_size, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
             unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
             warmdown_ratio=args.warmdown_ratio, eval_every=args.eval_every, eval_batches=args.eval_batches,
-            save_every=args.save_every, keep=args.keep, compile=args.compile, grad_checkpoint=args.grad_checkpoint,
+            save_every=args.save_every, log_every=args.log_every, keep=args.keep, compile=args.compile, grad_checkpoint=args.grad_checkpoint,
             seed=args.seed, extra={"data": args.data})
         settings.validate(info.world_size)
         config = config_from_depth(args.depth, tok.vocab_size, args.seq_len, attention=args.attention,
@@ -183,6 +183,70 @@ def cmd_train_base(args):
         return PretrainLoader(data, tok, B, T, "val", info.rank, info.world_size, 1, None, device=device)
 
     summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
+                           token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
+                           base_meta={"tokenizer_vocab": tok.vocab_size})
+    if info.is_master:
+        print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s")
+    if info.enabled:
+        torch.distributed.destroy_process_group()
+
+
+def cmd_train_chat(args):
+    """Midtraining (packed conversations, all tokens) or SFT (padded, assistant tokens only)."""
+    import torch
+    from picochat import checkpoint as ck
+    from picochat.common import init_distributed, pick_device, tokenizer_dir
+    from picochat.data.chat_loader import MidLoader, SFTLoader
+    from picochat.data.tasks.registry import build_mixture
+    from picochat.eval.bpb import token_byte_lengths
+    from picochat.tokenizer import Tokenizer
+    from picochat.train.loop import TrainSettings, run_training
+
+    t0 = time.time()
+    stage = args.stage
+    device = pick_device(args.device)
+    info = init_distributed(device)
+    tok = Tokenizer.load(tokenizer_dir())
+    resume = None
+    if args.resume:
+        if not args.tag:
+            raise PicochatError("--resume needs --tag (the run to continue)")
+        resume = ck.read_checkpoint(args.tag)
+        settings = TrainSettings(**resume.meta["settings"])
+        model, _ = ck.load_model(args.tag, device=device)
+    else:
+        model, source = ck.load_model(args.model, device=device)
+        tag = args.tag or f"{stage}/" + args.model.split("/")[-1]
+        if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
+            raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
+        settings = TrainSettings(
+            stage=stage, tag=tag, steps=args.steps, device_batch_size=args.device_batch_size,
+            seq_len=args.seq_len or model.config.sequence_len, total_batch_size=args.total_batch_size,
+            matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+            weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, warmdown_ratio=args.warmdown_ratio,
+            eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+            log_every=args.log_every, keep=args.keep, compile=args.compile, grad_checkpoint=args.grad_checkpoint,
+            seed=args.seed, extra={"source": args.model, "source_step": source.step,
+                                   "tasks": args.tasks.split(",") if args.tasks else [], "data": args.data or [],
+                                   "task_size": args.task_size})
+        settings.validate(info.world_size)
+    model.train()
+    extra = settings.extra
+    mixture = build_mixture(extra["tasks"], extra["data"], "train", extra["task_size"], seed=settings.seed)
+    offline = [t for t in extra["tasks"] if t.split("=")[0] in ("spelling", "arithmetic")]
+    val_mixture = build_mixture(offline, [], "test", 500, seed=settings.seed + 1) if offline else None
+    grad_accum = settings.validate(info.world_size)
+    B, T = settings.device_batch_size, settings.seq_len
+    Loader = MidLoader if stage == "mid" else SFTLoader
+
+    def make_loader(state):
+        return Loader(mixture, tok, B, T, info.rank, info.world_size, grad_accum, state, device=device)
+
+    def val_batches():
+        return SFTLoader(val_mixture, tok, B, T, info.rank, info.world_size, 1, None, device=device)
+
+    summary = run_training(model, settings, make_loader, device, info,
+                           val_batches=val_batches if val_mixture is not None else None,
                            token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
                            base_meta={"tokenizer_vocab": tok.vocab_size})
     if info.is_master:
@@ -260,8 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=256, help="context length in tokens (default 256)")
     p.add_argument("--attention", default="mha", choices=["mha", "gqa", "mla"], help="attention variant (default mha)")
     p.add_argument("--n-kv-head", type=_positive_int, help="key/value heads for GQA (default: n_head, or n_head/2 for gqa)")
+    p.add_argument("--data", default="embedded", help="prepared corpus name under $PICOCHAT_HOME/data (default: embedded)")
     _add_train_flags(p, "base")
     p.set_defaults(func=cmd_train_base)
+
+    for stage, source, what in (("mid", "base/d4", "continue training on packed chat-format conversations"),
+                                ("sft", "mid/d4", "supervised fine-tuning: whole conversations, loss on assistant tokens")):
+        p = train.add_parser(stage, help=what)
+        p.add_argument("--model", default=source, help=f"checkpoint tag to start from (default {source})")
+        p.add_argument("--tasks", default="spelling=1,arithmetic=1,identity=0.2",
+                       help="comma-separated NAME=WEIGHT: spelling, arithmetic, identity (offline); smoltalk, gsm8k, "
+                            "mmlu, arc-easy, arc-challenge (online) (default spelling=1,arithmetic=1,identity=0.2)")
+        p.add_argument("--data", action="append", metavar="FILE.jsonl[=WEIGHT]",
+                       help="conversation JSONL to mix in (repeatable), e.g. safety data")
+        p.add_argument("--task-size", type=_positive_int, default=5000, help="examples per procedural task (default 5000)")
+        p.add_argument("--seq-len", type=_positive_int, default=None, help="max tokens per row (default: the model's context)")
+        _add_train_flags(p, stage)
+        p.set_defaults(func=cmd_train_chat, steps=200 if stage == "mid" else 150)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("--model", default="base/d4", help="checkpoint tag (default base/d4)")
