@@ -288,6 +288,56 @@ def cmd_sample(args):
         sys.stdout.write(tok.decode(ids)[len(printed):] + "\n")
 
 
+def cmd_chat(args):
+    """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
+    from picochat.common import pick_device, tokenizer_dir
+    from picochat.checkpoint import load_model
+    from picochat.inference.chat import Reply, stream_chat
+    from picochat.inference.engine import Engine
+    from picochat.inference.sampling import validate_sampling
+    from picochat.tokenizer import Tokenizer
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    device = pick_device(args.device)
+    tok = Tokenizer.load(tokenizer_dir())
+    model, _ = load_model(args.model, device=device)
+    engine = Engine(model, tok)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+
+    def turn(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        reply = Reply()
+        for piece in stream_chat(engine, tok, history, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                                 args.seed, reply=reply):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply.content() or " "})
+
+    if args.prompt is not None:
+        turn(args.prompt)
+        return
+    print(f"picochat chat with {args.model} (temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}). "
+          f"/clear starts over, /quit or Ctrl-D exits.")
+    while True:
+        try:
+            text = input("\nYou: ").strip()
+        except EOFError:
+            print()
+            return
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/clear":
+            del history[int(bool(args.system)):]
+            print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        sys.stdout.write("Assistant: ")
+        turn(text)
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal")
+    p.add_argument("--model", default="sft/d4", help="checkpoint tag (default sft/d4)")
+    p.add_argument("-p", "--prompt", default=None, help="one-shot: answer this message and exit")
+    p.add_argument("--system", default=None, help="system message (merged into the first user turn)")
+    p.add_argument("--max-tokens", type=_positive_int, default=256, help="max tokens per reply (default 256)")
+    p.add_argument("--temperature", type=_nonneg_float, default=0.6, help="0 = greedy (default 0.6)")
+    p.add_argument("--top-k", type=_nonneg_int, default=50, help="0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    p.set_defaults(func=cmd_chat)
 
     try:  # later stages register themselves when their modules exist
         from picochat.safety.cli import register as register_safety

@@ -1,0 +1,86 @@
+"""Chat turns on top of the Engine: render the conversation, stream the reply, run tool calls.
+
+When the model writes <|python_start|> expr <|python_end|>, we evaluate expr with the safe
+calculator (never eval), feed <|output_start|> result <|output_end|> back as forced tokens and let
+the model continue: the same format the SFT data teaches. The reply is returned both as streamed
+text and as structured assistant parts, so multi-turn history renders exactly as in training.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from picochat.calculator import run_tool
+
+
+@dataclass
+class Reply:
+    parts: list[dict] = field(default_factory=list)   # assistant content parts (text/python/python_output)
+    tokens: int = 0                                     # generated tokens (tool outputs excluded)
+    finish_reason: str = "length"                       # "stop" | "length"
+
+    @property
+    def text(self) -> str:
+        return "".join(p["text"] for p in self.parts if p["type"] == "text")
+
+    def content(self):
+        """Message content for the history: a plain string unless tools were used."""
+        if all(p["type"] == "text" for p in self.parts):
+            return self.text
+        return self.parts
+
+
+def _add(parts: list[dict], kind: str, text: str) -> None:
+    if parts and parts[-1]["type"] == kind:
+        parts[-1]["text"] += text
+    else:
+        parts.append({"type": kind, "text": text})
+
+
+def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, temperature: float = 0.8,
+                top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
+                max_tool_calls: int = 4, reply: Reply | None = None) -> Iterator[str]:
+    """Yield text pieces of the assistant reply as they are generated; fill `reply` as we go."""
+    reply = reply if reply is not None else Reply()
+    tok = tokenizer
+    special = {name: tok.encode_special(name) for name in
+               ("<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    ids = tok.render_for_completion({"messages": messages})
+    stops = {special["<|assistant_end|>"], special["<|python_end|>"], tok.bos_token_id}
+    tool_calls, mode, segment, printed = 0, "text", [], ""
+    while reply.tokens < max_tokens:
+        hit = None
+        for step in engine.generate_stream([ids], max_tokens - reply.tokens, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, seed=seed, stop_tokens=stops):
+            t = step[0]
+            if t is None:
+                break
+            reply.tokens += 1
+            ids = ids + [t]
+            if t in stops:
+                hit = t
+                break
+            if t == special["<|python_start|>"]:
+                mode, segment, printed = "python", [], ""
+                continue
+            segment.append(t)
+            text = tok.decode(segment)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                new = text[len(printed):]
+                printed = text
+                _add(reply.parts, mode, new)
+                if mode == "text":
+                    yield new
+        if seed is not None:
+            seed += 1  # a fresh segment must not replay the same random stream
+        if hit == special["<|python_end|>"] and mode == "python" and tool_calls < max_tool_calls:
+            code = tok.decode(segment)
+            result = run_tool(code)
+            tool_calls += 1
+            _add(reply.parts, "python_output", result)
+            yield f"[calculator: {code} = {result}] "
+            ids = ids + [special["<|output_start|>"]] + tok.encode(result) + [special["<|output_end|>"]]
+            mode, segment, printed = "text", [], ""
+            continue
+        reply.finish_reason = "stop" if hit is not None else "length"
+        return
