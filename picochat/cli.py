@@ -148,8 +148,6 @@ def cmd_train_base(args):
     device = pick_device(args.device)
     info = init_distributed(device)
     tok = Tokenizer.load(tokenizer_dir())
-    data = data_dir(args.data)
-    list_shards(data, "train")  # clear error if the corpus is missing
     tag = args.tag or f"base/d{args.depth}"
     resume = None
     if args.resume:
@@ -175,6 +173,8 @@ def cmd_train_base(args):
         model.init_weights()
     grad_accum = settings.validate(info.world_size)
     B, T = settings.device_batch_size, settings.seq_len
+    data = data_dir(settings.extra["data"])
+    list_shards(data, "train")  # clear error if the corpus is missing
 
     def make_loader(state):
         return PretrainLoader(data, tok, B, T, "train", info.rank, info.world_size, grad_accum, state, device=device)

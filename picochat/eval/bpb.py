@@ -16,7 +16,8 @@ from picochat.common import autocast_ctx
 
 def token_byte_lengths(tokenizer, device="cpu") -> torch.Tensor:
     """(vocab_size,) int64: bytes of each token; 0 for special tokens."""
-    special = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    from picochat.tokenizer import SPECIAL_TOKENS
+    special = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
     lengths = [0 if i in special else len(tokenizer.id_to_token_bytes(i)) for i in range(tokenizer.vocab_size)]
     return torch.tensor(lengths, dtype=torch.int64, device=device)
 
