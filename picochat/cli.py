@@ -126,6 +126,7 @@ def _add_train_flags(p, stage: str):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward (less memory, more compute)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for weight init (default 0)")
+    p.add_argument("--wandb", metavar="PROJECT", default=None, help="log to Weights & Biases under PROJECT (off by default)")
     p.add_argument("--resume", action="store_true", help="continue the run saved under --tag exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start fresh even if --tag already has checkpoints")
     p.add_argument("--stop-after", type=_positive_int, help="stop (and checkpoint) after this many steps without changing "
@@ -184,7 +185,7 @@ def cmd_train_base(args):
 
     summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
                            token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
-                           base_meta={"tokenizer_vocab": tok.vocab_size})
+                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb)
     if info.is_master:
         print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s")
     if info.enabled:
@@ -248,7 +249,7 @@ def cmd_train_chat(args):
     summary = run_training(model, settings, make_loader, device, info,
                            val_batches=val_batches if val_mixture is not None else None,
                            token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
-                           base_meta={"tokenizer_vocab": tok.vocab_size})
+                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb)
     if info.is_master:
         print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s")
     if info.enabled:
@@ -338,6 +339,33 @@ def cmd_chat(args):
         turn(text)
 
 
+def cmd_eval(args):
+    """Evaluate a checkpoint on generative tasks; print a table, write JSON under the checkpoint."""
+    import json
+    from picochat.checkpoint import load_model
+    from picochat.common import pick_device, tokenizer_dir, write_json_atomic
+    from picochat.data.tasks.registry import make_task
+    from picochat.eval.runner import evaluate_generative
+    from picochat.inference.engine import Engine
+    from picochat.tokenizer import Tokenizer
+    device = pick_device(args.device)
+    tok = Tokenizer.load(tokenizer_dir())
+    model, ckpt = load_model(args.model, device=device)
+    engine = Engine(model, tok)
+    results = []
+    for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        task = make_task(name, split="test", size=max(args.limit or 0, 1000))
+        r = evaluate_generative(engine, tok, task, args.limit, args.max_tokens, args.temperature, args.seed)
+        results.append(r)
+        print(f"{args.model:<12} {name:<12} {r['correct']:>4}/{r['n']:<4} accuracy {100 * r['accuracy']:5.1f}%  "
+              f"({r['seconds']:.0f}s)")
+        for ex in r["examples"]:
+            print(f"    {'✓' if ex['correct'] else '✗'} {ex['prompt'][:60]!r} -> {ex['reply'][:60]!r}")
+    out = ckpt.path.parent / f"eval_{ckpt.path.name}.json"
+    write_json_atomic(out, {"model": args.model, "step": ckpt.step, "results": results})
+    print(f"results -> {out}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,6 +443,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="kind", required=True)
+    for kind, default in (("chat", "sft/d4"), ("base", "base/d4")):
+        q = p.add_parser(kind, help=f"generative task accuracy of a {kind} model")
+        q.add_argument("--model", default=default, help=f"checkpoint tag (default {default})")
+        q.add_argument("--tasks", default="spelling,arithmetic", help="comma-separated tasks (default spelling,arithmetic)")
+        q.add_argument("--limit", type=_positive_int, default=100, help="examples per task (default 100)")
+        q.add_argument("--max-tokens", type=_positive_int, default=64, help="max reply tokens (default 64)")
+        q.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default)")
+        q.add_argument("--seed", type=int, default=0, help="seed when sampling (default 0)")
+        q.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+        q.set_defaults(func=cmd_eval)
 
     try:  # later stages register themselves when their modules exist
         from picochat.safety.cli import register as register_safety

@@ -86,8 +86,10 @@ def compile_model(model: torch.nn.Module, mode: str, device: torch.device) -> to
 def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dict | None], Iterable],
                  device: torch.device, dist_info: DistInfo, val_batches: Callable[[], Iterable] | None = None,
                  token_bytes: torch.Tensor | None = None, resume: ckpt_mod.Checkpoint | None = None,
-                 stop_after: int | None = None, base_meta: dict | None = None) -> dict:
-    """Train `model` in place for settings.steps optimizer steps; returns a summary dict."""
+                 stop_after: int | None = None, base_meta: dict | None = None, wandb_project: str | None = None) -> dict:
+    """Train `model` in place for settings.steps optimizer steps; returns a summary dict.
+
+    wandb_project: log the run history to Weights & Biases (optional dependency, off by default)."""
     grad_accum = settings.validate(dist_info.world_size)
     cfg: GPTConfig = model.config
     model.grad_checkpoint = settings.grad_checkpoint
@@ -132,6 +134,7 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
                     world_size=dist_info.world_size, device=str(device.type))
         ckpt_mod.save_checkpoint(settings.tag, at_step, model, cfg, meta, optimizers, state, keep=settings.keep)
 
+    log = _wandb_logger(wandb_project, settings) if dist_info.is_master else None
     print0(f"{settings.stage}: {model.num_params():,} params, {settings.steps} steps x {tokens_per_step:,} tokens "
            f"(grad accum {grad_accum}, world {dist_info.world_size}), tag {settings.tag}")
     model.train()
@@ -141,6 +144,8 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
         if settings.eval_every and step % settings.eval_every == 0 and step > 0:
             val_bpb = do_eval()
             history.append({"step": step, "val_bpb": val_bpb})
+            if log:
+                log(history[-1])
         t0 = time.perf_counter()
         mult = apply_schedule(optimizers, step, settings.steps, warmup_ratio=settings.warmup_ratio,
                               warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
@@ -170,6 +175,8 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
         if step % settings.log_every == 0 or step == end:
             history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens_per_step / dt,
                             "time": train_time})
+            if log:
+                log(history[-1])
         bar.update(1)
         bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if settings.save_every and step % settings.save_every == 0 and step < end:
@@ -178,6 +185,8 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
     if step >= settings.steps:
         val_bpb = do_eval()
         history.append({"step": step, "val_bpb": val_bpb})
+    if log:
+        log(history[-1])
     save(step)
     summary = {"step": step, "loss": smooth, "val_bpb": val_bpb, "train_time": train_time,
                "tokens": step * tokens_per_step,
@@ -185,3 +194,14 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
     if val_bpb is not None:
         print0(f"{settings.stage} done: step {step}, val bpb {val_bpb:.4f}, {train_time:.1f}s training")
     return summary
+
+
+def _wandb_logger(project: str | None, settings: TrainSettings):
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise PicochatError("--wandb needs the wandb package: pip install 'picochat[wandb]'") from None
+    run = wandb.init(project=project, name=settings.tag, config=asdict(settings))
+    return lambda entry: run.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
