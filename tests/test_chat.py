@@ -1,0 +1,98 @@
+"""Chat turns: tool calls are evaluated by the calculator and fed back; SFT masks and batches."""
+import pytest
+import torch
+
+from picochat.data.chat_loader import SFTLoader, sft_batch
+from picochat.data.tasks.arithmetic import ArithmeticTask
+from picochat.data.tasks.base import ListTask
+from picochat.inference.chat import Reply, stream_chat
+from picochat.tokenizer import Tokenizer
+
+TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ? " * 50)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT], vocab_size=300)
+
+
+class ScriptedEngine:
+    """Stands in for Engine: replies with scripted token lists and records the prompts it saw."""
+
+    def __init__(self, script):
+        self.script, self.prompts = list(script), []
+
+    def generate_stream(self, prompts, max_new_tokens, stop_tokens=None, **kw):
+        self.prompts.append(list(prompts[0]))
+        for t in self.script.pop(0)[:max_new_tokens]:
+            yield [t]
+            if t in stop_tokens:
+                return
+
+
+def test_tool_call_output_is_fed_back(tok):
+    sp = tok.encode_special
+    call = [sp("<|python_start|>")] + tok.encode("12*12") + [sp("<|python_end|>")]
+    answer = tok.encode("It is 144.") + [sp("<|assistant_end|>")]
+    engine = ScriptedEngine([call, answer])
+    reply = Reply()
+    pieces = list(stream_chat(engine, tok, [{"role": "user", "content": "What is 12*12?"}], reply=reply))
+    # the second generation continued from the forced calculator output
+    tail = engine.prompts[1][-(len(tok.encode("144")) + 2):]
+    assert tail == [sp("<|output_start|>")] + tok.encode("144") + [sp("<|output_end|>")]
+    assert reply.parts == [{"type": "python", "text": "12*12"}, {"type": "python_output", "text": "144"},
+                           {"type": "text", "text": "It is 144."}]
+    assert reply.finish_reason == "stop" and "".join(pieces).endswith("It is 144.")
+    # the history form renders back to the same tokens the model produced
+    ids, _ = tok.render_conversation([{"role": "user", "content": "What is 12*12?"},
+                                      {"role": "assistant", "content": reply.content()}])
+    assert ids[:len(engine.prompts[1])] == engine.prompts[1]
+
+
+def test_hostile_tool_call_is_not_executed(tok):
+    sp = tok.encode_special
+    call = [sp("<|python_start|>")] + tok.encode("__import__('os')") + [sp("<|python_end|>")]
+    engine = ScriptedEngine([call, [sp("<|assistant_end|>")]])
+    reply = Reply()
+    list(stream_chat(engine, tok, [{"role": "user", "content": "hi"}], reply=reply))
+    assert reply.parts[1]["type"] == "python_output" and reply.parts[1]["text"].startswith("error:")
+
+
+def test_length_limit_finishes_with_length(tok):
+    engine = ScriptedEngine([tok.encode("the the the the the the")])
+    reply = Reply()
+    list(stream_chat(engine, tok, [{"role": "user", "content": "hi"}], max_tokens=3, reply=reply))
+    assert reply.finish_reason == "length" and reply.tokens == 3
+
+
+def test_sft_batch_supervises_only_assistant_tokens(tok):
+    conv = ArithmeticTask("train", 3)[0]
+    x, y = sft_batch([conv, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+                     tok, max_len=64)
+    ids, mask = tok.render_conversation(conv)
+    n = len(ids) - 1
+    assert x[0, :n].tolist() == ids[:-1]
+    expected = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+    assert y[0, :n].tolist() == expected
+    assert (y[0, n:] == -1).all()
+    # tool output tokens are never targets
+    out = tok.encode_special("<|output_start|>")
+    pos = ids.index(out)
+    assert all(v == -1 for v in y[0, pos:pos + 3].tolist())
+
+
+def test_sft_loader_resume_and_slots(tok):
+    convs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(40)]
+    task = ListTask(convs)
+    full = SFTLoader(task, tok, 2, 32, grad_accum=2)
+    batches = [next(full) for _ in range(6)]
+    part = SFTLoader(task, tok, 2, 32, grad_accum=2)
+    for _ in range(3):
+        next(part)
+    resumed = SFTLoader(task, tok, 2, 32, grad_accum=2, state=part.state_dict())
+    for a, b in zip(batches[3:], (next(resumed) for _ in range(3))):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # rank r of 2 with no accumulation sees exactly micro-step r of one process with accumulation 2
+    r0, r1 = SFTLoader(task, tok, 2, 32, rank=0, world_size=2), SFTLoader(task, tok, 2, 32, rank=1, world_size=2)
+    assert torch.equal(next(r0)[0], batches[0][0]) and torch.equal(next(r1)[0], batches[1][0])
