@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then the whole CPU pipeline on the embedded corpus.
-#   data -> tokenizer -> base pretraining -> sample
+#   data -> tokenizer -> base pretraining -> sample -> midtraining -> SFT -> eval -> chat
 # Everything lands under $PICOCHAT_HOME (default ~/.cache/picochat). Per-stage wall times are
 # printed at the end and saved to $PICOCHAT_HOME/quickstart_times.tsv for the report card.
-# Scale knobs (env): DEPTH (4), BASE_STEPS (600).
+# Scale knobs (env): DEPTH (4), BASE_STEPS (500), MID_STEPS (200), SFT_STEPS (200).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install.sh
 . .venv/bin/activate
 export PICOCHAT_HOME=${PICOCHAT_HOME:-$HOME/.cache/picochat}
 DEPTH=${DEPTH:-4}
-BASE_STEPS=${BASE_STEPS:-600}
+BASE_STEPS=${BASE_STEPS:-500}
+MID_STEPS=${MID_STEPS:-200}
+SFT_STEPS=${SFT_STEPS:-200}
 mkdir -p "$PICOCHAT_HOME"
 TIMES="$PICOCHAT_HOME/quickstart_times.tsv"
 : > "$TIMES"
@@ -29,6 +31,11 @@ picochat tokenizer eval --max-chars 500000
 stage base      picochat train base --depth "$DEPTH" --steps "$BASE_STEPS" --seq-len 256 --device-batch-size 8 \
                   --eval-every 200 --overwrite
 stage sample    picochat sample --model "base/d$DEPTH" -p "ROMEO. " --max-tokens 120 --temperature 0.8 --top-k 40 --seed 0
+stage mid       picochat train mid --model "base/d$DEPTH" --steps "$MID_STEPS" --eval-every 0 --overwrite
+stage sft       picochat train sft --model "mid/d$DEPTH" --steps "$SFT_STEPS" --eval-every 100 --overwrite
+stage eval      bash -c "picochat eval base --model base/d$DEPTH --tasks spelling,arithmetic --limit 100 && \
+                         picochat eval chat --model sft/d$DEPTH --tasks spelling,arithmetic --limit 100"
+stage chat      picochat chat --model "sft/d$DEPTH" -p "What is 123 * 45?" --temperature 0
 
 echo; echo "=== wall time per stage (seconds)"
 column -t "$TIMES" 2>/dev/null || cat "$TIMES"
