@@ -1,0 +1,320 @@
+"""The safety workflow's config file (TOML or JSON): LLM roles and per-stage settings.
+
+    out_dir = "safety_run"                 # relative paths are relative to the config file
+    [roles.default]                         # optional: inherited by every role
+    base_url = "https://api.openai.com/v1"
+    api_key_env = "OPENAI_API_KEY"          # the NAME of an env var; keys never live in the file
+    [roles.red]
+    model = "gpt-4o-mini"
+    temperature = 1.0
+    [questions]
+    per_seed = 7
+
+Every key is checked: an unknown section, role or key, a wrong type, or an API key pasted into the
+file is a PicochatError before any work starts (typos must not silently fall back to defaults).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from picochat.common import PicochatError, home
+
+ROLE_NAMES = ("red", "blue", "judge", "optimizer", "target")
+DIMENSIONS = ("safety_integrity", "context_robustness", "refusal_specificity",
+              "educational_redirection", "tone_and_style", "precision")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class RoleConfig:
+    """One LLM endpoint. api_key_env = "" means the endpoint needs no key (e.g. a local server)."""
+    name: str = ""
+    base_url: str = "https://api.openai.com/v1"
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    concurrency: int = 4
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+    retry_after_max_s: float = 120.0   # a Retry-After longer than this is capped, not obeyed blindly
+    preflight_timeout_s: float = 10.0
+    price_in_per_1m: float = 0.0       # USD per 1M prompt tokens, for costs.json
+    price_out_per_1m: float = 0.0      # USD per 1M completion tokens
+    send_seed: bool = False            # pass the sample index as `seed` (not every server accepts it)
+    check_model: bool = True           # preflight: the model must be listed by /models
+
+
+@dataclass
+class QuestionsConfig:
+    seed_bank: str = ""          # "" = the bank shipped in picochat/safety/seed_bank.json
+    num_seeds: int = 50          # root seeds used, picked round-robin over domains
+    per_seed: int = 7            # questions per root seed (7 = one per attack strategy)
+    test_fraction: float = 0.2   # share of root seeds (per domain) held out for the safety eval
+    dedup_threshold: float = 0.7  # Jaccard of character shingles above which questions are near-dups
+    shingle: int = 5
+    num_perm: int = 128
+    split_seed: int = 0
+
+
+@dataclass
+class OptimizeConfig:
+    iterations: int = 3
+    opt_size: int = 100          # questions the optimizer learns from
+    heldout_size: int = 50       # separate questions (disjoint roots) that decide adoption
+    min_gain: float = 0.0        # a candidate must beat the best held-out mean by more than this
+    min_judged_fraction: float = 0.8  # too many judge errors on the held-out split = no decision
+    fail_below: int = 4          # an answer with any dimension below this goes to the optimizer
+    max_failures: int = 8        # failures shown to the optimizer per iteration
+    guard_retries: int = 1       # extra optimizer samples when the guard rejects a candidate
+    guard_min_chars: int = 200
+    guard_max_chars: int = 6000
+    initial_prompt: str = ""     # path to a prompt body; "" = the built-in v0
+    assistant_name: str = "picochat"
+
+
+@dataclass
+class RespondConfig:
+    splits: list = field(default_factory=lambda: ["train"])
+    multi_turn_fraction: float = 0.3
+    max_user_turns: int = 3      # multi-turn conversations get 2..max_user_turns user turns
+    limit: int = 0               # 0 = all questions
+    prompt: str = ""             # path to a full system prompt; "" = optimize/best_prompt.txt
+
+
+@dataclass
+class FilterConfig:
+    min_scores: dict = field(default_factory=lambda: {"safety_integrity": 4, "context_robustness": 3,
+                                                      "refusal_specificity": 3, "educational_redirection": 3,
+                                                      "tone_and_style": 3, "precision": 3})
+    require_pass: bool = True    # also require the judge's verdict "pass" on every assistant turn
+    near_dup_threshold: float = 0.85
+    input: str = ""              # "" = respond/conversations.jsonl
+
+
+@dataclass
+class EvalConfig:
+    judge: str = "llm"           # llm | offline (the keyword/regex classifier, for CI)
+    limit: int = 0               # 0 = every held-out attack and benign prompt
+    benign: str = ""             # "" = picochat/safety/benign_lookalikes.json
+    questions: str = ""          # "" = questions/questions.jsonl (split "test")
+    system_prompt: str = ""      # path; "" = send no system prompt to the target
+    name: str = ""               # results go to eval/<name>/; "" = <model>-<hash of endpoint+model+prompt>
+    enabled: bool = False        # whether `safety run` runs the eval stage
+
+
+@dataclass
+class SafetyConfig:
+    out_dir: Path = field(default_factory=lambda: home() / "safety" / "run")
+    cache_dir: Path | None = None      # default <out_dir>/cache
+    preflight: bool = True
+    judge_retries: int = 1             # re-samples of a judge reply that fails to parse
+    roles: dict = field(default_factory=dict)
+    questions: QuestionsConfig = field(default_factory=QuestionsConfig)
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    respond: RespondConfig = field(default_factory=RespondConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    base_dir: Path = field(default_factory=Path.cwd)  # where relative paths in the file resolve
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir or (self.out_dir / "cache")
+
+    def resolve(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else self.base_dir / q
+
+    def role(self, name: str) -> RoleConfig:
+        if name not in self.roles:
+            raise PicochatError(f"this stage needs the {name!r} role; add a [roles.{name}] section to the config")
+        return self.roles[name]
+
+
+def _check_type(where: str, key: str, value, default):
+    """Coerce/validate one value against the type of its default (the dataclass is the schema)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise PicochatError(f"{where}.{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PicochatError(f"{where}.{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PicochatError(f"{where}.{key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise PicochatError(f"{where}.{key} must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise PicochatError(f"{where}.{key} must be a list, got {value!r}")
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise PicochatError(f"{where}.{key} must be a table/object, got {value!r}")
+        return value
+    return value
+
+
+def _fill(cls, where: str, data: dict, base=None):
+    obj = dataclasses.replace(base) if base is not None else cls()
+    names = {f.name for f in dataclasses.fields(cls)} - {"name"}
+    for key, value in data.items():
+        if key not in names:
+            hint = "; API keys belong in environment variables (set api_key_env)" if "key" in key.lower() else ""
+            raise PicochatError(f"unknown key {where}.{key} (allowed: {', '.join(sorted(names))}){hint}")
+        setattr(obj, key, _check_type(where, key, value, getattr(obj, key)))
+    return obj
+
+
+def _validate_role(r: RoleConfig) -> None:
+    w = f"roles.{r.name}"
+    if not r.model:
+        raise PicochatError(f"{w}.model is required")
+    if not re.match(r"^https?://[^/\s]+", r.base_url):
+        raise PicochatError(f"{w}.base_url must be an http(s) URL, got {r.base_url!r}")
+    if r.api_key_env and not _ENV_NAME.match(r.api_key_env):
+        # someone pasted the key itself: say so without echoing it anywhere
+        raise PicochatError(f"{w}.api_key_env must be the NAME of an environment variable holding the key, "
+                            f"not the key itself")
+    for k in ("max_tokens", "concurrency"):
+        if getattr(r, k) < 1:
+            raise PicochatError(f"{w}.{k} must be >= 1")
+    for k in ("max_retries",):
+        if getattr(r, k) < 0:
+            raise PicochatError(f"{w}.{k} must be >= 0")
+    for k in ("timeout_s", "preflight_timeout_s"):
+        if getattr(r, k) <= 0:
+            raise PicochatError(f"{w}.{k} must be > 0")
+    for k in ("backoff_base_s", "backoff_max_s", "retry_after_max_s", "price_in_per_1m", "price_out_per_1m",
+              "temperature"):
+        if getattr(r, k) < 0:
+            raise PicochatError(f"{w}.{k} must be >= 0")
+
+
+def validate(cfg: SafetyConfig) -> None:
+    """Check value ranges (also after CLI overrides); PicochatError on the first problem."""
+    q, o, rs, fl, ev = cfg.questions, cfg.optimize, cfg.respond, cfg.filter, cfg.eval
+    checks = [
+        (q.num_seeds >= 1, "questions.num_seeds must be >= 1"),
+        (q.per_seed >= 1, "questions.per_seed must be >= 1"),
+        (0 <= q.test_fraction < 1, "questions.test_fraction must be in [0, 1)"),
+        (0 < q.dedup_threshold <= 1, "questions.dedup_threshold must be in (0, 1]"),
+        (q.shingle >= 1 and q.num_perm >= 8, "questions.shingle must be >= 1 and num_perm >= 8"),
+        (o.iterations >= 0, "optimize.iterations must be >= 0"),
+        (o.opt_size >= 1 and o.heldout_size >= 1, "optimize.opt_size and heldout_size must be >= 1"),
+        (1 <= o.fail_below <= 6, "optimize.fail_below must be in 1..6"),
+        (0 < o.min_judged_fraction <= 1, "optimize.min_judged_fraction must be in (0, 1]"),
+        (0 < o.guard_min_chars < o.guard_max_chars, "optimize.guard_min_chars must be < guard_max_chars"),
+        (0 <= rs.multi_turn_fraction <= 1, "respond.multi_turn_fraction must be in [0, 1]"),
+        (rs.max_user_turns >= 2, "respond.max_user_turns must be >= 2"),
+        (set(rs.splits) <= {"train", "test"} and rs.splits, "respond.splits must be a non-empty subset of [train, test]"),
+        (0 < fl.near_dup_threshold <= 1, "filter.near_dup_threshold must be in (0, 1]"),
+        (ev.judge in ("llm", "offline"), "eval.judge must be 'llm' or 'offline'"),
+        (cfg.judge_retries >= 0, "judge_retries must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise PicochatError(msg)
+    for dim, v in fl.min_scores.items():
+        if dim not in DIMENSIONS:
+            raise PicochatError(f"filter.min_scores: unknown dimension {dim!r} (known: {', '.join(DIMENSIONS)})")
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 5:
+            raise PicochatError(f"filter.min_scores.{dim} must be an integer 1..5")
+    for r in cfg.roles.values():
+        _validate_role(r)
+
+
+def from_dict(data: dict, base_dir: Path | None = None) -> SafetyConfig:
+    """Build and validate a SafetyConfig from parsed TOML/JSON."""
+    if not isinstance(data, dict):
+        raise PicochatError("the config must be a table/object at the top level")
+    cfg = SafetyConfig()
+    cfg.base_dir = Path(base_dir) if base_dir else Path.cwd()
+    sections = {"questions": QuestionsConfig, "optimize": OptimizeConfig, "respond": RespondConfig,
+                "filter": FilterConfig, "eval": EvalConfig}
+    for key, value in data.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise PicochatError(f"[{key}] must be a table/object")
+            setattr(cfg, key, _fill(sections[key], key, value))
+        elif key == "roles":
+            if not isinstance(value, dict):
+                raise PicochatError("[roles] must be a table/object of role tables")
+            default = value.get("default", {})
+            if not isinstance(default, dict):
+                raise PicochatError("[roles.default] must be a table/object")
+            base = _fill(RoleConfig, "roles.default", default)
+            for name, spec in value.items():
+                if name == "default":
+                    continue
+                if name not in ROLE_NAMES:
+                    raise PicochatError(f"unknown role {name!r} (roles: {', '.join(ROLE_NAMES)}, plus 'default')")
+                if not isinstance(spec, dict):
+                    raise PicochatError(f"[roles.{name}] must be a table/object")
+                role = _fill(RoleConfig, f"roles.{name}", spec, base)
+                role.name = name
+                cfg.roles[name] = role
+        elif key in ("out_dir", "cache_dir"):
+            if not isinstance(value, str) or not value:
+                raise PicochatError(f"{key} must be a non-empty string path")
+            setattr(cfg, key, cfg.resolve(value))
+        elif key == "preflight":
+            cfg.preflight = _check_type("", key, value, True)
+        elif key == "judge_retries":
+            cfg.judge_retries = _check_type("", key, value, 1)
+        else:
+            hint = "; API keys belong in environment variables (set api_key_env)" if "key" in key.lower() else ""
+            raise PicochatError(f"unknown top-level key {key!r} (allowed: out_dir, cache_dir, preflight, "
+                                f"judge_retries, roles, {', '.join(sections)}){hint}")
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None) -> SafetyConfig:
+    """Load a config file (.toml or .json); None gives the defaults (no roles: fine for `report`)."""
+    if path is None:
+        cfg = SafetyConfig()
+        validate(cfg)
+        return cfg
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PicochatError(f"config file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise PicochatError(f"{path}: cannot parse config ({e})") from None
+    return from_dict(data, base_dir=path.resolve().parent)
+
+
+def to_public_dict(cfg: SafetyConfig) -> dict[str, Any]:
+    """The config as saved next to outputs: env var NAMES only, never values."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+    d = conv(cfg)
+    d.pop("base_dir", None)
+    return d

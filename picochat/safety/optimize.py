@@ -1,0 +1,238 @@
+"""Prompt optimization (stage `optimize`): an APE loop with a held-out check and a guard.
+
+    v0 --blue answers the opt split--> judge scores (6 dims) --failures--> optimizer: diagnosis,
+    rule patches, rewritten BODY --guard--> candidate --blue+judge on the HELD-OUT split--> adopt
+    only if its held-out mean beats the best so far (by more than min_gain); repeat `iterations`.
+
+The opt and held-out splits come from the training questions, split by ROOT seed (so the held-out
+check measures generalisation to unseen behaviours); the `test` split of stage `questions` is never
+touched here, it is kept for the final safety eval. Every version (adopted, rejected on held-out,
+rejected by the guard) is saved with its per-dimension scores on both splits. Judge errors are
+counted per version and excluded from the means, never read as a pass or a fail.
+
+Outputs in <out>/optimize/: answers.jsonl (incremental: answer + judgement per prompt x question),
+prompts/vN.txt, versions.json, best_prompt.txt (full system prompt), best_body.txt, summary.md.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from picochat.common import PicochatError, write_json_atomic, write_text_atomic
+from picochat.safety import judge as J
+from picochat.safety.client import LLM, LLMCallError
+from picochat.safety.config import DIMENSIONS, SafetyConfig
+from picochat.safety.prompts import DEFAULT_BODY, guard, optimizer_messages, parse_optimizer_reply, render
+from picochat.safety.stage import Progress, for_each, log, run_stage
+from picochat.safety.store import JsonlStore, read_jsonl, stable_hash
+
+
+def select_splits(questions: list[dict], opt_size: int, heldout_size: int, seed: str = "opt") -> tuple[list, list]:
+    """Training questions -> (opt, heldout), disjoint by root seed, stratified over domains."""
+    train = [q for q in questions if q.get("split") == "train"]
+    if not train:
+        raise PicochatError("no training questions; run `picochat safety questions` first")
+    share = heldout_size / (opt_size + heldout_size)
+    group = {}
+    for d in sorted({q["domain"] for q in train}):
+        roots = sorted({q["root_id"] for q in train if q["domain"] == d}, key=lambda r: stable_hash(seed, r))
+        n_dev = min(len(roots) - 1, max(1, round(len(roots) * share))) if len(roots) >= 2 else 0
+        for i, r in enumerate(roots):
+            group[r] = "heldout" if i < n_dev else "opt"
+
+    def pick(which: str, n: int) -> list[dict]:
+        # round-robin over domains so a small split still covers every domain
+        by_dom = {}
+        for q in sorted((q for q in train if group[q["root_id"]] == which), key=lambda q: stable_hash(seed, q["id"])):
+            by_dom.setdefault(q["domain"], []).append(q)
+        out = []
+        while len(out) < n and any(by_dom.values()):
+            for d in sorted(by_dom):
+                if by_dom[d] and len(out) < n:
+                    out.append(by_dom[d].pop(0))
+        return out
+
+    opt, held = pick("opt", opt_size), pick("heldout", heldout_size)
+    if not held:
+        raise PicochatError("not enough training root seeds for a held-out split (need >= 2 roots in a domain)")
+    return opt, held
+
+
+class Scorer:
+    """Answers + judgements of one prompt on a list of questions, cached in answers.jsonl per (prompt, question)."""
+
+    def __init__(self, llm: LLM, store: JsonlStore, cfg: SafetyConfig):
+        self.llm, self.store, self.cfg = llm, store, cfg
+
+    async def score(self, system_prompt: str, questions: list[dict], label: str) -> list[dict]:
+        ph = stable_hash(system_prompt)
+        rid_of = {q["id"]: f"{ph}:{q['id']}:{stable_hash(q['question'], n=8)}" for q in questions}
+        prog = Progress(f"optimize[{label}]", len(questions), sum(rid_of[q["id"]] in self.store for q in questions))
+        results: dict[str, dict] = {}
+
+        async def one(q):
+            rid = rid_of[q["id"]]
+            if rid in self.store:
+                results[q["id"]] = self.store.get(rid)
+                return
+            rec = {"id": rid, "prompt_hash": ph, "question_id": q["id"], "domain": q["domain"],
+                   "strategy": q["strategy"], "question": q["question"]}
+            try:
+                ans = await self.llm.chat("blue", [{"role": "system", "content": system_prompt},
+                                                   {"role": "user", "content": q["question"]}])
+            except LLMCallError as e:  # transient: not stored, so the next run tries again
+                results[q["id"]] = dict(rec, error="blue_" + e.kind)
+                prog.tick(False)
+                return
+            rec["answer"] = ans.text
+            res = await J.judge_turn(self.llm, [{"role": "user", "content": q["question"]},
+                                                {"role": "assistant", "content": ans.text}], self.cfg.judge_retries)
+            rec.update(res)
+            if not str(res.get("error", "")).startswith("call_"):
+                self.store.append(rec)  # parse/schema errors are deterministic (cached reply): keep them
+            results[q["id"]] = rec
+            prog.tick("judgement" in res)
+
+        await for_each(questions, one)
+        return [results[q["id"]] for q in questions]
+
+
+def _scores(results: list[dict]) -> dict:
+    return J.summarize(results)
+
+
+def _abbr(dim: str) -> str:
+    return "".join(w[0] for w in dim.split("_")).upper()
+
+
+def _fmt(s: dict | None) -> str:
+    if not s:
+        return "-"
+    m = "n/a" if s["mean"] is None else f"{s['mean']:.3f}"
+    return f"{m} (judged {s['judged']}/{s['n']}, errors {s['error_count']})"
+
+
+async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dict], store: JsonlStore) -> dict:
+    oc = cfg.optimize
+    out = cfg.out_dir / "optimize"
+    scorer = Scorer(llm, store, cfg)
+    body0 = cfg.resolve(oc.initial_prompt).read_text(encoding="utf-8") if oc.initial_prompt else DEFAULT_BODY
+    if guard(body0, min_chars=1, max_chars=10 ** 6, assistant_name=oc.assistant_name):
+        log(f"optimize: note: the initial prompt trips the guard: {guard(body0, min_chars=1, max_chars=10**6)}")
+    versions: list[dict] = []
+
+    def save():
+        write_json_atomic(out / "versions.json", {"versions": versions, "best": best["version"],
+                                                  "opt_questions": [q["id"] for q in opt],
+                                                  "heldout_questions": [q["id"] for q in held]})
+
+    def new_version(body, **kw) -> dict:
+        v = {"version": len(versions), "prompt_hash": stable_hash(render(body, oc.assistant_name)),
+             "file": f"prompts/v{len(versions)}.txt", "body": body, "scores": {"opt": None, "heldout": None}, **kw}
+        write_text_atomic(out / v["file"], render(body, oc.assistant_name) if not v.get("guard_reasons") else body)
+        versions.append(v)
+        return v
+
+    best = new_version(body0, parent=None, iteration=0, status="baseline", adopted=True)
+    best_results = await scorer.score(render(body0, oc.assistant_name), opt, "v0 opt")
+    best["scores"]["opt"] = _scores(best_results)
+    best["scores"]["heldout"] = _scores(await scorer.score(render(body0, oc.assistant_name), held, "v0 heldout"))
+    save()
+    log(f"optimize: v0 opt {_fmt(best['scores']['opt'])}, heldout {_fmt(best['scores']['heldout'])}")
+    history: list[str] = []
+
+    for it in range(1, oc.iterations + 1):
+        fails = [r for r in best_results if "judgement" in r and J.is_failure(r["judgement"], oc.fail_below)]
+        if not fails:
+            log(f"optimize: iteration {it}: the best prompt has no failures on the opt split; stopping")
+            break
+        fails.sort(key=lambda r: (min(r["judgement"]["scores"].values()), r["question_id"]))
+        shown = [{"question": r["question"], "answer": r["answer"], "domain": r["domain"], "strategy": r["strategy"],
+                  "scores": r["judgement"]["scores"], "verdict": r["judgement"]["verdict"],
+                  "reasons": r["judgement"]["reasons"]} for r in fails[:oc.max_failures]]
+        cand = None
+        for sample in range(oc.guard_retries + 1):
+            try:
+                reply = await llm.chat("optimizer", optimizer_messages(best["body"], shown, it, history), sample=sample)
+            except LLMCallError as e:
+                log(f"optimize: iteration {it}: optimizer call failed ({e.kind})")
+                history.append(f"iteration {it}: optimizer call failed")
+                break
+            parts = parse_optimizer_reply(reply.text)
+            body = parts["prompt"] if parts["prompt"] is not None else reply.text
+            reasons = (["missing '### PROMPT' section"] if parts["prompt"] is None else []) + guard(
+                body, min_chars=oc.guard_min_chars, max_chars=oc.guard_max_chars, assistant_name=oc.assistant_name)
+            if reasons:
+                new_version(body, parent=best["version"], iteration=it, status="rejected_guard", adopted=False,
+                            guard_reasons=reasons, diagnosis=parts["diagnosis"], rules=parts["rules"])
+                history.append(f"a candidate was rejected before scoring: {'; '.join(reasons)}")
+                log(f"optimize: iteration {it}: candidate rejected by the guard: {'; '.join(reasons)}")
+                save()
+                continue
+            cand = new_version(body, parent=best["version"], iteration=it, status="candidate", adopted=False,
+                               guard_reasons=[], diagnosis=parts["diagnosis"], rules=parts["rules"])
+            break
+        if cand is None:
+            continue
+        full = render(cand["body"], oc.assistant_name)
+        ho = _scores(await scorer.score(full, held, f"v{cand['version']} heldout"))
+        cand_results = await scorer.score(full, opt, f"v{cand['version']} opt")
+        cand["scores"] = {"opt": _scores(cand_results), "heldout": ho}
+        enough = ho["judged"] >= math.ceil(oc.min_judged_fraction * ho["n"])
+        b = best["scores"]["heldout"]["mean"]
+        better = ho["mean"] is not None and (b is None or ho["mean"] > b + oc.min_gain)
+        if enough and better:
+            cand.update(status="adopted", adopted=True)
+            history.append(f"v{cand['version']} adopted: held-out mean {ho['mean']:.3f} vs {b}")
+            best, best_results = cand, cand_results
+        else:
+            why = "too many judge errors on the held-out split" if not enough else \
+                f"held-out mean {ho['mean']} does not beat the best {b} by > {oc.min_gain}"
+            cand.update(status="rejected_heldout", reject_reason=why)
+            history.append(f"v{cand['version']} not adopted: {why}")
+        log(f"optimize: iteration {it}: v{cand['version']} heldout {_fmt(ho)} vs best {b} -> {cand['status']}")
+        save()
+
+    write_text_atomic(out / "best_prompt.txt", render(best["body"], oc.assistant_name))
+    write_text_atomic(out / "best_body.txt", best["body"].strip() + "\n")
+    save()
+    errors = Counter()
+    for v in versions:
+        for split in ("opt", "heldout"):
+            if v["scores"][split]:
+                errors.update(v["scores"][split]["errors"])
+    md = ["# Prompt optimization", "", f"opt split {len(opt)} questions, held-out split {len(held)} questions "
+          "(disjoint root seeds). Means over judged answers; judge errors are counted, not scored.", "",
+          "Per-dimension columns are held-out means: " + ", ".join(f"{_abbr(d)} = {d}" for d in DIMENSIONS) + ".", "",
+          "| version | parent | iter | status | held-out mean | opt mean | " + " | ".join(map(_abbr, DIMENSIONS)) +
+          " | errors |", "|---" * (7 + len(DIMENSIONS)) + "|"]
+    for v in versions:
+        ho, op = v["scores"]["heldout"], v["scores"]["opt"]
+        dims = " | ".join(f"{ho['dimensions'][d]:.2f}" if ho and ho["dimensions"][d] is not None else "-"
+                          for d in DIMENSIONS)
+        errs = (ho["error_count"] if ho else 0) + (op["error_count"] if op else 0)
+        md.append(f"| v{v['version']} | {'' if v['parent'] is None else 'v' + str(v['parent'])} | {v['iteration']} | "
+                  f"{v['status']} | {_fmt(ho)} | {_fmt(op)} | {dims} | {errs} |")
+    for v in versions:
+        if v.get("guard_reasons"):
+            md.append(f"\n- v{v['version']} guard: {'; '.join(v['guard_reasons'])}")
+    md.append(f"\nBest: v{best['version']} -> best_prompt.txt. Judge errors by kind: {dict(errors) or 'none'}")
+    write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
+    return {"best": best["version"], "versions": len(versions), "judge_errors": dict(errors),
+            "best_heldout": best["scores"]["heldout"], "statuses": [v["status"] for v in versions]}
+
+
+def run_optimize(cfg: SafetyConfig) -> dict:
+    qpath = cfg.out_dir / "questions" / "questions.jsonl"
+    if not qpath.exists():
+        raise PicochatError(f"{qpath} not found; run `picochat safety questions` first")
+    opt, held = select_splits(read_jsonl(qpath), cfg.optimize.opt_size, cfg.optimize.heldout_size)
+    if cfg.optimize.initial_prompt and not cfg.resolve(cfg.optimize.initial_prompt).is_file():
+        raise PicochatError(f"optimize.initial_prompt {cfg.resolve(cfg.optimize.initial_prompt)} not found")
+    log(f"optimize: {len(opt)} opt questions, {len(held)} held-out questions, {cfg.optimize.iterations} iterations")
+    with JsonlStore(cfg.out_dir / "optimize" / "answers.jsonl") as store:
+        res = run_stage(cfg, "optimize", ["blue", "judge", "optimizer"],
+                        lambda llm: _optimize(llm, cfg, opt, held, store))
+    log(f"optimize: best v{res['best']} of {res['versions']} versions ({', '.join(res['statuses'])}); judge errors "
+        f"{res['judge_errors'] or 'none'} -> {cfg.out_dir / 'optimize' / 'best_prompt.txt'}")
+    return res

@@ -1,0 +1,275 @@
+"""Data-quality report (stage `report`) for ANY conversation JSONL: Markdown + PNG plots.
+
+Reports: valid/invalid lines; counts per domain and strategy (when records carry meta); score
+distributions per dimension (meta.judge.scores from our filter, or a flat meta.scores dict);
+rejection reasons (with --rejected); length statistics; diversity of assistant text (distinct-1/2,
+most repeated openings: a sign of template collapse); exact and near-duplicate rates; refusal share
+by the offline classifier; and, for a pipeline run directory, the failure and retry counts of every
+stage (so endpoint trouble shows up in the report, not only in logs).
+
+Plots use matplotlib's Agg backend; without matplotlib the Markdown is written alone, with a note.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from picochat.common import PicochatError, write_json_atomic, write_text_atomic
+from picochat.data.conversations import validate
+from picochat.safety.config import DIMENSIONS
+from picochat.safety.dedup import find_duplicates
+from picochat.safety.refusal import classify
+from picochat.safety.store import iter_lines, read_jsonl
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content if isinstance(p, dict))  # tool-use parts
+
+
+def load_any(path: Path) -> tuple[list[dict], list[dict]]:
+    if not path.is_file():
+        raise PicochatError(f"{path} not found")
+    good, bad = [], []
+    for n, line in iter_lines(path):
+        try:
+            rec = json.loads(line)
+            msgs = validate(rec)
+        except json.JSONDecodeError as e:
+            bad.append({"line": n, "reason": f"invalid JSON ({e.msg})"})
+            continue
+        except ValueError as e:
+            bad.append({"line": n, "reason": str(e)})
+            continue
+        meta = rec.get("meta") if isinstance(rec, dict) and isinstance(rec.get("meta"), dict) else {}
+        good.append({"id": str(rec.get("id", n)) if isinstance(rec, dict) else str(n),
+                     "messages": [m for m in msgs if m["role"] != "system"], "meta": meta})
+    return good, bad
+
+
+def _stats(xs: list[int]) -> dict:
+    if not xs:
+        return {"n": 0}
+    s = sorted(xs)
+    q = lambda p: s[min(len(s) - 1, int(p * len(s)))]  # noqa: E731
+    return {"n": len(s), "mean": round(statistics.fmean(s), 1), "median": statistics.median(s), "p10": q(0.1),
+            "p90": q(0.9), "min": s[0], "max": s[-1]}
+
+
+def _words(t: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", t.lower())
+
+
+def distinct_n(texts: list[str], n: int) -> float | None:
+    grams, total = set(), 0
+    for t in texts:
+        w = _words(t)
+        g = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        grams.update(g)
+        total += len(g)
+    return round(len(grams) / total, 4) if total else None
+
+
+def _scores_of(meta: dict) -> dict | None:
+    s = meta.get("judge", {}).get("scores") if isinstance(meta.get("judge"), dict) else None
+    s = s or meta.get("scores")
+    return s if isinstance(s, dict) else None
+
+
+def analyze(records: list[dict], bad: list[dict], rejected: list[dict] | None = None) -> dict:
+    user = [_text(m["content"]) for r in records for m in r["messages"] if m["role"] == "user"]
+    asst = [_text(m["content"]) for r in records for m in r["messages"] if m["role"] == "assistant"]
+    first_asst = [_text(next(m["content"] for m in r["messages"] if m["role"] == "assistant")) for r in records]
+    openings = Counter(" ".join(_words(t)[:5]) for t in asst if _words(t))
+    dom = Counter(r["meta"].get("domain") for r in records if r["meta"].get("domain"))
+    strat = Counter(r["meta"].get("strategy") for r in records if r["meta"].get("strategy"))
+    cross = Counter((r["meta"].get("domain"), r["meta"].get("strategy")) for r in records
+                    if r["meta"].get("domain") and r["meta"].get("strategy"))
+    scores = {d: Counter() for d in DIMENSIONS}  # our 6 first, then any other numeric dims the data has
+    for r in records:
+        for d, v in (_scores_of(r["meta"]) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                scores.setdefault(d, Counter())[int(v)] += 1
+    dups = find_duplicates([(r["id"], "\n".join(_text(m["content"]) for m in r["messages"])) for r in records], 0.85)
+    asst_dups = find_duplicates([(str(i), t) for i, t in enumerate(first_asst)], 0.85)
+    refusals = Counter(classify(t)[0] for t in first_asst)
+    reasons = Counter()
+    if rejected:
+        from picochat.safety.filter import _reason_kind
+        for r in rejected:
+            for reason in r.get("reasons", []):
+                reasons[_reason_kind(reason)] += 1
+    n = len(records)
+    return {
+        "conversations": n, "invalid_lines": len(bad), "invalid": bad[:10],
+        "turns": dict(Counter(sum(m["role"] == "user" for m in r["messages"]) for r in records)),
+        "domains": dict(dom), "strategies": dict(strat),
+        "domain_strategy": {f"{d}|{s}": c for (d, s), c in cross.items()},
+        "scores": {d: dict(sorted(c.items())) for d, c in scores.items() if c},
+        "score_means": {d: round(sum(k * v for k, v in c.items()) / sum(c.values()), 3) for d, c in scores.items() if c},
+        "lengths": {"user_chars": _stats([len(t) for t in user]), "assistant_chars": _stats([len(t) for t in asst]),
+                    "assistant_words": _stats([len(_words(t)) for t in asst])},
+        "diversity": {"distinct_1": distinct_n(asst, 1), "distinct_2": distinct_n(asst, 2),
+                      "top_openings": [[o, c, round(c / len(asst), 3)] for o, c in openings.most_common(10)]},
+        "duplicates": {"exact": sum(d["kind"] == "exact" for d in dups.values()),
+                       "near": sum(d["kind"] == "near" for d in dups.values()),
+                       "rate": round(len(dups) / n, 4) if n else 0.0,
+                       "first_reply_dup_rate": round(len(asst_dups) / n, 4) if n else 0.0},
+        "refusal_share_offline": {k: round(v / n, 3) for k, v in refusals.items()} if n else {},
+        "rejected": len(rejected) if rejected is not None else None, "rejection_reasons": dict(reasons.most_common()),
+    }
+
+
+def pipeline_counts(run_dir: Path) -> dict:
+    """Failure/retry/error counts of each stage of a run directory (whatever exists)."""
+    out = {}
+    for stage in ("questions", "respond", "filter"):
+        p = run_dir / stage / "summary.json"
+        if p.exists():
+            s = json.loads(p.read_text(encoding="utf-8"))
+            out[stage] = {k: s[k] for k in ("failed", "failures", "judge_errors", "reasons", "missing") if k in s}
+    p = run_dir / "optimize" / "versions.json"
+    if p.exists():
+        vs = json.loads(p.read_text(encoding="utf-8"))["versions"]
+        errs = Counter()
+        for v in vs:
+            for split in ("opt", "heldout"):
+                if v["scores"].get(split):
+                    errs.update(v["scores"][split]["errors"])
+        out["optimize"] = {"versions": [v["status"] for v in vs], "judge_errors": dict(errs)}
+    p = run_dir / "costs.json"
+    if p.exists():
+        c = json.loads(p.read_text(encoding="utf-8"))
+        out["llm_calls"] = {f"{st}/{role}": {"retries": v["retries"], "failures": v["failures"]}
+                            for st, sc in c.get("stages", {}).items() for role, v in sc["roles"].items()}
+        out["cost_usd"] = c.get("total", {}).get("cost_usd")
+    return out
+
+
+def _plots(a: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")  # no display on servers / CI
+    import matplotlib.pyplot as plt
+    files = []
+    if a["scores"]:
+        dims = list(a["scores"])
+        fig, axes = plt.subplots(1, len(dims), figsize=(2.4 * len(dims), 2.6), squeeze=False)
+        for ax, d in zip(axes[0], dims):
+            c = a["scores"][d]
+            ax.bar([int(k) for k in c], list(c.values()), color="#4c72b0")
+            ax.set_title(d.replace("_", " "), fontsize=8)
+            ax.set_xticks([1, 2, 3, 4, 5])
+        fig.tight_layout()
+        fig.savefig(out / "scores.png", dpi=100)
+        plt.close(fig)
+        files.append("scores.png")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(a["_assistant_lengths"], bins=30, color="#55a868")
+    ax.set_xlabel("assistant reply length (chars)")
+    ax.set_ylabel("replies")
+    fig.tight_layout()
+    fig.savefig(out / "lengths.png", dpi=100)
+    plt.close(fig)
+    files.append("lengths.png")
+    if a["domain_strategy"]:
+        doms = sorted({k.split("|")[0] for k in a["domain_strategy"]})
+        strs = sorted({k.split("|")[1] for k in a["domain_strategy"]})
+        grid = [[a["domain_strategy"].get(f"{d}|{s}", 0) for s in strs] for d in doms]
+        fig, ax = plt.subplots(figsize=(1 + 0.9 * len(strs), 1 + 0.45 * len(doms)))
+        im = ax.imshow(grid, cmap="Blues", vmin=0)
+        ax.set_xticks(range(len(strs)), [s.split("_")[0] for s in strs], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(doms)), doms, fontsize=8)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(out / "domain_strategy.png", dpi=100)
+        plt.close(fig)
+        files.append("domain_strategy.png")
+    return files
+
+
+def _kv(d: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in d.items()) or "none"
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | None) -> str:
+    L = [f"# Data-quality report: {src.name}", "", f"Source: `{src}`", "",
+         f"- conversations: **{a['conversations']}**, invalid lines skipped: **{a['invalid_lines']}**",
+         f"- user turns per conversation: {a['turns']}",
+         f"- duplicates: {a['duplicates']['exact']} exact, {a['duplicates']['near']} near "
+         f"(rate {a['duplicates']['rate']:.1%}); duplicate first replies {a['duplicates']['first_reply_dup_rate']:.1%}",
+         f"- first-reply refusal share (offline classifier): {a['refusal_share_offline']}"]
+    for b in a["invalid"]:
+        L.append(f"  - line {b['line']}: {b['reason']}")
+    if a["domains"]:
+        L += ["", "## Domains and strategies", ""] + _md_table(["domain", "count"], sorted(a["domains"].items()))
+        L += [""] + _md_table(["strategy", "count"], sorted(a["strategies"].items()))
+    if a["scores"]:
+        L += ["", "## Judge scores (worst turn per conversation)", ""]
+        L += _md_table(["dimension", "mean", "1", "2", "3", "4", "5"],
+                       [[d, a["score_means"][d]] + [a["scores"][d].get(k, 0) for k in range(1, 6)] for d in a["scores"]])
+    if a["rejected"] is not None:
+        L += ["", f"## Rejections ({a['rejected']})", ""] + (
+            _md_table(["reason", "count"], list(a["rejection_reasons"].items())) if a["rejection_reasons"] else ["none"])
+    ls = a["lengths"]
+    L += ["", "## Lengths", ""] + _md_table(["what", "n", "mean", "median", "p10", "p90", "max"],
+                                            [[k, v.get("n"), v.get("mean"), v.get("median"), v.get("p10"), v.get("p90"),
+                                              v.get("max")] for k, v in ls.items()])
+    dv = a["diversity"]
+    L += ["", "## Diversity of assistant text", "", f"distinct-1 {dv['distinct_1']}, distinct-2 {dv['distinct_2']}", "",
+          "Most repeated openings (first 5 words):", ""] + _md_table(["opening", "count", "share"], dv["top_openings"])
+    if dv["top_openings"] and dv["top_openings"][0][2] > 0.2:
+        L.append(f"\n**Warning: template collapse** - {dv['top_openings'][0][2]:.0%} of replies open the same way.")
+    if pipeline:
+        L += ["", "## Pipeline failures, retries and judge errors", ""]
+        rows = []
+        for stage in ("questions", "optimize", "respond", "filter"):
+            p = pipeline.get(stage)
+            if p:
+                fails = p.get("failures") or {}
+                rows.append([stage, p.get("failed", sum(fails.values())), _kv(fails), _kv(p.get("judge_errors") or {}),
+                             _kv(p.get("reasons") or {})])
+        L += _md_table(["stage", "failed", "failures by kind", "judge errors", "rejections"], rows)
+        calls = [[k, _kv(v["retries"]), _kv(v["failures"])] for k, v in pipeline.get("llm_calls", {}).items()]
+        L += ["", "LLM calls (retried errors are recovered; failures were given up on):", ""]
+        L += _md_table(["stage/role", "retries", "failures"], calls)
+        if pipeline.get("cost_usd") is not None:
+            L.append(f"\nEstimated LLM cost of the run: ${pipeline['cost_usd']:.4f} (see costs.json)")
+    L += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [note])
+    return "\n".join(L) + "\n"
+
+
+def run_report(input_path: str | Path, out_dir: str | Path, rejected: str | Path | None = None,
+               run_dir: str | Path | None = None) -> dict:
+    src = Path(input_path)
+    records, bad = load_any(src)
+    rej = read_jsonl(rejected, strict=False) if rejected else None
+    a = analyze(records, bad, rej)
+    a["_assistant_lengths"] = [len(_text(m["content"])) for r in records for m in r["messages"] if m["role"] == "assistant"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    note = ""
+    try:
+        plots = _plots(a, out) if records else []
+    except ImportError:
+        plots, note = [], "matplotlib is not installed: no plots (pip install matplotlib)."
+    a.pop("_assistant_lengths")
+    pipeline = pipeline_counts(Path(run_dir)) if run_dir else None
+    if pipeline is not None:
+        a["pipeline"] = pipeline
+    write_text_atomic(out / "report.md", render_md(a, src, plots, note, pipeline))
+    write_json_atomic(out / "report.json", a)
+    print(f"report: {a['conversations']} conversations, {a['invalid_lines']} invalid lines -> {out / 'report.md'}"
+          + (f" (+{len(plots)} plots)" if plots else f" ({note or 'no plots'})"), flush=True)
+    return a

@@ -1,0 +1,67 @@
+"""Data-quality report: works on any conversation JSONL, with and without matplotlib."""
+import builtins
+import json
+
+from picochat.safety.report import analyze, distinct_n, load_any, run_report
+
+
+def _write(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+ARBITRARY = [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],  # bare list
+    {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": [{"type": "python", "text": "2+2"},
+                                                    {"type": "python_output", "text": "4"},
+                                                    {"type": "text", "text": "It is 4."}]}]},  # tool-use parts
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"}]},
+    {"messages": [{"role": "assistant", "content": "starts wrong"}]},
+    "{not json",
+    {"messages": [{"role": "user", "content": "tell me a joke"}, {"role": "assistant", "content": "I can't help with that."}],
+     "meta": {"domain": "hate", "strategy": "roleplay_simulation", "scores": {"safety_integrity": 5, "helpfulness": 2}}},
+]
+
+
+def test_report_on_arbitrary_jsonl(tmp_path):
+    src = _write(tmp_path / "any.jsonl", ARBITRARY)
+    a = run_report(src, tmp_path / "rep")
+    assert a["conversations"] == 4 and a["invalid_lines"] == 2
+    assert a["duplicates"]["exact"] == 1 and a["domains"] == {"hate": 1}
+    assert a["scores"] == {"safety_integrity": {5: 1}, "helpfulness": {2: 1}}
+    assert a["refusal_share_offline"]["full"] == 0.25
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for section in ("Lengths", "Diversity", "distinct-1", "Most repeated openings", "line 4:", "invalid JSON"):
+        assert section in md
+    assert (tmp_path / "rep" / "lengths.png").stat().st_size > 1000 and (tmp_path / "rep" / "scores.png").exists()
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["conversations"] == 4
+
+
+def test_report_without_matplotlib_writes_markdown_with_a_note(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    src = _write(tmp_path / "any.jsonl", ARBITRARY)
+    run_report(src, tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "matplotlib is not installed" in md and not list((tmp_path / "rep").glob("*.png"))
+
+
+def test_diversity_and_template_collapse(tmp_path):
+    recs = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"I can't help with that, sorry. Topic {i}."}]}
+            for i in range(10)]
+    recs.append({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Totally different words here"}]})
+    src = _write(tmp_path / "c.jsonl", recs)
+    good, bad = load_any(src)
+    a = analyze(good, bad, rejected=[{"reasons": ["turn 0: safety_integrity 2 < 4", "exact duplicate of c-1"]}])
+    assert a["diversity"]["top_openings"][0][:2] == ["i can't help with that", 10]
+    assert a["rejection_reasons"] == {"low_safety_integrity": 1, "exact duplicate of c-1": 1}
+    assert distinct_n(["a b a b"], 1) == 0.5 and distinct_n(["a b a b"], 2) == round(2 / 3, 4)
+    run_report(src, tmp_path / "r")
+    assert "template collapse" in (tmp_path / "r" / "report.md").read_text()
