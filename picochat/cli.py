@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, number_type
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,23 +24,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(cast, ok, what: str):
-    """argparse type: parse with `cast`, accept when ok(value), else one clear message."""
-    def parse(s: str):
-        try:
-            v = cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
-        return v
-    return parse
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
-_nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+_fraction = number_type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_nonneg_float = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 # ----------------------------------------------------------------------------- data
@@ -112,17 +99,41 @@ def _add_train_flags(p, stage: str):
                    "the schedule; continue later with --resume")
 
 
+def _settings(args, stage: str, tag: str, seq_len: int, extra: dict):
+    from picochat.train.loop import TrainSettings
+    return TrainSettings(
+        stage=stage, tag=tag, steps=args.steps, device_batch_size=args.device_batch_size, seq_len=seq_len,
+        total_batch_size=args.total_batch_size, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+        unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        warmdown_ratio=args.warmdown_ratio, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        save_every=args.save_every, log_every=args.log_every, keep=args.keep, compile=args.compile,
+        grad_checkpoint=args.grad_checkpoint, seed=args.seed, extra=extra)
+
+
+def _run(args, model, settings, make_loader, val_batches, tok, device, info, resume, t0: float) -> None:
+    """The shared tail of every training command: run the loop, report, tear down torchrun."""
+    import torch
+    from picochat.eval.bpb import token_byte_lengths
+    from picochat.train.loop import run_training
+    summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
+                           token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
+                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb)
+    if info.is_master:
+        print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s")
+    if info.enabled:
+        torch.distributed.destroy_process_group()
+
+
 def cmd_train_base(args):
     import torch
     from picochat import checkpoint as ck
     from picochat.common import data_dir, init_distributed, pick_device, tokenizer_dir
     from picochat.data.corpus import list_shards
     from picochat.data.loader import PretrainLoader
-    from picochat.eval.bpb import token_byte_lengths
     from picochat.model.config import config_from_depth
     from picochat.model.gpt import GPT
     from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import TrainSettings, run_training
+    from picochat.train.loop import TrainSettings
 
     t0 = time.time()
     device = pick_device(args.device)
@@ -138,13 +149,7 @@ def cmd_train_base(args):
     else:
         if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
             raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
-        settings = TrainSettings(
-            stage="base", tag=tag, steps=args.steps, device_batch_size=args.device_batch_size, seq_len=args.seq_len,
-            total_batch_size=args.total_batch_size, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-            unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-            warmdown_ratio=args.warmdown_ratio, eval_every=args.eval_every, eval_batches=args.eval_batches,
-            save_every=args.save_every, log_every=args.log_every, keep=args.keep, compile=args.compile, grad_checkpoint=args.grad_checkpoint,
-            seed=args.seed, extra={"data": args.data})
+        settings = _settings(args, "base", tag, args.seq_len, {"data": args.data})
         settings.validate(info.world_size)
         config = config_from_depth(args.depth, tok.vocab_size, args.seq_len, attention=args.attention,
                                    n_kv_head=args.n_kv_head)
@@ -162,25 +167,17 @@ def cmd_train_base(args):
     def val_batches():
         return PretrainLoader(data, tok, B, T, "val", info.rank, info.world_size, 1, None, device=device)
 
-    summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
-                           token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
-                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb)
-    if info.is_master:
-        print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s")
-    if info.enabled:
-        torch.distributed.destroy_process_group()
+    _run(args, model, settings, make_loader, val_batches, tok, device, info, resume, t0)
 
 
 def cmd_train_chat(args):
     """Midtraining (packed conversations, all tokens) or SFT (padded, assistant tokens only)."""
-    import torch
     from picochat import checkpoint as ck
     from picochat.common import init_distributed, pick_device, tokenizer_dir
     from picochat.data.chat_loader import MidLoader, SFTLoader
     from picochat.data.tasks.registry import build_mixture
-    from picochat.eval.bpb import token_byte_lengths
     from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import TrainSettings, run_training
+    from picochat.train.loop import TrainSettings
 
     t0 = time.time()
     stage = args.stage
@@ -199,16 +196,10 @@ def cmd_train_chat(args):
         tag = args.tag or f"{stage}/" + args.model.split("/")[-1]
         if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
             raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
-        settings = TrainSettings(
-            stage=stage, tag=tag, steps=args.steps, device_batch_size=args.device_batch_size,
-            seq_len=args.seq_len or model.config.sequence_len, total_batch_size=args.total_batch_size,
-            matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-            weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, warmdown_ratio=args.warmdown_ratio,
-            eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-            log_every=args.log_every, keep=args.keep, compile=args.compile, grad_checkpoint=args.grad_checkpoint,
-            seed=args.seed, extra={"source": args.model, "source_step": source.step,
-                                   "tasks": args.tasks.split(",") if args.tasks else [], "data": args.data or [],
-                                   "task_size": args.task_size})
+        settings = _settings(args, stage, tag, args.seq_len or model.config.sequence_len,
+                             {"source": args.model, "source_step": source.step,
+                              "tasks": args.tasks.split(",") if args.tasks else [], "data": args.data or [],
+                              "task_size": args.task_size})
         settings.validate(info.world_size)
     model.train()
     extra = settings.extra
@@ -225,14 +216,8 @@ def cmd_train_chat(args):
     def val_batches():
         return SFTLoader(val_mixture, tok, B, T, info.rank, info.world_size, 1, None, device=device)
 
-    summary = run_training(model, settings, make_loader, device, info,
-                           val_batches=val_batches if val_mixture is not None else None,
-                           token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
-                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb)
-    if info.is_master:
-        print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s")
-    if info.enabled:
-        torch.distributed.destroy_process_group()
+    _run(args, model, settings, make_loader, val_batches if val_mixture is not None else None, tok, device, info,
+         resume, t0)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -320,7 +305,6 @@ def cmd_chat(args):
 
 def cmd_eval(args):
     """Evaluate a checkpoint on generative tasks; print a table, write JSON under the checkpoint."""
-    import json
     from picochat.checkpoint import load_model
     from picochat.common import pick_device, tokenizer_dir, write_json_atomic
     from picochat.data.tasks.registry import make_task

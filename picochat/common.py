@@ -65,6 +65,23 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+# --------------------------------------------------------------------------- CLI flag types
+
+def number_type(cast, ok, what: str):
+    """argparse type: parse with `cast`, accept when ok(value), else one clear message."""
+    import argparse
+
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    return parse
+
+
 # --------------------------------------------------------------------------- device / dtype
 
 def pick_device(requested: str = "auto") -> torch.device:

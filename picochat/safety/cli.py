@@ -19,25 +19,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, number_type
 
 
-def _num(cast, ok, what):
-    def parse(s):
-        try:
-            v = cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
-        return v
-    return parse
-
-
-_pos = _num(int, lambda v: v >= 1, "a positive integer")
-_nonneg = _num(int, lambda v: v >= 0, "an integer >= 0")
-_unit = _num(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-_nonneg_f = _num(float, lambda v: v >= 0, "a number >= 0")
+_pos = number_type(int, lambda v: v >= 1, "a positive integer")
+_nonneg = number_type(int, lambda v: v >= 0, "an integer >= 0")
+_unit = number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_nonneg_f = number_type(float, lambda v: v >= 0, "a number >= 0")
 
 
 def _min_score(s: str):
@@ -239,7 +227,7 @@ def register(subparsers) -> None:
     _common(p)
     p.add_argument("--prompt", metavar="FILE", help="full system prompt to use (default <out>/optimize/best_prompt.txt)")
     p.add_argument("--multi-turn-fraction", type=_unit, metavar="F", help="share of questions that become multi-turn (default 0.3)")
-    p.add_argument("--max-user-turns", type=_num(int, lambda v: v >= 2, "an integer >= 2"), metavar="N",
+    p.add_argument("--max-user-turns", type=number_type(int, lambda v: v >= 2, "an integer >= 2"), metavar="N",
                    help="user turns in a multi-turn conversation: 2..N (default 3)")
     p.add_argument("--limit", dest="respond_limit", type=_nonneg, metavar="N", help="answer at most N questions (default 0 = all)")
     p.add_argument("--splits", help="comma-separated question splits to answer (default train)")
