@@ -1,57 +1,190 @@
-"""Inference engine: prefill once, then decode token by token with a KV cache.
+"""Inference engine: batched prefill once, then decode token by token with one KV cache.
 
 Prompts of different lengths are left-padded with BOS to a common length; the cache's `pad`
 gives each row its own rotary positions and a mask over its padding, so every row computes
-what it would alone. The cache is allocated once per call for the longest sequence needed.
+what it would alone (tests/test_engine.py checks this token for token).
+
+Per generation the engine
+- validates the sampling parameters once (scalars or per-row lists) and pre-draws each row's
+  uniforms from its own seeded generator (sampling.py), so the decode loop makes no RNG calls
+  and a row's samples do not depend on the rest of the batch;
+- allocates the KV cache once, for the longest sequence it can reach (padded prompt + the
+  largest max_new_tokens - 1: the last sampled token is never fed back);
+- keeps finished rows' tokens on the device; the only per-step host sync is one scalar (how many
+  rows are done), which drives early exit and compaction: when enough rows have finished,
+  `cache.select_rows` drops them so they stop costing compute.
+
+A row finishes on a stop token (included in its output), on a stop sequence of token ids
+(included), or at its max_new_tokens.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from picochat.inference.sampling import sample_next, validate_sampling
+from picochat.inference.sampling import SamplingParams, draw_uniforms, sample_next
 from picochat.model.kv_cache import KVCache
 
 
+def prepare_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """Store every Linear weight transposed in memory (same values, same shape, column-major
+    strides) and return the model. On CPU, MKL multiplies small batches (M = 2..64 rows, i.e.
+    batched decode) against an (in, out)-contiguous matrix up to 2x faster than against nn.Linear's
+    (out, in) layout, and no slower at M = 1 or for a long prefill; F.linear picks this up without
+    a copy. Idempotent. Results equal the original layout's to float rounding."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous() and mod.weight.dim() == 2:
+                mod.weight.data = mod.weight.data.t().contiguous().t()
+    return model
+
+
 class Engine:
-    def __init__(self, model, tokenizer=None, device: torch.device | str | None = None):
+    def __init__(self, model, tokenizer=None, device: torch.device | str | None = None, optimize: bool = True):
+        """optimize: on CPU, re-lay the model's weights for faster batched matmuls (prepare_for_inference;
+        modifies `model` in place, values unchanged)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if optimize and self.device.type == "cpu":
+            prepare_for_inference(model)
+        self.last_stats: dict = {}  # what the last generation did (cache size, timings)
 
-    @torch.no_grad()
-    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        stop_tokens: set[int] | None = None) -> Iterator[list[int | None]]:
-        """Yield, per decode step, one new token per row (None for rows that already finished)."""
-        validate_sampling(temperature, top_k, top_p)
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+
+    def default_stop_tokens(self) -> set[int]:
+        """<|assistant_end|> and <|bos|> when the tokenizer has them (a chat turn or a document ended)."""
+        stops = set()
+        for name in ("<|assistant_end|>", "<|bos|>"):
+            try:
+                stops.add(int(self.tokenizer.encode_special(name)))
+            except (AttributeError, KeyError, ValueError):
+                pass
+        return stops
+
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token per row, all layers (the cache stores the model's dtype)."""
+        elem = next(self.model.parameters()).element_size()
+        return self.model.kv_values_per_token() * elem
+
+    def _next_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed ids (B, T) through the cache; logits (B, V) of the last position only (a prefill
+        would otherwise project and soft-cap all B*T positions through the vocab-sized head)."""
+        return self.model.logits(self.model.hidden(ids, kv_cache=cache)[:, -1])
+
+    # ------------------------------------------------------------------ core loop
+
+    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, stop_sequences):
+        """Yield (row_ids, rows, tokens, live) per decode step: the original index of every row still
+        in the batch (a list, and the same as a device tensor), its new token and whether the row
+        was still live before this token (device tensors)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         B = len(prompts)
+        budgets = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * B
+        if len(budgets) != B or any(isinstance(n, bool) or int(n) != n or n < 0 for n in budgets):
+            raise ValueError(f"max_new_tokens must be an integer >= 0 or one per prompt, got {max_new_tokens!r}")
+        steps = int(max(budgets))
+        V = self.model.config.vocab_size
+        params = SamplingParams.make(B, temperature, top_k, top_p, self.device, V)
+        if stop_tokens is None:
+            stop_tokens = self.default_stop_tokens()
+        seqs = [torch.tensor(list(s), dtype=torch.long, device=self.device) for s in (stop_sequences or [])]
+        if any(s.numel() == 0 for s in seqs):
+            raise ValueError("stop sequences must not be empty")
         L = max(len(p) for p in prompts)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        max_len = L + max(steps - 1, 0)
+        if max_len > self.model.cos.size(0):
+            raise ValueError(f"prompt ({L}) + max_new_tokens ({steps}) exceeds the model's rotary table "
+                             f"({self.model.cos.size(0)} positions)")
+        if steps == 0:
+            return
+        dev = self.device
         pad = [L - len(p) for p in prompts]
-        ids = torch.tensor([[pad_id] * n + p for n, p in zip(pad, prompts)], dtype=torch.long, device=self.device)
-        cache = KVCache(B, L + max_new_tokens, device=self.device, pad=pad)
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        logits = self.model(ids, kv_cache=cache)[:, -1, :]
-        stop = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=self.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
-            yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist())]
-            done |= torch.isin(nxt, stop)
-            if bool(done.all()):
-                return
-            logits = self.model(nxt[:, None], kv_cache=cache)[:, -1, :]
+        ids = torch.tensor([[self.pad_id] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long, device=dev)
+        if bool((ids < 0).any() or (ids >= V).any()):
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        cache = KVCache(B, max_len, device=dev, pad=pad)
+        uniforms = None if params.all_greedy else draw_uniforms(B, steps, seed, dev)
+        stop = torch.tensor(sorted(int(t) for t in stop_tokens), dtype=torch.long, device=dev)
+        per_row_budget = len(set(budgets)) > 1
+        budget = torch.tensor(budgets, dtype=torch.long, device=dev)
+        hist = torch.zeros(B, steps, dtype=torch.long, device=dev) if seqs else None
+        row_ids, rows = list(range(B)), torch.arange(B, device=dev)
+        done = budget == 0
+        stats = self.last_stats = dict(batch_size=B, padded_prompt_len=L, max_len=max_len,
+                                       kv_cache_bytes=B * max_len * self.kv_bytes_per_token(),
+                                       kv_bytes_per_token=self.kv_bytes_per_token(), decode_steps=0, compactions=0)
+        t0 = time.perf_counter()
+        logits = self._next_logits(ids, cache)
+        t1 = time.perf_counter()
+        stats["prefill_s"] = t1 - t0
+        for t in range(steps):
+            tok = sample_next(logits, params=params, uniforms=None if uniforms is None else uniforms[:, t])
+            stats["decode_s"] = time.perf_counter() - t1
+            yield row_ids, rows, tok, ~done
+            hit = torch.isin(tok, stop) if stop.numel() else torch.zeros_like(done)
+            if per_row_budget:
+                hit |= budget <= t + 1
+            if hist is not None:
+                hist[:, t] = tok
+                for s in seqs:
+                    if t + 1 >= s.numel():
+                        hit |= (hist[:, t + 1 - s.numel():t + 1] == s).all(dim=1)
+            done |= hit
+            n_done = int(done.sum())  # the one per-step sync: early exit and compaction need it
+            if n_done == len(row_ids) or t == steps - 1:
+                break
+            if n_done and n_done * 4 >= len(row_ids):
+                # enough finished rows to repay one copy of the cache: drop them from the batch
+                keep = (~done).nonzero().view(-1)
+                cache.select_rows(keep)
+                row_ids, rows = [row_ids[i] for i in keep.tolist()], rows[keep]
+                tok, done, budget, params = tok[keep], done[keep], budget[keep], params.select(keep)
+                uniforms = None if uniforms is None else uniforms[keep]
+                hist = None if hist is None else hist[keep]
+                stats["compactions"] += 1
+            logits = self._next_logits(tok[:, None], cache)
+            stats["decode_steps"] += 1
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kw) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in prompts]
-        for step in self.generate_stream(prompts, max_new_tokens, **kw):
-            for row, tok in enumerate(step):
-                if tok is not None:
-                    out[row].append(tok)
-        return out
+    # ------------------------------------------------------------------ public API
+
+    @torch.inference_mode()
+    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int | list[int], temperature=1.0,
+                        top_k=None, top_p=None, seed=None, stop_tokens: set[int] | None = None,
+                        stop_sequences: list[list[int]] | None = None) -> Iterator[list[int | None]]:
+        """Yield, per decode step, one new token per prompt (None for rows that already finished).
+
+        temperature / top_k / top_p / seed / max_new_tokens may be scalars or per-row lists.
+        seed: row i uses a generator seeded with seed + i (or seed[i]). stop_tokens None means the
+        tokenizer's <|assistant_end|> and <|bos|>; pass an empty set to disable."""
+        B = len(prompts)
+        for row_ids, _, tok, live in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                                 stop_tokens, stop_sequences):
+            step: list[int | None] = [None] * B
+            for r, x, alive in zip(row_ids, tok.tolist(), live.tolist()):
+                if alive:
+                    step[r] = x
+            yield step
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], temperature=1.0, top_k=None,
+                 top_p=None, seed=None, stop_tokens: set[int] | None = None,
+                 stop_sequences: list[list[int]] | None = None) -> list[list[int]]:
+        """Generated tokens per prompt (same arguments as generate_stream). Tokens stay on the
+        device until the end: one transfer per generation, not one per step."""
+        steps = int(max(max_new_tokens, default=0)) if isinstance(max_new_tokens, Sequence) else int(max_new_tokens)
+        out = torch.full((len(prompts), max(steps, 0)), -1, dtype=torch.long, device=self.device)
+        t = 0
+        for _, rows, tok, live in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                              stop_tokens, stop_sequences):
+            out[rows, t] = torch.where(live, tok, -1)
+            t += 1
+        # a finished row's later slots stay -1, so its output is the prefix before the first -1
+        return [[x for x in row if x >= 0] for row in out[:, :t].tolist()]

@@ -3,71 +3,146 @@
 `probs_from_logits` turns logits into the distribution actually sampled from; speculative
 decoding uses it for both the draft (q) and the target (p), so "same distribution as the target"
 means the same transform. Temperature 0 means greedy (a one-hot distribution on the argmax).
+
+Every parameter may be a scalar (whole batch) or a per-row list. `SamplingParams` validates and
+turns them into (B,) tensors once per generation, so the decode loop does no per-step parsing;
+`select(rows)` follows the batch when finished rows are dropped.
+
+Drawing is inverse-CDF with one uniform per row: `sample_from_probs(probs, uniforms=u)`. The
+engine pre-draws each row's uniforms from that row's own seeded `torch.Generator`, so a row's
+samples depend only on its seed and its logits, never on what else shares the batch, and the
+decode loop makes no RNG calls at all.
 """
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 
 import torch
 
 
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature is None or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and (int(top_k) != top_k or top_k < 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {top_k}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def _rows(value, B: int, default, dtype, device) -> torch.Tensor:
-    if value is None:
-        value = default
+def _as_list(value, B: int | None, name: str) -> list:
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype).expand(B)
+        value = value.tolist() if value.dim() else value.item()
     if isinstance(value, (list, tuple)):
-        return torch.tensor([default if v is None else v for v in value], dtype=dtype, device=device)
-    return torch.full((B,), value, dtype=dtype, device=device)
+        if B is not None and len(value) != B:
+            raise ValueError(f"{name} has {len(value)} values for a batch of {B} rows")
+        return list(value)
+    return [value] * (1 if B is None else B)
 
 
-def probs_from_logits(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
-    """logits (B, V) -> probabilities (B, V). Each of temperature/top_k/top_p may be a scalar,
-    a per-row list, or a (B,) tensor; top_k 0/None and top_p 1/None disable those filters."""
+def validate_sampling(temperature, top_k=None, top_p=None, batch_size: int | None = None) -> None:
+    """Raise ValueError for any invalid value; each argument may be a scalar or a per-row list."""
+    for t in _as_list(temperature, batch_size, "temperature"):
+        if t is None or isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+    for k in _as_list(top_k, batch_size, "top_k"):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k)
+                              or int(k) != k or k < 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {k!r}")
+    for p in _as_list(top_p, batch_size, "top_p"):
+        if p is not None and (isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+
+
+@dataclass
+class SamplingParams:
+    """Validated per-row sampling parameters as (B,) tensors, plus batch-level shortcuts."""
+    temperature: torch.Tensor   # float32; 0 = greedy
+    top_k: torch.Tensor         # long; 0 = off
+    top_p: torch.Tensor         # float32; 1 = off
+    all_greedy: bool            # argmax suffices: no softmax, no sort, no uniforms
+    any_greedy: bool
+    filtered: bool              # some row has an active top-k or top-p (needs the sort)
+
+    @classmethod
+    def make(cls, batch_size: int, temperature=1.0, top_k=None, top_p=None, device="cpu",
+             vocab_size: int | None = None) -> "SamplingParams":
+        validate_sampling(temperature, top_k, top_p, batch_size)
+        t = [float(x) for x in _as_list(temperature, batch_size, "temperature")]
+        k = [0 if x is None else int(x) for x in _as_list(top_k, batch_size, "top_k")]
+        p = [1.0 if x is None else float(x) for x in _as_list(top_p, batch_size, "top_p")]
+        if vocab_size is not None:  # top_k >= V keeps everything: same as off, skip the sort
+            k = [0 if x >= vocab_size else x for x in k]
+        greedy = [x == 0 for x in t]
+        # a greedy row ignores its filters; only sampled rows with a real filter need the sort
+        filtered = any(not g and (kk > 0 or pp < 1) for g, kk, pp in zip(greedy, k, p))
+        return cls(torch.tensor(t, dtype=torch.float32, device=device), torch.tensor(k, dtype=torch.long, device=device),
+                   torch.tensor(p, dtype=torch.float32, device=device), all(greedy), any(greedy), filtered)
+
+    def select(self, rows: torch.Tensor) -> "SamplingParams":
+        """The parameters of `rows` only (the batch shrinks as rows finish). Flags stay conservative."""
+        return SamplingParams(self.temperature[rows], self.top_k[rows], self.top_p[rows],
+                              self.all_greedy, self.any_greedy, self.filtered)
+
+
+def probs_from_logits(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None, *,
+                      params: SamplingParams | None = None) -> torch.Tensor:
+    """logits (B, V) -> probabilities (B, V) after temperature, top-k and top-p.
+
+    temperature/top_k/top_p may be scalars or per-row lists (top_k 0/None and top_p 1/None disable
+    those filters), or pass a prepared `params`. top-k keeps exactly k tokens (ties broken towards
+    the lower id, like argmax); top-p then keeps the smallest prefix of the sorted distribution
+    whose mass reaches p. Greedy rows get a one-hot on the argmax."""
     logits = logits.float()
     B, V = logits.shape
-    t = _rows(temperature, B, 1.0, torch.float32, logits.device)
-    k = _rows(top_k, B, 0, torch.long, logits.device)
-    p = _rows(top_p, B, 1.0, torch.float32, logits.device)
-    greedy = t <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(t), t)[:, None]
-    if bool(((k > 0) & (k < V)).any() or (p < 1).any()):
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(V, device=logits.device)[None, :]
-        remove = (k[:, None] > 0) & (rank >= k[:, None])
+    if params is None:
+        params = SamplingParams.make(B, temperature, top_k, top_p, logits.device, V)
+    if params.all_greedy:
+        return torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    t = params.temperature
+    scaled = logits / torch.where(t > 0, t, torch.ones_like(t))[:, None]
+    if params.filtered:
+        # stable: among equal logits the lower id ranks first, so top_k=1 picks what argmax picks
+        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+        k = params.top_k[:, None]
+        remove = (k > 0) & (torch.arange(V, device=logits.device)[None, :] >= k)
         sorted_probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-        # nucleus: keep the smallest prefix whose mass reaches p (a token stays if the mass
-        # strictly before it is still < p, so the first token is always kept)
+        # nucleus: a token stays while the mass strictly before it is still < p, so the kept
+        # prefix is the smallest whose mass reaches p, and the top token is always kept
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        remove |= mass_before >= p[:, None]
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
+        remove |= mass_before >= params.top_p[:, None]
+        scaled = torch.empty_like(scaled).scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
     probs = torch.softmax(scaled, dim=-1)
-    if bool(greedy.any()):
+    if params.any_greedy:
         onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(greedy[:, None], onehot, probs)
+        probs = torch.where((t <= 0)[:, None], onehot, probs)
     return probs
 
 
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | list | None = None) -> torch.Tensor:
-    """(B, V) probabilities -> (B,) token ids. `generator` may be one generator or one per row
-    (per-row generators make a row's samples independent of what else is in the batch)."""
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).view(-1)
-    return torch.multinomial(probs, 1, generator=generator).view(-1)
+def draw_uniforms(batch_size: int, steps: int, seed=None, device="cpu") -> torch.Tensor:
+    """(B, steps) uniforms in [0, 1). Row i comes from its own generator seeded with seed + i (or
+    seed[i] for a per-row list), so it is the same whatever else is in the batch; seed None uses
+    torch's global RNG (not reproducible unless the caller seeds it)."""
+    if seed is None:
+        return torch.rand(batch_size, steps, device=device)
+    seeds = _as_list(seed, batch_size, "seed")
+    if not isinstance(seed, (list, tuple, torch.Tensor)):
+        seeds = [int(seed) + i for i in range(batch_size)]
+    rows = [torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows).to(device)
 
 
-def sample_next(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None,
+                      uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) probabilities (need not be normalised) -> (B,) token ids, by inverse CDF: the first
+    token whose cumulative mass exceeds u * total. A zero-probability token can never be picked
+    (its cumulative mass equals its predecessor's). Pass per-row `uniforms` (B,) for per-row
+    reproducibility, or a `generator` to draw them here."""
+    if uniforms is None:
+        uniforms = torch.rand(probs.size(0), generator=generator, device=probs.device)
+    # float64 so that u * total stays strictly below the total for every u < 1
+    cdf = probs.double().cumsum(dim=-1)
+    target = uniforms.double().view(-1, 1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.size(-1) - 1).view(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None, generator=None, *,
+                params: SamplingParams | None = None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) -> (B,) next token ids."""
-    if isinstance(temperature, (int, float)) and temperature == 0:
-        return logits.argmax(dim=-1)  # fast path: pure greedy needs no sort and no RNG
-    return sample_from_probs(probs_from_logits(logits, temperature, top_k, top_p), generator)
+    if params is None:
+        params = SamplingParams.make(logits.size(0), temperature, top_k, top_p, logits.device, logits.size(-1))
+    if params.all_greedy:
+        return logits.argmax(dim=-1)  # fast path: pure greedy needs no softmax, sort or RNG
+    return sample_from_probs(probs_from_logits(logits, params=params), generator, uniforms)

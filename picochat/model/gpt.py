@@ -110,6 +110,15 @@ class GPT(nn.Module):
                 loss_reduction: str = "mean"):
         """idx (B, T) -> logits (B, T, V) fp32, or the cross-entropy loss when targets are given
         (targets == -1 are ignored: padding and unsupervised chat tokens)."""
+        logits = self.logits(self.hidden(idx, kv_cache))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> final normed hidden states (B, T, C). Split from the head so inference can
+        project only the positions it samples from (a prefill needs the last one, not all T)."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.cos.size(0):
@@ -126,13 +135,13 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x = block(x, ctx)
-        x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
+        return norm(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> soft-capped fp32 logits (..., V)."""
         logits = self.lm_head(x).float()
         if self.config.softcap:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return logits

@@ -7,7 +7,9 @@ and gets back views over everything cached so far. Buffers are allocated on firs
 
 Left padding: row b of a batch starts with `pad[b]` pad tokens. The model derives from `pad`
 (a) rotary positions that start at 0 at each row's first real token and (b) a key mask so no
-real token attends to padding. `pos` is the number of cached positions (same for all rows).
+real token attends to padding. `pos` is the number of cached positions (same for all rows);
+`shift_right` grows a row's padding so rows of a speculative batch re-align after accepting
+different numbers of tokens.
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ class KVCache:
         self.pad = torch.as_tensor(pad, dtype=torch.long, device=self.device)
         if self.pad.shape != (batch_size,):
             raise ValueError(f"pad must have shape ({batch_size},), got {tuple(self.pad.shape)}")
+        self._pad_changed()
 
-    @property
-    def has_padding(self) -> bool:
-        return bool((self.pad > 0).any())
+    def _pad_changed(self) -> None:
+        # derived once per change of `pad`, not per decode step (the decode loop is overhead-bound)
+        self.has_padding = bool((self.pad > 0).any())
+        self._key_mask = None  # (B, 1, 1, max_len) bool, built on first padded decode step
 
     def update(self, layer_idx: int, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
         """Write x (T new positions along seq_dim) at [pos, pos+T); return the view [0, pos+T)."""
@@ -67,6 +71,26 @@ class KVCache:
                 layer[name] = (buf.index_select(0, rows.to(buf.device)), seq_dim)
         self.pad = self.pad.index_select(0, rows)
         self.batch_size = len(rows)
+        self._pad_changed()
+
+    def shift_right(self, shift: torch.Tensor | list[int]) -> None:
+        """Move row b's cached positions right by shift[b] and grow its left padding by as much.
+
+        Batched speculative decoding accepts a different number of tokens per row; shifting the
+        rows that accepted fewer re-aligns every row's end at one common `pos`. Rotary angles are
+        baked into the cached keys, and a row's positions count from its (now later) first real
+        token, so nothing is recomputed. Costs one copy of the cache."""
+        shift = torch.as_tensor(shift, dtype=torch.long, device=self.device)
+        if not bool((shift > 0).any()):
+            return
+        for layer in self.layers.values():
+            for name, (buf, seq_dim) in layer.items():
+                src = (torch.arange(self.max_len, device=buf.device)[None, :] - shift.to(buf.device)[:, None]).clamp_(min=0)
+                view = [1] * buf.dim()
+                view[0], view[seq_dim] = self.batch_size, self.max_len
+                layer[name] = (buf.gather(seq_dim, src.view(view).expand_as(buf)), seq_dim)
+        self.pad = self.pad + shift
+        self._pad_changed()
 
     def positions(self, T: int) -> torch.Tensor:
         """Rotary position ids (B, T) for the next T tokens: counted from each row's first real token."""
@@ -76,8 +100,14 @@ class KVCache:
     def attn_mask(self, T: int) -> torch.Tensor | None:
         """Boolean (B, 1, T, pos+T) mask, True = may attend; None when plain causal/full suffices."""
         S = self.pos + T
-        if T == 1 and not self.has_padding:
-            return None  # one query over all cached keys: no mask needed
+        if T == 1:
+            if not self.has_padding:
+                return None  # one query over all cached keys: no mask needed
+            # one real query: it may see every key but padding; slice a mask built once
+            if self._key_mask is None:
+                k = torch.arange(self.max_len, device=self.device)
+                self._key_mask = (k[None, :] >= self.pad[:, None])[:, None, None, :]
+            return self._key_mask[..., :S]
         q = torch.arange(self.pos, S, device=self.device)[:, None]          # (T, 1)
         k = torch.arange(S, device=self.device)[None, :]                    # (1, S)
         causal = k <= q                                                      # (T, S)

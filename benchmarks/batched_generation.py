@@ -1,0 +1,108 @@
+"""Serial vs batched generation: tokens/s for batch sizes 1..32 with mixed prompt lengths.
+
+    python benchmarks/batched_generation.py                       # random-weight d4 (runs anywhere)
+    python benchmarks/batched_generation.py --model base/d4       # a checkpoint tag
+
+For each batch size B the same B prompts (random ids, lengths uniform in [4, 64]) are generated
+(a) one at a time ("serial": B calls of Engine.generate([p])) and (b) as one batch, each for
+--new-tokens tokens with stop tokens disabled, so both do the same work. Rows are seeded per row
+(seed + i), so serial and batched outputs must be identical; the JSON line says whether they were.
+Each measurement is the best of --reps runs, serial and batched interleaved (the machine is shared:
+compare ratios, not absolute numbers across runs). Prints a table and a final JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from picochat.inference.engine import Engine
+from picochat.model.config import config_from_depth
+from picochat.model.gpt import GPT
+
+
+def load_or_random(tag: str | None, depth: int, vocab: int = 4096, seed: int = 0, device="cpu") -> GPT:
+    """The checkpoint `tag`, or a random-weight model of `depth` (all weights random so the
+    logits are not degenerate: init_weights alone zeroes the output projections)."""
+    if tag:
+        from picochat.checkpoint import load_model
+        return load_model(tag, device=device)[0]
+    torch.manual_seed(seed)
+    model = GPT(config_from_depth(depth, vocab_size=vocab, sequence_len=1024)).to(device)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.abs().max() == 0:
+                torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+def make_prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint tag (default: random weights)")
+    ap.add_argument("--depth", type=int, default=4, help="depth of the random-weight model (default 4)")
+    ap.add_argument("--batch-sizes", default="1,4,8,16,32")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--min-prompt", type=int, default=4)
+    ap.add_argument("--max-prompt", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=2, help="best of this many runs per measurement (default 2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_or_random(args.model, args.depth)
+    engine = Engine(model)
+    V = model.config.vocab_size
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts_all = make_prompts(max(sizes), V, args.min_prompt, args.max_prompt, args.seed)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, stop_tokens=set())
+    engine.generate(prompts_all[:2], 8, **kw)  # warm-up (allocator, first-call overheads)
+
+    print(f"model: {args.model or f'random d{args.depth}'} ({model.num_params() / 1e6:.1f}M params), "
+          f"{args.new_tokens} new tokens, prompts {args.min_prompt}-{args.max_prompt}, "
+          f"temperature {args.temperature}, threads {torch.get_num_threads()}")
+    print(f"{'batch':>5} {'serial tok/s':>12} {'batched tok/s':>13} {'speedup':>8} {'decode tok/s':>12} "
+          f"{'prefill ms':>10} {'KV MB':>7}")
+    rows, identical = [], True
+    for B in sizes:
+        prompts = prompts_all[:B]
+        seeds = [args.seed + i for i in range(B)]
+        best_serial = best_batched = float("inf")
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            serial = [engine.generate([p], args.new_tokens, seed=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+            best_serial = min(best_serial, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            batched = engine.generate(prompts, args.new_tokens, seed=seeds, **kw)
+            best_batched = min(best_batched, time.perf_counter() - t0)
+            st = engine.last_stats
+        identical &= serial == batched
+        ntok = B * args.new_tokens
+        r = dict(batch=B, serial_tok_s=round(ntok / best_serial, 1), batched_tok_s=round(ntok / best_batched, 1),
+                 speedup=round(best_serial / best_batched, 2),
+                 decode_tok_s=round(B * (args.new_tokens - 1) / st["decode_s"], 1),
+                 prefill_ms=round(st["prefill_s"] * 1e3, 1), kv_cache_mb=round(st["kv_cache_bytes"] / 2 ** 20, 2))
+        rows.append(r)
+        print(f"{B:>5} {r['serial_tok_s']:>12.0f} {r['batched_tok_s']:>13.0f} {r['speedup']:>7.2f}x "
+              f"{r['decode_tok_s']:>12.0f} {r['prefill_ms']:>10.1f} {r['kv_cache_mb']:>7.2f}")
+    print(f"KV cache: {engine.kv_bytes_per_token()} bytes per token per row "
+          f"({model.kv_values_per_token()} values x {next(model.parameters()).element_size()} bytes), "
+          f"allocated once per batch; serial == batched outputs: {identical}")
+    print(json.dumps(dict(benchmark="batched_generation", model=args.model or f"random-d{args.depth}",
+                          new_tokens=args.new_tokens, threads=torch.get_num_threads(),
+                          kv_bytes_per_token=engine.kv_bytes_per_token(), outputs_identical=identical, rows=rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Engine: a batch computes exactly what each prompt computes alone (greedy and seeded sampling),
+rows finish independently, the cache is allocated once, the streaming call shape the CLI uses."""
+import pytest
+import torch
+
+from picochat.inference import engine as engine_mod
+from picochat.inference.engine import Engine
+from picochat.model.config import config_from_depth
+from picochat.model.gpt import GPT
+from picochat.model.kv_cache import KVCache
+
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    threads spinning for a busy core make them ~10x slower; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_model(seed=0, vocab=VOCAB, depth=2, std=0.3, attention="mha", n_kv_head=None):
+    """Every weight random (as tests/test_model.py does) so logits are far from uniform/degenerate."""
+    torch.manual_seed(seed)
+    cfg = config_from_depth(depth, vocab_size=vocab, sequence_len=64, aspect_ratio=32, head_dim=16,
+                            attention=attention, n_kv_head=n_kv_head)
+    model = GPT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return model.eval()
+
+
+def random_prompts(n, lo=1, hi=100, seed=0, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    lengths[:2] = [lo, hi]  # always cover both extremes
+    return [torch.randint(0, vocab, (n_,), generator=g).tolist() for n_ in lengths]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(random_model(attention="gqa", n_kv_head=1))
+
+
+def test_batched_greedy_equals_each_prompt_alone(engine):
+    prompts = random_prompts(20)
+    batched = engine.generate(prompts, 24, temperature=0.0, stop_tokens=set())
+    assert engine.last_stats["batch_size"] == 20
+    for p, out in zip(prompts, batched):
+        assert out == engine.generate([p], 24, temperature=0.0, stop_tokens=set())[0]
+    assert all(len(o) == 24 for o in batched)
+    assert len({tuple(o) for o in batched}) > 10  # the model is not degenerate
+
+
+def test_batched_sampling_equals_alone_with_per_row_params(engine):
+    prompts = random_prompts(6, 1, 40, seed=1)
+    kw = dict(temperature=[0.0, 0.8, 1.0, 1.5, 1.0, 0.5], top_k=[None, 20, 0, 5, 50, None],
+              top_p=[None, 0.9, 0.5, None, 1.0, 0.95], seed=[11, 12, 13, 14, 15, 16])
+    batched = engine.generate(prompts, 20, stop_tokens=set(), **kw)
+    for i, p in enumerate(prompts):
+        alone = engine.generate([p], 20, stop_tokens=set(), **{k: [v[i]] for k, v in kw.items()})[0]
+        assert batched[i] == alone
+    again = engine.generate(prompts, 20, stop_tokens=set(), **kw)
+    assert again == batched  # seeded: reproducible
+    other = engine.generate(prompts, 20, stop_tokens=set(), **dict(kw, seed=[1, 2, 3, 4, 5, 6]))
+    assert other[1:] != batched[1:]
+    # an int seed gives row i the generator seed + i: row 3 alone with seed 103 reproduces it
+    rows = engine.generate(prompts, 10, temperature=1.0, seed=100, stop_tokens=set())
+    assert rows[3] == engine.generate([prompts[3]], 10, temperature=1.0, seed=103, stop_tokens=set())[0]
+
+
+def test_top_k_1_sampling_equals_greedy(engine):
+    prompts = random_prompts(8, 1, 30, seed=2)
+    greedy = engine.generate(prompts, 16, temperature=0.0, stop_tokens=set())
+    assert engine.generate(prompts, 16, temperature=1.3, top_k=1, seed=5, stop_tokens=set()) == greedy
+
+
+def test_rows_finish_independently_and_compact(engine):
+    prompts = random_prompts(16, 1, 60, seed=3)
+    free = engine.generate(prompts, 40, temperature=0.0, stop_tokens=set())
+    # stop on tokens the rows actually produce, at different steps
+    stops = {free[0][3], free[1][10], free[2][25]}
+    batched = engine.generate(prompts, 40, temperature=0.0, stop_tokens=stops)
+    assert engine.last_stats["compactions"] >= 1
+    lengths = set()
+    for p, f, out in zip(prompts, free, batched):
+        assert out == engine.generate([p], 40, temperature=0.0, stop_tokens=stops)[0]
+        cut = next((i + 1 for i, t in enumerate(f) if t in stops), len(f))
+        assert out == f[:cut]  # the stop token is included, nothing after it
+        lengths.add(len(out))
+    assert len(lengths) >= 3
+
+
+def test_stop_sequences_and_per_row_budgets(engine):
+    prompts = random_prompts(4, 5, 30, seed=4)
+    free = engine.generate(prompts, 30, temperature=0.0, stop_tokens=set())
+    seq = free[1][6:9]
+    out = engine.generate(prompts, 30, temperature=0.0, stop_tokens=set(), stop_sequences=[seq])
+    first = next(i for i in range(len(free[1]) - 2) if free[1][i:i + 3] == seq)
+    assert out[1] == free[1][:first + 3]
+    budgets = [0, 3, 30, 7]
+    out = engine.generate(prompts, budgets, temperature=0.0, stop_tokens=set())
+    assert out == [f[:n] for f, n in zip(free, budgets)]
+
+
+def test_stream_call_shape_used_by_the_cli(engine):
+    prompts = random_prompts(2, 5, 20, seed=5)
+    free = engine.generate(prompts, 12, temperature=0.0, stop_tokens=set())
+    stop = free[0][2]
+    steps = list(engine.generate_stream(prompts, 12, temperature=0.0, top_k=None, top_p=None, seed=0,
+                                        stop_tokens={stop}))
+    col0 = [s[0] for s in steps]
+    cut = free[0].index(stop) + 1
+    assert col0[:cut] == free[0][:cut] and all(t is None for t in col0[cut:])
+    # single prompt: the stream ends once its row finished
+    single = [s[0] for s in engine.generate_stream([prompts[0]], 12, temperature=0.0, top_k=None, top_p=None,
+                                                   seed=0, stop_tokens={stop})]
+    assert single == free[0][:cut]
+
+
+def test_cache_allocated_once_for_the_longest_sequence(engine, monkeypatch):
+    made = []
+
+    class Counting(KVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(engine_mod, "KVCache", Counting)
+    prompts = random_prompts(5, 3, 17, seed=6)
+    engine.generate(prompts, 9, temperature=0.0, stop_tokens=set())
+    assert len(made) == 1
+    cache = made[0]
+    assert cache.max_len == 17 + 9 - 1 and cache.pos == cache.max_len  # exactly the length needed
+    per_token = engine.kv_bytes_per_token()
+    assert per_token == engine.model.kv_values_per_token() * 4
+    assert cache.nbytes() == 5 * cache.max_len * per_token == engine.last_stats["kv_cache_bytes"]
+
+
+def test_default_stop_tokens_come_from_the_tokenizer():
+    class Tok:
+        pad_token_id = bos_token_id = 3
+
+        def encode_special(self, name):
+            return {"<|assistant_end|>": 7, "<|bos|>": 3}[name]
+
+    eng = Engine(random_model(), Tok())
+    assert eng.default_stop_tokens() == {3, 7}
+    out = eng.generate([[1, 2, 5], [4]], 50, temperature=1.0, seed=0)
+    for row in out:
+        assert all(t not in (3, 7) for t in row[:-1])
+
+
+@pytest.mark.parametrize("prompts,n,kw", [
+    ([[]], 5, {}), ([], 5, {}), ([[1, 2]], -1, {}), ([[1, 2]], [1, 2], {}), ([[1, 2]], 5, dict(temperature=-1)),
+    ([[1, 2]], 5, dict(top_p=0)), ([[1, 2]], 5, dict(top_k=-2)), ([[1, VOCAB]], 5, {}), ([[1] * 600], 100, {}),
+])
+def test_invalid_requests_raise(engine, prompts, n, kw):
+    with pytest.raises(ValueError):
+        engine.generate(prompts, n, **kw)
+
+
+def test_zero_new_tokens(engine):
+    assert engine.generate([[1, 2], [3]], 0) == [[], []]
