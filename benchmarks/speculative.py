@@ -21,8 +21,8 @@ import time
 import torch
 
 from batched_generation import load_or_random, make_prompts
-from picochat.inference.engine import Engine, prepare_for_inference
-from picochat.inference.speculative import generate_speculative
+from picochat.inference.engine import Engine
+from picochat.inference.speculative import GammaController, generate_speculative
 
 TEXTS = ["ROMEO:\nBut soft, what light through yonder window breaks?", "First Citizen:\nBefore we proceed any further,",
          "KING RICHARD III:\nNow is the winter of our discontent", "JULIET:\nO Romeo, Romeo! wherefore art thou"]
@@ -42,6 +42,9 @@ def load_prompts(vocab: int, n: int, seed: int) -> tuple[list[list[int]], str]:
 
 def measure(target, draft, prompts, new_tokens, temperature, reps, seed, gamma, adaptive):
     engine = Engine(target)
+    # one controller for all calls, as a long-lived decoder would keep it: the measured forward
+    # times and the acceptance estimate carry over instead of being re-learned per request
+    ctrl = GammaController(gamma, max(8, gamma), adaptive)
     t_plain = t_spec = 0.0
     agg = dict(tokens=0, drafted=0, accepted=0, rejected=0, row_forwards=0, gammas=[])
     same = True
@@ -52,8 +55,8 @@ def measure(target, draft, prompts, new_tokens, temperature, reps, seed, gamma, 
             ref = engine.generate([p], new_tokens, temperature=temperature, seed=seed + i, stop_tokens=set())[0]
             bp = min(bp, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            out, st = generate_speculative(target, draft, p, new_tokens, gamma=gamma, adaptive=adaptive,
-                                           temperature=temperature, seed=seed + i)
+            out, st = generate_speculative(target, draft, p, new_tokens, temperature=temperature, seed=seed + i,
+                                           controller=ctrl)
             bs = min(bs, time.perf_counter() - t0)
         same &= temperature > 0 or out == ref
         t_plain, t_spec = t_plain + bp, t_spec + bs
@@ -116,16 +119,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = prepare_for_inference(load_or_random(args.target, args.target_depth, seed=1))
+    target = load_or_random(args.target, args.target_depth, seed=1)
     if args.distill_corpus:
         return write_distill_corpus(target, args.distill_corpus, args.distill_tokens, args.seed,
                                     args.distill_temperature)
     V = target.config.vocab_size
     tags = args.draft.split(",") if args.draft else [None]
     pairs = [(tag or f"random d{args.draft_depth}",
-              prepare_for_inference(load_or_random(tag, args.draft_depth, vocab=V, seed=2))) for tag in tags]
+              load_or_random(tag, args.draft_depth, vocab=V, seed=2)) for tag in tags]
     if not args.no_worst_case:  # an untrained draft of the first draft's shape: speculation can only lose
-        pairs.append(("untrained", prepare_for_inference(load_or_random(None, pairs[0][1].config.n_layer, V, seed=3))))
+        pairs.append(("untrained", load_or_random(None, pairs[0][1].config.n_layer, V, seed=3)))
     prompts, source = load_prompts(V, args.prompts, args.seed)
     print(f"target {args.target or f'random d{args.target_depth}'} ({target.num_params() / 1e6:.1f}M params); drafts "
           + ", ".join(f"{n} ({d.num_params() / 1e6:.1f}M)" for n, d in pairs)

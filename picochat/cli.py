@@ -10,6 +10,7 @@ Errors the user can fix (PicochatError, bad flags) print one line and exit non-z
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -419,12 +420,25 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
         q.set_defaults(func=cmd_eval)
 
-    try:  # later stages register themselves when their modules exist
-        from picochat.safety.cli import register as register_safety
-        register_safety(sub)
-    except ImportError:
-        pass
+    # command groups that live next to their code: each module has register(subparsers)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # a group still being written; any other import error is a bug
+            if e.name is None or not name.startswith(e.name):  # the module (or its package) itself
+                raise
+            continue
+        module.register(sub)
     return parser
+
+
+COMMAND_MODULES = (
+    "picochat.safety.cli",   # picochat safety ...
+    "picochat.serve.cli",    # picochat serve
+    "picochat.eval.cli",     # picochat report
+    "picochat.bench.cli",    # picochat bench attention|train
+    "picochat.export.cli",   # picochat export hf / import hf
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -243,16 +243,19 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
             n = torch.zeros(Bc, dtype=torch.long, device=dev)
             nxt = sample_next(logits[:, 0], params=params, generator=gen)
         k = n + 1                                       # tokens emitted per row
-        N = int(k.max())
+        N = int(k.max()) if g else 1
         shift = N - k
-        emitted = torch.cat([drafts, nxt[:, None]], 1).scatter_(1, n[:, None], nxt[:, None])
-        if N != int(k.min()):
+        emitted = torch.cat([drafts, nxt[:, None]], 1).scatter_(1, n[:, None], nxt[:, None]) if g else nxt[:, None]
+        if g and N != int(k.min()):
             # rows that emitted fewer move right by the difference: every row ends at end + N again
             seq = torch.gather(seq, 1, (torch.arange(cap, device=dev)[None] - shift[:, None]).clamp_(min=0))
             tcache.shift_right(shift)
             dcache.shift_right(shift)
-        cols = torch.arange(N, device=dev)[None] - shift[:, None]
-        seq[:, end:end + N] = torch.where(cols >= 0, emitted.gather(1, cols.clamp(min=0)), pad_id)
+        if g:
+            cols = torch.arange(N, device=dev)[None] - shift[:, None]
+            seq[:, end:end + N] = torch.where(cols >= 0, emitted.gather(1, cols.clamp(min=0)), pad_id)
+        else:  # a plain step: one token per row, nothing to align
+            seq[:, end] = nxt
         tcache.truncate(end + N - 1)                    # keep all but the newest token
         if g:  # a row that accepted all g drafts has d_g unseen by the draft: it re-feeds two tokens
             dcache.truncate(min(dcache.pos, end + N - 1 - int(bool((n == g).any()))))
@@ -271,7 +274,7 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
         stats.row_forwards += Bc
         # 4. hand out tokens; rows finish on a stop token or their budget
         keep = []
-        for i, (r, toks, kr) in enumerate(zip(rows, emitted.tolist(), k.tolist())):
+        for i, (r, toks, kr) in enumerate(zip(rows, emitted.tolist(), k.tolist() if g else [1] * Bc)):
             for t in toks[:kr]:
                 out[r].append(t)
                 if t in stop or len(out[r]) >= max_new_tokens:

@@ -1,0 +1,1 @@
+"""Measurements users run on their own machine: `picochat bench attention|train`."""
