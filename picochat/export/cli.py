@@ -1,0 +1,72 @@
+"""`picochat export hf` and `picochat import hf`: move models to and from Hugging Face transformers.
+
+    picochat export hf --model sft/d4 --out hf/picochat-d4    picochat checkpoint -> transformers dir
+    picochat import hf --path hf/picochat-d4 [--tag hf/d4]     transformers nanochat dir -> picochat tag
+
+Both need transformers >= 5 (`pip install 'picochat[hf-export]'`). The work is in hf.py; these are
+thin wrappers that print a summary. picochat/cli.py wires them in through COMMAND_MODULES.
+"""
+from __future__ import annotations
+
+import json
+
+from picochat.common import number_type
+from picochat.export import DEFAULT_ATOL, DTYPE_NAMES
+
+_nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+_pos_float = number_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+
+
+def cmd_export_hf(args):
+    from picochat.export.hf import export_hf
+    r = export_hf(args.model, args.out, step=args.step, dtype=args.dtype, atol=args.atol, force=args.force)
+    print(f"exported {r['tag']} (step {r['step']}, {r['dtype'].removeprefix('torch.')}) -> {r['out']}: "
+          f"transformers logits match picochat's to {r['max_abs_logit_diff']:.2g} (tolerance {r['atol']:g}) "
+          f"on a {r['prompt_tokens']}-token prompt; tokenizer and chat template give identical ids")
+    print(json.dumps(r))
+
+
+def cmd_import_hf(args):
+    from picochat.export.hf import import_hf
+    r = import_hf(args.path, tag=args.tag, replace_tokenizer=args.replace_tokenizer, atol=args.atol)
+    print(f"imported {args.path} -> tag {r['tag']} ({r['path']}, {r['dtype'].removeprefix('torch.')}): "
+          f"picochat logits match transformers' to {r['max_abs_logit_diff']:.2g} (tolerance {r['atol']:g})")
+    if "source_rms_norm_eps" in r:
+        print(f"note: the source uses rms_norm_eps={r['source_rms_norm_eps']:g}; picochat's norms use float32 "
+              f"machine epsilon (as nanochat), which moves logits by up to {r['eps_drift_max_abs_logit_diff']:.2g}")
+    if r["replaced_tokenizer"]:
+        print(f"note: replaced the tokenizer in {r['tokenizer']}; checkpoints trained with the old one no "
+              "longer match it")
+    print(json.dumps(r))
+
+
+def register(sub) -> None:
+    atol_help = f"max |logit difference| the round-trip check accepts, fp32 (default {DEFAULT_ATOL:g})"
+
+    ex = sub.add_parser("export", help="export a checkpoint to another ecosystem").add_subparsers(
+        dest="target", required=True)
+    p = ex.add_parser("hf", help="write a Hugging Face transformers directory (model type nanochat)",
+                      description="Write config.json, model.safetensors, tokenizer files with a chat template, "
+                      "generation_config.json and a README model card. transformers then reloads the "
+                      "directory and its logits must match picochat's, else nothing is written.")
+    p.add_argument("--model", default="sft/d4", help="checkpoint tag to export (default sft/d4)")
+    p.add_argument("--step", type=_nonneg_int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="output directory (created; must not exist unless --force)")
+    p.add_argument("--dtype", default="checkpoint", choices=["checkpoint", *DTYPE_NAMES],
+                   help="dtype of the exported weights (default checkpoint: as stored)")
+    p.add_argument("--atol", type=_pos_float, default=DEFAULT_ATOL, help=atol_help)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (default off)")
+    p.set_defaults(func=cmd_export_hf)
+
+    im = sub.add_parser("import", help="import a model from another ecosystem").add_subparsers(
+        dest="source", required=True)
+    p = im.add_parser("hf", help="load a Hugging Face nanochat directory as a picochat checkpoint tag",
+                      description="Convert a transformers 'nanochat' directory (config.json, safetensors, "
+                      "tokenizer.json) into a picochat checkpoint; the tokenizer is converted to picochat's "
+                      "and installed in $PICOCHAT_HOME/tokenizer. picochat's logits must match transformers'.")
+    p.add_argument("--path", required=True, help="the Hugging Face model directory (already downloaded)")
+    p.add_argument("--tag", default=None, help="checkpoint tag to write (default hf/<directory name>)")
+    p.add_argument("--replace-tokenizer", action="store_true",
+                   help="overwrite a different tokenizer already in $PICOCHAT_HOME (default: refuse)")
+    p.add_argument("--atol", type=_pos_float, default=DEFAULT_ATOL, help=atol_help)
+    p.set_defaults(func=cmd_import_hf)
