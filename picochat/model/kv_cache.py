@@ -73,6 +73,39 @@ class KVCache:
         self.batch_size = len(rows)
         self._pad_changed()
 
+    def merge(self, other: "KVCache", max_len: int) -> None:
+        """Append `other`'s rows to this batch (continuous batching: requests join a running decode).
+
+        Both batches are right-aligned at a common end (the shorter one's rows grow their left
+        padding, as in shift_right), leading columns that are padding in every row are dropped,
+        and all buffers are reallocated at `max_len` (at least the merged length). An empty
+        cache (batch_size 0) simply adopts `other`. Costs one copy of both caches."""
+        mine = self.batch_size > 0
+        end = max(self.pos, other.pos) if mine else other.pos
+        parts = ([self] if mine else []) + [other]
+        pads = torch.cat([c.pad.to(self.device) + (end - c.pos) for c in parts])
+        drop = int(pads.min()) if len(pads) else 0
+        new_pos = end - drop
+        max_len = max(max_len, new_pos)
+        layers: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}
+        for layer_idx, names in other.layers.items():
+            for name, (obuf, seq_dim) in names.items():
+                shape = list(obuf.shape)
+                shape[0], shape[seq_dim] = sum(c.batch_size for c in parts), max_len
+                buf = torch.zeros(shape, dtype=obuf.dtype, device=obuf.device)
+                row = 0
+                for c in parts:
+                    src, _ = c.layers[layer_idx][name]
+                    start = max(0, drop - (end - c.pos))     # columns that are padding in every row
+                    dst = start + end - c.pos - drop
+                    n = c.pos - start
+                    buf.narrow(0, row, c.batch_size).narrow(seq_dim, dst, n).copy_(src.narrow(seq_dim, start, n))
+                    row += c.batch_size
+                layers.setdefault(layer_idx, {})[name] = (buf, seq_dim)
+        self.layers, self.pos, self.max_len = layers, new_pos, max_len
+        self.pad, self.batch_size = pads - drop, len(pads)
+        self._pad_changed()
+
     def shift_right(self, shift: torch.Tensor | list[int]) -> None:
         """Move row b's cached positions right by shift[b] and grow its left padding by as much.
 

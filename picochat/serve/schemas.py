@@ -1,0 +1,114 @@
+"""Request models of the OpenAI-compatible API (pydantic) and OpenAI's error shape.
+
+Unknown fields are ignored (clients send e.g. `user`, `logit_bias`, `presence_penalty`), values
+are range-checked here so that every bad request becomes a 400 with the offending `param`, before
+anything is queued. Responses are plain dicts built in app.py: they are output, not validated.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+MAX_N = 8          # choices per request
+MAX_STOP = 4       # stop strings per request (OpenAI's limit)
+MAX_BATCH = 256    # requests per /v1/batch/completions call
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Lenient):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(_Lenient):
+    """Fields shared by every generation request (and by per-request overrides of a batch)."""
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)           # extension: 0 or None = off
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    def budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+
+class BatchItem(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class BatchRequest(SamplingFields):
+    requests: list[BatchItem] = Field(min_length=1, max_length=MAX_BATCH)
+    model: str | None = None
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """Raised by handlers; app.py turns it into an OpenAI-shaped JSON error response."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
