@@ -27,6 +27,7 @@ class GPTConfig:
     kv_lora_rank: int = 0       # latent dimension of the joint K/V compression
     q_lora_rank: int = 0        # 0 = no query compression
     qk_rope_head_dim: int = 0   # decoupled rotary part of each head (shared key across heads)
+    mla_absorb: bool = True     # decode over the latent cache with W_uk/W_uv folded in (mla.py); False = expand
 
     def __post_init__(self):
         self.validate()
@@ -47,6 +48,12 @@ class GPTConfig:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.attention == "mla":
+            if self.kv_lora_rank < 1 or self.q_lora_rank < 0:
+                raise ValueError(f"mla needs kv_lora_rank >= 1 and q_lora_rank >= 0, got {self.kv_lora_rank}, "
+                                 f"{self.q_lora_rank}")
+            if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
+                raise ValueError(f"mla needs an even qk_rope_head_dim >= 2, got {self.qk_rope_head_dim}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,8 +83,10 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 1024, *, 
     n_kv_head = n_head if n_kv_head is None else n_kv_head
     extra = {}
     if attention == "mla":
-        extra = dict(kv_lora_rank=kv_lora_rank or n_embd // 4,
-                     qk_rope_head_dim=qk_rope_head_dim or max(16, (n_embd // n_head) // 4),
+        # latent n_embd/4; rotary key head_dim/4 but at most n_embd/8, so the latent cache stays
+        # <= 18.75% of MHA's bytes per token even with one head (docs/attention.md)
+        rope = max(8, min((n_embd // n_head) // 4, n_embd // 8)) // 2 * 2
+        extra = dict(kv_lora_rank=kv_lora_rank or max(1, n_embd // 4), qk_rope_head_dim=qk_rope_head_dim or rope,
                      q_lora_rank=q_lora_rank)
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_kv_head, n_embd=n_embd, attention=attention, **extra)

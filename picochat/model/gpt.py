@@ -101,7 +101,8 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 * (non-embedding params) + attention score/value matmuls."""
         nparams = self.num_params() - self.transformer.wte.weight.numel()
         c = self.config
-        attn = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        qk_dim = c.head_dim + (c.qk_rope_head_dim if c.attention == "mla" else 0)  # MLA adds the rotary part
+        attn = 6 * c.n_layer * c.n_head * (qk_dim + c.head_dim) * c.sequence_len
         return 6 * nparams + attn
 
     # ------------------------------------------------------------------ forward
