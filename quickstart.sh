@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then the whole CPU pipeline on the embedded corpus.
-#   data -> tokenizer -> base pretraining -> sample -> midtraining -> SFT -> eval -> chat
+#   data -> tokenizer -> base pretraining -> sample -> midtraining -> SFT -> eval -> chat -> report
 # Everything lands under $PICOCHAT_HOME (default ~/.cache/picochat). Per-stage wall times are
 # printed at the end and saved to $PICOCHAT_HOME/quickstart_times.tsv for the report card.
 # Scale knobs (env): DEPTH (4), BASE_STEPS (500), MID_STEPS (200), SFT_STEPS (200).
@@ -33,10 +33,12 @@ stage base      picochat train base --depth "$DEPTH" --steps "$BASE_STEPS" --seq
 stage sample    picochat sample --model "base/d$DEPTH" -p "ROMEO. " --max-tokens 120 --temperature 0.8 --top-k 40 --seed 0
 stage mid       picochat train mid --model "base/d$DEPTH" --steps "$MID_STEPS" --eval-every 0 --overwrite
 stage sft       picochat train sft --model "mid/d$DEPTH" --steps "$SFT_STEPS" --eval-every 100 --overwrite
-stage eval      bash -c "picochat eval base --model base/d$DEPTH --tasks spelling,arithmetic --limit 100 && \
+stage eval      bash -c "picochat eval base --model base/d$DEPTH --tasks bpb,spelling,arithmetic --limit 100 && \
                          picochat eval chat --model sft/d$DEPTH --tasks spelling,arithmetic --limit 100"
 stage chat      picochat chat --model "sft/d$DEPTH" -p "What is 123 * 45?" --temperature 0
+stage report    picochat report  # report card: $PICOCHAT_HOME/report/report.md + PNG plots
 
 echo; echo "=== wall time per stage (seconds)"
 column -t "$TIMES" 2>/dev/null || cat "$TIMES"
 awk '{s+=$2} END {printf "total\t%.1f\n", s}' "$TIMES"
+echo; echo "Next, chat in your browser or serve OpenAI clients: . .venv/bin/activate && picochat serve --model sft/d$DEPTH   (then open http://127.0.0.1:8000/)"

@@ -88,9 +88,17 @@ def _add_train_flags(p, stage: str):
     p.add_argument("--save-every", type=_nonneg_int, default=0, help="steps between checkpoints; 0 = only at the end (default 0)")
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss entries in the run history (default 10)")
     p.add_argument("--keep", type=_positive_int, default=2, help="checkpoints kept per tag (default 2)")
-    p.add_argument("--compile", default="off", help="torch.compile mode: off|default|reduce-overhead|max-autotune|"
-                   "max-autotune-no-cudagraphs (default off; reduce-overhead = CUDA graphs, more memory)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward (less memory, more compute)")
+    p.add_argument("--compile", default="off", help=COMPILE_HELP)
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward "
+                   "(torch.utils.checkpoint, non-reentrant): less activation memory, ~1 extra forward of compute")
+    from picochat.data.workers import default_workers
+    p.add_argument("--loader-workers", type=_nonneg_int, default=None, help="background processes that tokenize "
+                   "training data (0 = in the training process); default: available cores minus one, split across "
+                   f"torchrun ranks, at most 8 (here {default_workers()})")
+    p.add_argument("--tokenizer-batch-size", type=_positive_int, default=None, help="documents tokenized per "
+                   "request (default 64 for base, 32 conversations for mid; does not change the token stream)")
+    p.add_argument("--prefetch", type=_positive_int, default=4, help="ready batches queued ahead per process when "
+                   "--loader-workers > 0 (default 4)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for weight init (default 0)")
     p.add_argument("--wandb", metavar="PROJECT", default=None, help="log to Weights & Biases under PROJECT (off by default)")
@@ -98,6 +106,25 @@ def _add_train_flags(p, stage: str):
     p.add_argument("--overwrite", action="store_true", help="start fresh even if --tag already has checkpoints")
     p.add_argument("--stop-after", type=_positive_int, help="stop (and checkpoint) after this many steps without changing "
                    "the schedule; continue later with --resume")
+
+
+COMPILE_HELP = (
+    "torch.compile mode: off | default (fused kernels) | reduce-overhead (default + CUDA graphs: replays the "
+    "step with almost no launch overhead, but the graphs' private memory pool keeps the step's activations "
+    "and workspaces alive between steps, about one extra copy of activation memory per distinct batch shape; "
+    "shapes are therefore static: fixed batch and --seq-len, SFT rows padded to --seq-len) | max-autotune "
+    "(also tunes kernels at startup, minutes; CUDA graphs too) | max-autotune-no-cudagraphs. On CPU the "
+    "CUDA-graph modes drop only the graphs (reduce-overhead -> default, max-autotune -> "
+    "max-autotune-no-cudagraphs); without a C++ compiler, or on MPS, training runs uncompiled with a note "
+    "(default off)")
+
+
+def _loader_kwargs(args, tokenizer_batch: int) -> dict:
+    """Background-loader options shared by every training command (none of them changes the data)."""
+    from picochat.data.workers import default_workers
+    workers = default_workers() if args.loader_workers is None else args.loader_workers
+    return {"workers": workers, "tokenizer_batch": args.tokenizer_batch_size or tokenizer_batch,
+            "prefetch": args.prefetch}
 
 
 def _settings(args, stage: str, tag: str, seq_len: int, extra: dict):
@@ -120,7 +147,8 @@ def _run(args, model, settings, make_loader, val_batches, tok, device, info, res
                            token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
                            base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb)
     if info.is_master:
-        print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s")
+        print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s, "
+              f"{100 * summary['data_wait_share']:.1f}% of step time waiting for data")
     if info.enabled:
         torch.distributed.destroy_process_group()
 
@@ -153,7 +181,8 @@ def cmd_train_base(args):
         settings = _settings(args, "base", tag, args.seq_len, {"data": args.data})
         settings.validate(info.world_size)
         config = config_from_depth(args.depth, tok.vocab_size, args.seq_len, attention=args.attention,
-                                   n_kv_head=args.n_kv_head)
+                                   n_kv_head=args.n_kv_head, kv_lora_rank=args.kv_lora_rank,
+                                   qk_rope_head_dim=args.qk_rope_head_dim, q_lora_rank=args.q_lora_rank)
         torch.manual_seed(args.seed)
         model = GPT(config).to(device)
         model.init_weights()
@@ -163,7 +192,8 @@ def cmd_train_base(args):
     list_shards(data, "train")  # clear error if the corpus is missing
 
     def make_loader(state):
-        return PretrainLoader(data, tok, B, T, "train", info.rank, info.world_size, grad_accum, state, device=device)
+        return PretrainLoader(data, tok, B, T, "train", info.rank, info.world_size, grad_accum, state, device=device,
+                              **_loader_kwargs(args, 64))
 
     def val_batches():
         return PretrainLoader(data, tok, B, T, "val", info.rank, info.world_size, 1, None, device=device)
@@ -209,10 +239,14 @@ def cmd_train_chat(args):
     val_mixture = build_mixture(offline, [], "test", 500, seed=settings.seed + 1) if offline else None
     grad_accum = settings.validate(info.world_size)
     B, T = settings.device_batch_size, settings.seq_len
-    Loader = MidLoader if stage == "mid" else SFTLoader
 
     def make_loader(state):
-        return Loader(mixture, tok, B, T, info.rank, info.world_size, grad_accum, state, device=device)
+        kw = _loader_kwargs(args, 32)
+        if stage == "mid":
+            return MidLoader(mixture, tok, B, T, info.rank, info.world_size, grad_accum, state, device=device, **kw)
+        # compiled training wants one static shape: pad every SFT row to T (loss unchanged)
+        return SFTLoader(mixture, tok, B, T, info.rank, info.world_size, grad_accum, state, device=device,
+                         workers=kw["workers"], prefetch=kw["prefetch"], pad_to=T if settings.compile != "off" else None)
 
     def val_batches():
         return SFTLoader(val_mixture, tok, B, T, info.rank, info.world_size, 1, None, device=device)
@@ -304,32 +338,6 @@ def cmd_chat(args):
         turn(text)
 
 
-def cmd_eval(args):
-    """Evaluate a checkpoint on generative tasks; print a table, write JSON under the checkpoint."""
-    from picochat.checkpoint import load_model
-    from picochat.common import pick_device, tokenizer_dir, write_json_atomic
-    from picochat.data.tasks.registry import make_task
-    from picochat.eval.runner import evaluate_generative
-    from picochat.inference.engine import Engine
-    from picochat.tokenizer import Tokenizer
-    device = pick_device(args.device)
-    tok = Tokenizer.load(tokenizer_dir())
-    model, ckpt = load_model(args.model, device=device)
-    engine = Engine(model, tok)
-    results = []
-    for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        task = make_task(name, split="test", size=max(args.limit or 0, 1000))
-        r = evaluate_generative(engine, tok, task, args.limit, args.max_tokens, args.temperature, args.seed)
-        results.append(r)
-        print(f"{args.model:<12} {name:<12} {r['correct']:>4}/{r['n']:<4} accuracy {100 * r['accuracy']:5.1f}%  "
-              f"({r['seconds']:.0f}s)")
-        for ex in r["examples"]:
-            print(f"    {'✓' if ex['correct'] else '✗'} {ex['prompt'][:60]!r} -> {ex['reply'][:60]!r}")
-    out = ckpt.path.parent / f"eval_{ckpt.path.name}.json"
-    write_json_atomic(out, {"model": args.model, "step": ckpt.step, "results": results})
-    print(f"results -> {out}")
-
-
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=256, help="context length in tokens (default 256)")
     p.add_argument("--attention", default="mha", choices=["mha", "gqa", "mla"], help="attention variant (default mha)")
     p.add_argument("--n-kv-head", type=_positive_int, help="key/value heads for GQA (default: n_head, or n_head/2 for gqa)")
+    p.add_argument("--kv-lora-rank", type=_positive_int, help="mla: latent K/V dimension (default n_embd/4)")
+    p.add_argument("--qk-rope-head-dim", type=_positive_int, help="mla: shared rotary key dimension, even "
+                   "(default min(head_dim/4, n_embd/8), at least 8)")
+    p.add_argument("--q-lora-rank", type=_nonneg_int, default=0, help="mla: low-rank query dimension; 0 = none (default 0)")
     p.add_argument("--data", default="embedded", help="prepared corpus name under $PICOCHAT_HOME/data (default: embedded)")
     _add_train_flags(p, "base")
     p.set_defaults(func=cmd_train_base)
@@ -408,18 +420,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="kind", required=True)
-    for kind, default in (("chat", "sft/d4"), ("base", "base/d4")):
-        q = p.add_parser(kind, help=f"generative task accuracy of a {kind} model")
-        q.add_argument("--model", default=default, help=f"checkpoint tag (default {default})")
-        q.add_argument("--tasks", default="spelling,arithmetic", help="comma-separated tasks (default spelling,arithmetic)")
-        q.add_argument("--limit", type=_positive_int, default=100, help="examples per task (default 100)")
-        q.add_argument("--max-tokens", type=_positive_int, default=64, help="max reply tokens (default 64)")
-        q.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default)")
-        q.add_argument("--seed", type=int, default=0, help="seed when sampling (default 0)")
-        q.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
-        q.set_defaults(func=cmd_eval)
-
     # command groups that live next to their code: each module has register(subparsers)
     for name in COMMAND_MODULES:
         try:
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES = (
     "picochat.safety.cli",   # picochat safety ...
     "picochat.serve.cli",    # picochat serve
-    "picochat.eval.cli",     # picochat report
+    "picochat.eval.cli",     # picochat eval base|chat, picochat report
     "picochat.bench.cli",    # picochat bench attention|train
     "picochat.export.cli",   # picochat export hf / import hf
 )

@@ -8,43 +8,62 @@ targets = -1 wherever the render mask is 0 (user turns, tool outputs, padding).
 Both draw from a TaskMixture whose order is a function of the index alone, and use the same
 slot scheme as pretraining (rank r, micro-step a -> slot r * grad_accum + a), so resume is exact
 and torchrun ranks match single-process gradient accumulation.
+
+Both take `workers` (background processes, see workers.py): mid tokenizes there like pretraining;
+SFT renders whole batches there. `pad_to` fixes SFT's row width (needed by compiled/CUDA-graph
+training, which wants one static shape; the extra columns are padding with target -1, so the loss
+is unchanged).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from picochat.data.loader import PackedLoader
+from picochat.data.loader import DEFAULT_PREFETCH, PackedLoader
+from picochat.data.workers import Prefetcher, WorkerPool
 from picochat.data.tasks.base import Task
 
 
 def MidLoader(mixture: Task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-              grad_accum: int = 1, state: dict | None = None, device="cpu") -> PackedLoader:
+              grad_accum: int = 1, state: dict | None = None, device="cpu", workers: int = 0,
+              tokenizer_batch: int = 32, prefetch: int = DEFAULT_PREFETCH) -> PackedLoader:
     def render(indices):
         return [tokenizer.render_conversation(mixture[i])[0] for i in indices]
     return PackedLoader(lambda: render, len(mixture), batch_size, seq_len, "mid", rank, world_size, grad_accum,
-                        state, tokenizer_batch=32, device=device)
+                        state, tokenizer_batch=tokenizer_batch, device=device, workers=workers, prefetch=prefetch)
 
 
-def sft_batch(conversations: list[dict], tokenizer, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render, truncate to max_len + 1 tokens, right-pad; targets are -1 where not supervised."""
+def sft_arrays(conversations: list[dict], tokenizer, max_len: int, pad_to: int | None = None):
+    """numpy (x, y) of sft_batch; no torch here, so it is safe to run in forked workers."""
     rows = [tokenizer.render_conversation(c, max_tokens=max_len + 1) for c in conversations]
-    width = max(len(ids) for ids, _ in rows) - 1
-    x = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    width = pad_to or max(len(ids) for ids, _ in rows) - 1
+    x = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
+    y = np.full((len(rows), width), -1, dtype=np.int64)
     for r, (ids, mask) in enumerate(rows):
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        m = torch.tensor(mask[1:], dtype=torch.bool)
+        ids_a = np.asarray(ids, dtype=np.int64)
+        m = np.asarray(mask[1:], dtype=bool)
         n = len(ids) - 1
-        x[r, :n] = ids_t[:-1]
-        y[r, :n] = torch.where(m, ids_t[1:], torch.full_like(ids_t[1:], -1))
+        x[r, :n] = ids_a[:-1]
+        y[r, :n] = np.where(m, ids_a[1:], -1)
     return x, y
+
+
+def sft_batch(conversations: list[dict], tokenizer, max_len: int,
+              pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render, truncate to max_len + 1 tokens, right-pad (to the longest row, or to pad_to >= max_len);
+    targets are -1 where not supervised."""
+    x, y = sft_arrays(conversations, tokenizer, max_len, pad_to)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 class SFTLoader:
     """Yields padded (x, y) batches of whole conversations; state = next index per slot."""
 
     def __init__(self, mixture: Task, tokenizer, batch_size: int, max_len: int, rank: int = 0, world_size: int = 1,
-                 grad_accum: int = 1, state: dict | None = None, device="cpu"):
+                 grad_accum: int = 1, state: dict | None = None, device="cpu", workers: int = 0,
+                 pad_to: int | None = None, prefetch: int = DEFAULT_PREFETCH):
+        if pad_to is not None and pad_to < max_len:
+            raise ValueError(f"pad_to ({pad_to}) must be >= max_len ({max_len})")
         self.mixture, self.tok = mixture, tokenizer
         self.B, self.max_len, self.grad_accum = batch_size, max_len, grad_accum
         self.device = torch.device(device)
@@ -57,19 +76,62 @@ class SFTLoader:
         # slot s serves conversation rows s*B .. s*B+B-1 of every "global batch" of n_slots*B
         self.next = {s: int(state.get("slots", {}).get(str(s), s * batch_size)) for s in self.slots}
         self.micro = state.get("micro", 0)
+        self.pad_to = pad_to
+        self.pool = self.prefetcher = None
+        self._consumed = None
+        if workers:
+            self.pool = WorkerPool(self._render, workers, name="sft")
+            self._consumed = self._live_state()
+            self.prefetcher = Prefetcher(self._produce, prefetch)
+
+    def _advance(self) -> int:
+        """Claim the next micro-step's batch: returns its first conversation index."""
+        slot = self.slots[self.micro % self.grad_accum]
+        self.micro = (self.micro + 1) % self.grad_accum
+        start = self.next[slot]
+        self.next[slot] = start + self.n_slots * self.B
+        return start
+
+    def _render(self, start: int):
+        convs = [self.mixture[(start + i) % len(self.mixture)] for i in range(self.B)]
+        return sft_arrays(convs, self.tok, self.max_len, self.pad_to)
+
+    def _produce(self, stop):
+        """Prefetch thread: batches are independent, so keep ~2 requests per worker in flight."""
+        states = []
+        for _ in range(2 * self.pool.n):
+            self.pool.submit(self._advance())
+            states.append(self._live_state())
+        while True:
+            x, y = self.pool.get(stop=stop)
+            self.pool.submit(self._advance())
+            states.append(self._live_state())
+            x, y = torch.from_numpy(x), torch.from_numpy(y)
+            if self.device.type == "cuda":
+                x, y = x.pin_memory(), y.pin_memory()
+            yield (x, y), states.pop(0)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        slot = self.slots[self.micro % self.grad_accum]
-        self.micro = (self.micro + 1) % self.grad_accum
-        start = self.next[slot]
-        convs = [self.mixture[(start + i) % len(self.mixture)] for i in range(self.B)]
-        self.next[slot] = start + self.n_slots * self.B
-        x, y = sft_batch(convs, self.tok, self.max_len)
-        return x.to(self.device), y.to(self.device)
+        if self.prefetcher is not None:
+            (x, y), self._consumed = self.prefetcher.get()
+        else:
+            x, y = (torch.from_numpy(a) for a in self._render(self._advance()))
+        non_blocking = self.device.type == "cuda" and x.is_pinned()
+        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
-    def state_dict(self) -> dict:
+    def _live_state(self) -> dict:
         return {"split": "sft", "n_slots": self.n_slots, "micro": self.micro,
                 "slots": {str(s): v for s, v in self.next.items()}}
+
+    def state_dict(self) -> dict:
+        """Positions after the last batch handed out (not the ones prefetched)."""
+        return self._live_state() if self._consumed is None else self._consumed
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.pool is not None:
+            self.pool.close()

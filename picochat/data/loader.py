@@ -8,6 +8,11 @@ Determinism and resumability are the point of this module:
   whole resume state: on --resume the slot re-tokenizes from that document and skips the offset,
   so the token stream continues exactly where it stopped, without saving any token buffers.
 - Virtual doc index v maps to document v % n_docs, so the stream loops over epochs forever.
+
+With `workers > 0` tokenization runs in forked worker processes (workers.py) and a prefetch
+thread packs ready (x, y) batches into a bounded queue; the stream is the same token for token
+(chunks are requested and read back in a fixed order), and state_dict() describes the batches
+the training loop has *consumed*, not the ones waiting in the queue, so resume stays exact.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import numpy as np
 import torch
 
 from picochat.data.corpus import count_documents, iter_documents
+from picochat.data.workers import OrderedStreams, Prefetcher, WorkerPool, in_worker
+
+DEFAULT_PREFETCH = 4  # ready batches queued per process: enough to hide a slow chunk, small in memory
 
 
 class TextDocs:
@@ -42,15 +50,37 @@ class TextDocs:
                 return text
 
     def __call__(self, indices: list[int]) -> list[list[int]]:
-        return self.tok.encode([self._read(i) for i in indices], prepend=self.tok.bos_token_id)
+        # in a worker process the parallelism is the workers themselves: one tokenizer thread each
+        return self.tok.encode([self._read(i) for i in indices], prepend=self.tok.bos_token_id,
+                               num_threads=1 if in_worker() else 8)
+
+
+def _tokenize_job(make_docs):
+    """Worker-side function: (slot, doc indices) -> (flat int32 tokens, per-doc lengths).
+
+    Each worker keeps one document reader per slot (created on first use), so reads stay sequential.
+    Flat numpy arrays pickle as one memcpy, unlike lists of Python ints."""
+    readers: dict = {}
+
+    def run(request):
+        slot, indices = request
+        if slot not in readers:
+            readers[slot] = make_docs()
+        ids = readers[slot](indices)
+        lens = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=int(lens.sum()))
+        return flat, lens
+    return run
 
 
 class _SlotStream:
     """One deterministic token stream over documents slot, slot + n, slot + 2n, ... (mod n_docs)."""
 
     def __init__(self, docs, n_docs: int, slot: int, n_slots: int, v: int | None = None, offset: int = 0,
-                 tokenizer_batch: int = 64):
+                 tokenizer_batch: int = 64, fetch=None):
+        # fetch(doc indices) -> token arrays; default tokenizes here, workers pass a pool reader
         self.docs, self.n_docs = docs, n_docs
+        self.fetch = fetch or (lambda indices: [np.asarray(t, dtype=np.int64) for t in self.docs(indices)])
         self.slot, self.n_slots = slot, n_slots
         self.tokenizer_batch = tokenizer_batch
         self.next_v = slot if v is None else v        # next document to tokenize
@@ -59,16 +89,27 @@ class _SlotStream:
         self.buffered = 0
 
     def _fill(self) -> None:
-        vs = [self.next_v + i * self.n_slots for i in range(self.tokenizer_batch)]
-        ids = self.docs([v % self.n_docs for v in vs])
-        for v, toks in zip(vs, ids):
-            arr = np.asarray(toks, dtype=np.int64)
+        vs = self.chunk_vs(self.next_v)
+        ids = self.fetch([v % self.n_docs for v in vs])
+        for v, arr in zip(vs, ids):
             start = 0
             if self.skip:  # resuming mid-document
                 start, self.skip = min(self.skip, len(arr)), 0
             self.chunks.append([v, arr, start])
             self.buffered += len(arr) - start
         self.next_v = vs[-1] + self.n_slots
+
+    def chunk_vs(self, v0: int) -> list[int]:
+        """Virtual doc indices of the tokenizer chunk starting at v0."""
+        return [v0 + i * self.n_slots for i in range(self.tokenizer_batch)]
+
+    def requests(self):
+        """The (slot, doc indices) chunk requests _fill will consume, in order (for workers)."""
+        v = self.next_v
+        while True:
+            vs = self.chunk_vs(v)
+            yield self.slot, [x % self.n_docs for x in vs]
+            v = vs[-1] + self.n_slots
 
     def take(self, n: int, keep_last: bool = True) -> np.ndarray:
         """Return the next n tokens; with keep_last the final one stays for the next call
@@ -92,7 +133,7 @@ class _SlotStream:
             self.buffered -= k
             if self.chunks[0][2] == len(arr):
                 self.chunks.popleft()
-        return np.concatenate(out)
+        return np.concatenate(out).astype(np.int64, copy=False)
 
     def state(self) -> dict:
         if self.chunks:
@@ -107,11 +148,16 @@ class PackedLoader:
     `make_docs()` returns a `docs(indices) -> token lists` callable (one per slot, so each slot
     keeps its own sequential file reader): tokenized text for pretraining (TextDocs), rendered
     conversations for midtraining. `split` is only a label checked on resume.
+    `workers` > 0 moves tokenization into that many forked processes and packing into a prefetch
+    thread holding up to `prefetch` ready batches (pinned on CUDA); call close() when done.
     """
 
     def __init__(self, make_docs, n_docs: int, batch_size: int, seq_len: int, split: str = "train",
                  rank: int = 0, world_size: int = 1, grad_accum: int = 1, state: dict | None = None,
-                 tokenizer_batch: int = 64, device: torch.device | str = "cpu"):
+                 tokenizer_batch: int = 64, device: torch.device | str = "cpu", workers: int = 0,
+                 prefetch: int = DEFAULT_PREFETCH):
+        if tokenizer_batch < 1 or workers < 0:
+            raise ValueError(f"tokenizer_batch must be >= 1 and workers >= 0, got {tokenizer_batch}, {workers}")
         self.B, self.T = batch_size, seq_len
         self.grad_accum = grad_accum
         self.device = torch.device(device)
@@ -124,38 +170,91 @@ class PackedLoader:
         saved = state.get("slots", {})
         self.split, self.n_slots, self.rank = split, n_slots, rank
         self.streams = [
-            _SlotStream(make_docs(), n_docs, s, n_slots, v=saved.get(str(s), {}).get("v"), offset=saved.get(str(s), {}).get("offset", 0),
+            _SlotStream(None, n_docs, s, n_slots, v=saved.get(str(s), {}).get("v"), offset=saved.get(str(s), {}).get("offset", 0),
                         tokenizer_batch=tokenizer_batch)
             for s in slots
         ]
         self.micro = state.get("micro", 0)
+        self.pool = self.prefetcher = None
+        if workers == 0:
+            for stream in self.streams:  # one reader per slot, in this process
+                stream.docs = make_docs()
+            self._consumed = None
+            return
+        self.pool = WorkerPool(_tokenize_job(make_docs), workers, name=split)
+        # keep every worker busy: at least 2 chunks in flight per slot, ~2 per worker overall
+        ordered = OrderedStreams(self.pool, ahead=max(2, -(-2 * workers // len(slots))))
+        for stream in self.streams:
+            ordered.add(stream.slot, stream.requests())
+            stream.fetch = lambda indices, slot=stream.slot: self._unpack(ordered.next(slot), len(indices))
+        self._consumed = self._live_state()
+
+        def produce(stop):
+            ordered.stop = stop
+            while True:
+                buf = self._pack()
+                if self.device.type == "cuda":
+                    buf = buf.pin_memory()  # here, off the training thread; the copy is then async
+                yield buf, self._live_state()
+
+        self.prefetcher = Prefetcher(produce, prefetch)
+
+    @staticmethod
+    def _unpack(result, n: int) -> list[np.ndarray]:
+        flat, lens = result
+        assert len(lens) == n, "worker returned a chunk of the wrong size"
+        return np.split(flat, np.cumsum(lens)[:-1])
+
+    def _pack(self) -> torch.Tensor:
+        stream = self.streams[self.micro % self.grad_accum]
+        self.micro = (self.micro + 1) % self.grad_accum
+        return torch.from_numpy(stream.take(self.B * self.T + 1))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        stream = self.streams[self.micro % self.grad_accum]
-        self.micro = (self.micro + 1) % self.grad_accum
-        buf = torch.from_numpy(stream.take(self.B * self.T + 1))
+        if self.prefetcher is not None:
+            buf, self._consumed = self.prefetcher.get()
+        else:
+            buf = self._pack()
+            if self.device.type == "cuda":
+                buf = buf.pin_memory()
         if self.device.type == "cuda":
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
+            buf = buf.to(self.device, non_blocking=True)
         x = buf[:-1].view(self.B, self.T)
         y = buf[1:].view(self.B, self.T)
         return x, y
 
-    def state_dict(self) -> dict:
-        """Positions of this rank's slots (merge across ranks with merge_states under DDP)."""
+    def _live_state(self) -> dict:
         return {"split": self.split, "n_slots": self.n_slots, "micro": self.micro,
                 "slots": {str(s.slot): s.state() for s in self.streams}}
+
+    def state_dict(self) -> dict:
+        """Positions after the last batch handed out (merge across ranks with merge_states under DDP)."""
+        return self._live_state() if self._consumed is None else self._consumed
+
+    def close(self) -> None:
+        """Stop the prefetch thread and the worker processes (idempotent)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def PretrainLoader(data_dir, tokenizer, batch_size: int, seq_len: int, split: str = "train", rank: int = 0,
                    world_size: int = 1, grad_accum: int = 1, state: dict | None = None, tokenizer_batch: int = 64,
-                   device: torch.device | str = "cpu") -> PackedLoader:
+                   device: torch.device | str = "cpu", workers: int = 0, prefetch: int = DEFAULT_PREFETCH) -> PackedLoader:
     """The pretraining stream over a prepared corpus split."""
     n_docs = count_documents(Path(data_dir), split)
     return PackedLoader(lambda: TextDocs(data_dir, split, tokenizer), n_docs, batch_size, seq_len, split, rank, world_size, grad_accum, state,
-                        tokenizer_batch, device)
+                        tokenizer_batch, device, workers, prefetch)
 
 
 def merge_states(states: list[dict]) -> dict:

@@ -4,11 +4,18 @@ The stages differ only in the model they start from and the batches they feed: e
 hands this loop a model, a loader factory (state -> iterator of (x, y) with y == -1 where no
 loss is wanted) and optional validation batches. Resume is exact: weights, optimizer moments,
 loader position, step and metric history all come back from the checkpoint.
+
+Performance knobs (docs/performance.md has the measurements): `compile` (torch.compile modes,
+see compile_model for what each costs and the CPU fallbacks), `grad_checkpoint` (per-block
+recomputation), and the loader's background workers; the loop measures how long each step
+waits for its batches and reports that share ("data_wait") in the history and the summary.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -25,6 +32,7 @@ from picochat.model.gpt import GPT
 from picochat.train.optim import apply_schedule, build_optimizers
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile records CUDA graphs in these
 
 
 @dataclass
@@ -72,31 +80,45 @@ class TrainSettings:
         return self.total_batch_size // per_step
 
 
+def effective_compile_mode(mode: str, device: torch.device) -> tuple[str, str]:
+    """(the mode that will actually run on `device`, why it differs or ""): the documented fallbacks."""
+    if mode == "off" or device.type == "cuda":
+        return mode, ""
+    if device.type != "cpu":  # MPS & co: inductor training support is experimental; eager is safe
+        return "off", f"torch.compile training is not supported on {device.type}"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        # inductor's CPU backend generates C++; without a compiler it would fail at the first step
+        return "off", "no C++ compiler found for inductor's CPU backend"
+    # CUDA graphs exist only on CUDA: keep the rest of the mode, drop the graphs
+    cpu_mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return cpu_mode, "" if cpu_mode == mode else "CUDA graphs need CUDA"
+
+
 def compile_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
-    if mode == "off":
+    """torch.compile with static shapes (dynamic=False: every step has the same (B, T), which is what
+    CUDA graphs need and lets inductor specialise kernels); falls back as effective_compile_mode says."""
+    run_mode, why = effective_compile_mode(mode, device)
+    if why:
+        print0(f"note: --compile {mode} on {device.type}: {why}; using {run_mode}")
+    if run_mode == "off":
         return model
-    if device.type != "cuda" and mode in ("reduce-overhead", "max-autotune"):
-        # CUDA graphs exist only on CUDA; on CPU these modes mean the same kernels without graphs
-        print0(f"note: --compile {mode} uses CUDA graphs, unavailable on {device.type}; "
-               f"using max-autotune-no-cudagraphs instead")
-        mode = "max-autotune-no-cudagraphs"
-    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+    return torch.compile(model, mode=None if run_mode == "default" else run_mode, dynamic=False)
 
 
 def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dict | None], Iterable],
                  device: torch.device, dist_info: DistInfo, val_batches: Callable[[], Iterable] | None = None,
                  token_bytes: torch.Tensor | None = None, resume: ckpt_mod.Checkpoint | None = None,
-                 stop_after: int | None = None, base_meta: dict | None = None, wandb_project: str | None = None) -> dict:
+                 stop_after: int | None = None, base_meta: dict | None = None, wandb_project: str | None = None,
+                 write_checkpoints: bool = True) -> dict:
     """Train `model` in place for settings.steps optimizer steps; returns a summary dict.
 
-    wandb_project: log the run history to Weights & Biases (optional dependency, off by default)."""
+    wandb_project: log the run history to Weights & Biases (optional dependency, off by default).
+    write_checkpoints=False: save nothing (benchmarks); the history is in the returned summary."""
     grad_accum = settings.validate(dist_info.world_size)
-    cfg: GPTConfig = model.config
     model.grad_checkpoint = settings.grad_checkpoint
     optimizers = build_optimizers(model, settings.matrix_lr, settings.embedding_lr, settings.unembedding_lr,
                                   settings.weight_decay)
     step, history, loader_state, train_time = 0, [], None, 0.0
-    session_time = 0.0
     if resume is not None:
         ckpt_mod.load_optimizer_state(resume, optimizers)
         step = resume.step
@@ -105,7 +127,23 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
         train_time = resume.state.get("train_time", 0.0)
         print0(f"resuming {settings.tag} from step {step}")
     loader = make_loader(loader_state)
+    try:
+        return _train(model, settings, loader, grad_accum, optimizers, step, history, train_time, device,
+                      dist_info, val_batches, token_bytes, resume, stop_after, base_meta, wandb_project,
+                      write_checkpoints)
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:  # stop background workers, also when training fails
+            close()
+
+
+def _train(model, settings, loader, grad_accum, optimizers, step, history, train_time, device, dist_info,
+           val_batches, token_bytes, resume, stop_after, base_meta, wandb_project, write_checkpoints) -> dict:
+    cfg: GPTConfig = model.config
+    session_time = data_wait = 0.0
     train_model = compile_model(model, settings.compile, device)
+    # CUDA graphs replay into fixed output buffers: tell the graph tree where each step begins
+    mark_step = device.type == "cuda" and settings.compile in CUDAGRAPH_MODES
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -119,6 +157,8 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
         return evaluate_bpb(model, val_batches(), token_bytes, max_batches=settings.eval_batches)
 
     def save(at_step: int) -> None:
+        if not write_checkpoints:
+            return
         states = [loader.state_dict()]
         if dist_info.enabled:
             gathered = [None] * dist_info.world_size
@@ -150,8 +190,13 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
         mult = apply_schedule(optimizers, step, settings.steps, warmup_ratio=settings.warmup_ratio,
                               warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
         total = torch.zeros((), device=device)
+        wait = 0.0
         for micro in range(grad_accum):
+            tw = time.perf_counter()
             x, y = next(loader)
+            wait += time.perf_counter() - tw
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
             sync = micro == grad_accum - 1 or not dist_info.enabled
             ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, autocast_ctx(device):
@@ -170,11 +215,12 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
         dt = time.perf_counter() - t0
         train_time += dt
         session_time += dt
+        data_wait += wait
         step += 1
         smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
         if step % settings.log_every == 0 or step == end:
             history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens_per_step / dt,
-                            "time": train_time})
+                            "time": train_time, "data_wait": wait / dt})
             if log:
                 log(history[-1])
         bar.update(1)
@@ -190,7 +236,10 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
     save(step)
     summary = {"step": step, "loss": smooth, "val_bpb": val_bpb, "train_time": train_time,
                "tokens": step * tokens_per_step,
-               "tok_per_s": (step - (resume.step if resume else 0)) * tokens_per_step / max(session_time, 1e-9)}
+               "tok_per_s": (step - (resume.step if resume else 0)) * tokens_per_step / max(session_time, 1e-9),
+               "data_wait_share": data_wait / max(session_time, 1e-9), "history": history,
+               "optimizer_state_bytes": sum(t.numel() * t.element_size() for opt in optimizers
+                                            for st in opt.state.values() for t in st.values() if torch.is_tensor(t))}
     if val_bpb is not None:
         print0(f"{settings.stage} done: step {step}, val bpb {val_bpb:.4f}, {train_time:.1f}s training")
     return summary

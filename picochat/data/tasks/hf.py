@@ -1,4 +1,4 @@
-"""Real chat/eval datasets from the Hugging Face hub (online only): SmolTalk, GSM8K, MMLU, ARC.
+"""Real chat/eval datasets from the Hugging Face hub (online only): SmolTalk, GSM8K, MMLU, ARC, HumanEval.
 
 Each loader turns rows into conversations. Offline (as on our CI machines) they fail with one
 clear line naming the offline alternatives, instead of hanging or dumping a traceback.
@@ -20,7 +20,7 @@ def _load(repo: str, config: str | None, split: str):
         return load_dataset(repo, config, split=split)
     except Exception as e:  # offline / not found / auth: all the same to the user
         raise PicochatError(f"cannot load {repo} from the Hugging Face hub ({type(e).__name__}); offline? use the "
-                            f"procedural tasks or --data FILE.jsonl instead") from None
+                            f"procedural tasks, or local JSONL: --data (training), --data-file (eval)") from None
 
 
 def smoltalk(split: str = "train", limit: int | None = None) -> ListTask:
@@ -44,7 +44,9 @@ def multiple_choice(question: str, choices: list[str], answer_idx: int) -> dict:
     body = question + "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
     return {"messages": [{"role": "user", "content": body + "\nAnswer with the letter."},
                          {"role": "assistant", "content": LETTERS[answer_idx]}],
-            "letters": LETTERS[:len(choices)], "answer": LETTERS[answer_idx]}
+            "letters": LETTERS[:len(choices)], "answer": LETTERS[answer_idx],
+            # the raw fields, for option-likelihood scoring in `picochat eval`
+            "question": question, "choices": list(choices), "answer_index": answer_idx}
 
 
 def mmlu(split: str = "auxiliary_train", limit: int | None = None) -> ListTask:
@@ -60,3 +62,10 @@ def arc(subset: str = "ARC-Easy", split: str = "train", limit: int | None = None
         labels = r["choices"]["label"]
         convs.append(multiple_choice(r["question"], r["choices"]["text"], labels.index(r["answerKey"])))
     return ListTask(convs, f"arc-{subset.split('-')[-1].lower()}")
+
+
+def humaneval(limit: int | None = None) -> list[dict]:
+    """HumanEval problems as raw rows (task_id, prompt, entry_point, test): graded by execution."""
+    rows = _load("openai/openai_humaneval", None, "test")
+    return [{k: r[k] for k in ("task_id", "prompt", "entry_point", "test")}
+            for r in rows.select(range(min(limit or len(rows), len(rows))))]

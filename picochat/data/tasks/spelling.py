@@ -18,11 +18,15 @@ import re
 
 from picochat.data.tasks.base import Task, stable_hash
 
+# The word is always quoted: after a quote the tokenizer splits it into short no-space pieces
+# ("'fret'" -> ' + f + ret + '), which recur across many words, so spellings learned for the
+# training words' pieces carry over to held-out words. Unquoted, a common word is often one
+# " word" token that no training example ever spells (held-out words are never trained on).
 TEMPLATES = [
-    "Spell the word {w} letter by letter.",
-    "How do you spell {w}?",
+    "Spell the word '{w}' letter by letter.",
+    'How do you spell "{w}"?',
     "Can you spell '{w}' for me, one letter at a time?",
-    "spell {w}",
+    'spell "{w}"',
 ]
 
 

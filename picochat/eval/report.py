@@ -1,0 +1,331 @@
+"""The report card: one Markdown file (plus PNG plots) summing up everything under $PICOCHAT_HOME.
+
+    $PICOCHAT_HOME/report/report.md      hardware, data, tokenizer, training, evals, wall times, cost
+    $PICOCHAT_HOME/report/loss.png       training loss per stage (one line per checkpoint tag)
+    $PICOCHAT_HOME/report/val_bpb.png    validation bits per byte per stage
+    $PICOCHAT_HOME/report/evals.png      accuracy bars per task and model
+
+Everything is read from what the other commands already wrote: data/*/meta.json, the tokenizer,
+checkpoints' meta.json (stage, params, tokens, val bpb, train time) and state.json (the run
+history), eval_*.json next to checkpoints (`picochat eval`), and quickstart_times.tsv (per-stage
+wall times written by quickstart.sh). A missing piece is reported as missing, never invented.
+Cost = hours x --dollars-per-hour (wall time of the quickstart stages when present, else the sum
+of training times). Each file is written atomically.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from picochat.common import atomic_path, home, tokenizer_dir, write_text_atomic
+
+STAGES = ("base", "mid", "sft")
+
+
+# --------------------------------------------------------------------------- gathering
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__}
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory_gib"] = round(pages * size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        info["gpu"] = f"{n} x {torch.cuda.get_device_name(0)}"
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    else:
+        info["gpu"] = "none"
+    return info
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def corpora(root: Path) -> list[dict]:
+    out = []
+    for meta in sorted((root / "data").glob("*/meta.json")):
+        m = _read_json(meta)
+        if isinstance(m, dict):
+            out.append({"name": meta.parent.name, **m})
+    return out
+
+
+def tokenizer_info(corpus: str | None) -> dict | None:
+    from picochat.common import PicochatError
+    from picochat.tokenizer import Tokenizer
+    try:
+        tok = Tokenizer.load(tokenizer_dir())
+    except PicochatError:
+        return None
+    info = {"vocab_size": tok.vocab_size}
+    if corpus:  # compression on (the start of) the val split: cheap, and what the bpb numbers sit on
+        from picochat.common import data_dir
+        from picochat.data.corpus import sample_texts
+        try:
+            texts = sample_texts(data_dir(corpus), "val", 200_000)
+        except (PicochatError, OSError):
+            texts = []
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        if n_bytes:
+            n_tok = sum(len(ids) for ids in tok.encode(texts))
+            info.update(corpus=corpus, bytes_per_token=n_bytes / max(1, n_tok), sample_bytes=n_bytes)
+    return info
+
+
+def runs() -> list[dict]:
+    """Latest checkpoint of every tag, with its history and eval results."""
+    from picochat import checkpoint as ck
+    from picochat.common import PicochatError
+    out = []
+    for tag in ck.list_tags():
+        try:
+            c = ck.read_checkpoint(tag, verify=False)
+        except PicochatError:
+            continue
+        evals = []
+        for f in sorted(c.path.parent.glob("eval_*.json")):
+            e = _read_json(f)
+            if isinstance(e, dict) and isinstance(e.get("results"), dict):
+                evals.append({"file": f.name, "kind": e.get("kind", "chat"), "step": e.get("step"),
+                              "results": e["results"]})
+        settings = c.meta.get("settings", {})
+        out.append({"tag": tag, "stage": c.meta.get("stage", tag.split("/")[0]), "step": c.step,
+                    "params": c.meta.get("num_params"), "tokens": c.meta.get("tokens"),
+                    "train_time": c.meta.get("train_time"), "val_bpb": c.meta.get("val_bpb"),
+                    "source": settings.get("extra", {}).get("source"), "world_size": c.meta.get("world_size"),
+                    "device": c.meta.get("device"), "config": c.config.to_dict(),
+                    "history": c.state.get("history", []), "evals": evals})
+    return out
+
+
+def wall_times(root: Path) -> list[tuple[str, float]]:
+    rows = []
+    try:
+        lines = (root / "quickstart_times.tsv").read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        parts = line.split("\t")
+        try:
+            rows.append((parts[0], float(parts[1])))
+        except (IndexError, ValueError):
+            continue
+    return rows
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------- plots
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def plot_curves(all_runs: list[dict], key: str, ylabel: str, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stages = [s for s in STAGES if any(r["stage"] == s and any(key in h and h[key] is not None for h in r["history"])
+                                       for r in all_runs)]
+    if not stages:
+        return False
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for r in all_runs:
+            pts = [(h["step"], h[key]) for h in r["history"] if r["stage"] == stage and h.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 8 else None, markersize=3, label=r["tag"])
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_evals(rows: list[dict], path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if r["metric"] != "bpb"]
+    if not rows:
+        return False
+    labels = [f"{r['task']} · {r['model']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), [100 * r["value"] for r in rows], color="#4c72b0")
+    for i, r in enumerate(rows):
+        if r.get("chance") is not None:
+            ax.plot([100 * r["chance"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", lw=1.5)
+        ax.text(100 * r["value"] + 0.5, i, f"{100 * r['value']:.1f}%", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("accuracy / pass@1 (%)   (red tick: chance)")
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _fmt(v, spec: str = "", none: str = "–") -> str:
+    if v is None:
+        return none
+    return format(v, spec) if spec else str(v)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def eval_rows(all_runs: list[dict]) -> list[dict]:
+    rows = []
+    for r in all_runs:
+        for e in r["evals"]:
+            for task, res in sorted(e["results"].items()):
+                base = {"model": r["tag"], "kind": e["kind"], "task": task, "n": res.get("n"),
+                        "chance": res.get("chance")}
+                if res.get("kind") == "bpb":
+                    rows.append({**base, "metric": "bpb", "value": res.get("bpb")})
+                    continue
+                metric = "pass@1" if res.get("kind") == "generative" else "accuracy"
+                rows.append({**base, "metric": metric, "value": res.get("accuracy", 0.0)})
+                for k in sorted(x for x in res if x.startswith(("pass@", "maj@")) and x != "pass@1"):
+                    rows.append({**base, "metric": k, "value": res[k], "chance": None})
+    return rows
+
+
+def render(root: Path, dollars_per_hour: float, plots: dict[str, bool]) -> str:
+    hw = hardware()
+    data = corpora(root)
+    all_runs = runs()
+    evals = eval_rows(all_runs)
+    times = wall_times(root)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = _git_commit()
+    L = ["# picochat report card", "",
+         f"Generated {now}{f' at commit {commit}' if commit else ''} from `{root}`.", ""]
+
+    L += ["## Hardware", ""] + _table(["", ""], [
+        ["CPU", f"{hw['cpu']} ({hw['cores']} cores)"], ["memory", f"{_fmt(hw.get('memory_gib'))} GiB"],
+        ["GPU", hw["gpu"] + (f" ({hw['gpu_memory_gib']} GiB)" if "gpu_memory_gib" in hw else "")],
+        ["torch / python", f"{hw['torch']} / {hw['python']}"], ["platform", hw["platform"]]]) + [""]
+
+    L += ["## Data", ""]
+    if data:
+        L += _table(["corpus", "source", "train docs", "train chars", "val docs", "val chars"], [
+            [d["name"], str(d.get("source", "–")), _fmt(d.get("train_docs"), ","), _fmt(d.get("train_chars"), ","),
+             _fmt(d.get("val_docs"), ","), _fmt(d.get("val_chars"), ",")] for d in data]) + [""]
+    else:
+        L += ["No prepared corpus (`picochat data prepare`).", ""]
+
+    tok = tokenizer_info(data[0]["name"] if data else None)
+    L += ["## Tokenizer", ""]
+    if tok is None:
+        L += ["No tokenizer (`picochat tokenizer train`).", ""]
+    else:
+        line = f"Vocabulary {tok['vocab_size']:,} tokens"
+        if "bytes_per_token" in tok:
+            line += (f"; {tok['bytes_per_token']:.2f} bytes/token on the first {tok['sample_bytes']:,} bytes of "
+                     f"the `{tok['corpus']}` val split")
+        L += [line + ".", ""]
+
+    L += ["## Training", ""]
+    if all_runs:
+        rows = []
+        for r in all_runs:
+            losses = [h["loss"] for h in r["history"] if h.get("loss") is not None]
+            cfg = r["config"]
+            rows.append([f"`{r['tag']}`", r["stage"], _fmt(r["source"]), f"d{cfg.get('n_layer')} x {cfg.get('n_embd')}",
+                         _fmt(r["params"], ","), _fmt(r["step"]), _fmt(r["tokens"], ","),
+                         _fmt(r["train_time"], ".1f") + " s" if r["train_time"] is not None else "–",
+                         _fmt(losses[-1] if losses else None, ".3f"), _fmt(r["val_bpb"], ".4f")])
+        L += _table(["tag", "stage", "from", "model", "params", "steps", "tokens", "train time", "last loss",
+                     "val bpb"], rows)
+        L += ["", "val bpb: base on the corpus's val split; mid/SFT on held-out spelling/arithmetic conversations "
+                  "(not comparable across the two).", ""]
+        for name, what in (("loss", "Training loss"), ("val_bpb", "Validation bits per byte")):
+            if plots.get(name):
+                L += [f"![{what}]({name}.png)", ""]
+    else:
+        L += ["No checkpoints yet (`picochat train base`).", ""]
+
+    L += ["## Evaluations", ""]
+    if evals:
+        L += _table(["model", "as", "task", "metric", "value", "n", "chance"], [
+            [f"`{e['model']}`", e["kind"], e["task"], e["metric"],
+             f"{e['value']:.4f}" if e["metric"] == "bpb" else f"{100 * e['value']:.1f}%", _fmt(e["n"]),
+             f"{100 * e['chance']:.1f}%" if e.get("chance") is not None else "–"] for e in evals]) + [""]
+        if plots.get("evals"):
+            L += ["![Evaluations](evals.png)", ""]
+    else:
+        L += ["No eval results yet (`picochat eval base|chat`).", ""]
+
+    L += ["## Wall times", ""]
+    total_s = sum(t for _, t in times)
+    if times:
+        L += _table(["stage", "seconds"], [[n, f"{t:.1f}"] for n, t in times] + [["**total**", f"**{total_s:.1f}**"]])
+        L += [""]
+        basis = "the quickstart's total wall time"
+    else:
+        total_s = sum(r["train_time"] or 0.0 for r in all_runs)
+        L += ["No quickstart_times.tsv (written by quickstart.sh); the cost below uses training time only.", ""]
+        basis = "the sum of training times"
+    hours = total_s / 3600
+    L += ["## Cost estimate", "",
+          f"{hours:.3f} h ({basis}) x ${dollars_per_hour:.2f}/h (`--dollars-per-hour`) = "
+          f"**${hours * dollars_per_hour:.2f}**.", ""]
+    return "\n".join(L)
+
+
+def write_report(out_dir: str | Path | None = None, dollars_per_hour: float = 0.10, plots: bool = True) -> Path:
+    root = home()
+    out = Path(out_dir) if out_dir else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    made: dict[str, bool] = {}
+    if plots:
+        try:
+            import matplotlib  # noqa: F401  (optional: pip install 'picochat[plot]')
+        except ImportError:
+            plots = False
+    if plots:
+        all_runs = runs()
+        made["loss"] = plot_curves(all_runs, "loss", "training loss", out / "loss.png")
+        made["val_bpb"] = plot_curves(all_runs, "val_bpb", "val bits per byte", out / "val_bpb.png")
+        made["evals"] = plot_evals(eval_rows(all_runs), out / "evals.png")
+    path = out / "report.md"
+    write_text_atomic(path, render(root, dollars_per_hour, made))
+    return path

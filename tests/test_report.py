@@ -1,0 +1,64 @@
+"""`picochat report`: the report card renders from a fixture home (tiny checkpoints, an eval, wall times)."""
+import json
+import os
+
+import pytest
+
+from evalkit import make_home
+
+HISTORY = [{"step": 1, "loss": 5.5}, {"step": 2, "loss": 5.0}, {"step": 2, "val_bpb": 3.2},
+           {"step": 3, "loss": 4.25}, {"step": 3, "val_bpb": 3.1}]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    h = tmp_path_factory.mktemp("home")
+    make_home(h, tags=("base/t", "mid/t", "sft/t"), history=HISTORY)
+    (h / "data" / "embedded").mkdir(parents=True)
+    (h / "data" / "embedded" / "meta.json").write_text(json.dumps(
+        {"source": "embedded", "train_docs": 1028, "train_chars": 4780000, "val_docs": 61, "val_chars": 270000}))
+    (h / "quickstart_times.tsv").write_text("data\t2.0\nbase\t300.5\neval\t57.5\n")
+    from picochat.cli import main
+    assert main(["eval", "chat", "--model", "sft/t", "--tasks", "spelling", "--limit", "2", "--max-tokens", "2",
+                 "--device", "cpu"]) == 0
+    return h
+
+
+def test_report_card_renders_everything(home, capsys):
+    from picochat.cli import main
+    assert main(["report", "--dollars-per-hour", "10"]) == 0
+    out = home / "report"
+    assert f"report card -> {out / 'report.md'}" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    for section in ("## Hardware", "## Data", "## Tokenizer", "## Training", "## Evaluations", "## Wall times",
+                    "## Cost estimate"):
+        assert section in md
+    assert f"({os.cpu_count()} cores)" in md and "Vocabulary 300 tokens" in md
+    assert "| embedded | embedded | 1,028 | 4,780,000 | 61 | 270,000 |" in md
+    training = md.split("## Training")[1].split("## Evaluations")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in training.splitlines() if line.startswith("| `")}
+    assert "| base | – |" in rows["`base/t`"] and rows["`base/t`"].endswith("| 4.250 | 3.0000 |")
+    assert "| mid | base/t |" in rows["`mid/t`"] and rows["`mid/t`"].endswith("| 2.0000 |")
+    assert rows["`sft/t`"].endswith("| 1.0000 |") and "| 384 |" in rows["`sft/t`"]  # tokens
+    ev = json.loads(next((home / "checkpoints" / "sft" / "t").glob("eval_chat_*.json")).read_text())
+    spelling = ev["results"]["spelling"]
+    assert f"| `sft/t` | chat | spelling | pass@1 | {100 * spelling['accuracy']:.1f}% | 2 | – |" in md
+    assert "| **total** | **360.0** |" in md
+    assert "0.100 h (the quickstart's total wall time) x $10.00/h (`--dollars-per-hour`) = **$1.00**" in md
+    for name in ("loss", "val_bpb", "evals"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name}.png)" in md
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
+
+
+def test_report_without_plots_or_times_uses_training_time(home, tmp_path):
+    from picochat.eval.report import write_report
+    (home / "quickstart_times.tsv").rename(home / "times.bak")
+    try:
+        path = write_report(out_dir=tmp_path / "r", dollars_per_hour=3600, plots=False)
+    finally:
+        (home / "times.bak").rename(home / "quickstart_times.tsv")
+    md = path.read_text()
+    assert not list((tmp_path / "r").glob("*.png")) and ".png)" not in md
+    # three checkpoints x 1.5 s of training = 4.5 s = 0.00125 h, at $3600/h = $4.50
+    assert "the sum of training times" in md and "**$4.50**" in md
