@@ -386,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("sft", "mid/d4", "supervised fine-tuning: whole conversations, loss on assistant tokens")):
         p = train.add_parser(stage, help=what)
         p.add_argument("--model", default=source, help=f"checkpoint tag to start from (default {source})")
-        p.add_argument("--tasks", default="spelling=1,arithmetic=1,identity=0.2",
+        p.add_argument("--tasks", default="spelling=2,arithmetic=1,identity=0.2",
                        help="comma-separated NAME=WEIGHT: spelling, arithmetic, identity (offline); smoltalk, gsm8k, "
-                            "mmlu, arc-easy, arc-challenge (online) (default spelling=1,arithmetic=1,identity=0.2)")
+                            "mmlu, arc-easy, arc-challenge (online) (default spelling=2,arithmetic=1,identity=0.2)")
         p.add_argument("--data", action="append", metavar="FILE.jsonl[=WEIGHT]",
                        help="conversation JSONL to mix in (repeatable), e.g. safety data")
         p.add_argument("--task-size", type=_positive_int, default=5000, help="examples per procedural task (default 5000)")
