@@ -53,7 +53,7 @@ def cmd_serve(args) -> None:
         print(f"picochat: warning: serving on {args.host} without an API key: anyone who can reach it can use it")
     app = create_app(model, tok, model_name=args.model, draft=draft, api_key=api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                     default_max_tokens=args.default_max_tokens)
+                     default_max_tokens=args.default_max_tokens, context_length=args.context_length)
     print(f"picochat serve: {args.model}{' + draft ' + args.draft if draft is not None else ''} on {device}; "
           f"chat UI http://{args.host}:{args.port}/  API http://{args.host}:{args.port}/v1"
           f"{' (Bearer key required)' if api_key else ''}", flush=True)
@@ -80,6 +80,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=_pos, default=1 << 20, help="request body size limit, else 413 (default 1048576)")
     p.add_argument("--default-max-tokens", type=_pos, default=512,
                    help="reply length when a request sets no max_tokens (capped by the context; default 512)")
+    p.add_argument("--context-length", type=_pos, default=None, metavar="N",
+                   help="max prompt + completion tokens per request; up to 10x the trained context is allowed, "
+                        "but quality degrades past it (default: the model's trained sequence length)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
     p.add_argument("--threads", type=_nonneg, default=0, help="CPU threads for torch; 0 = torch's default (default 0)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
