@@ -144,7 +144,10 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
     for it in range(1, oc.iterations + 1):
         fails = [r for r in best_results if "judgement" in r and J.is_failure(r["judgement"], oc.fail_below)]
         if not fails:
-            log(f"optimize: iteration {it}: the best prompt has no failures on the opt split; stopping")
+            judged = sum("judgement" in r for r in best_results)
+            why = ("no answer on the opt split was judged (all judge errors), nothing to learn from" if not judged
+                   else f"the best prompt has no failures among {judged} judged answers on the opt split")
+            log(f"optimize: iteration {it}: {why}; stopping")
             break
         fails.sort(key=lambda r: (min(r["judgement"]["scores"].values()), r["question_id"]))
         shown = [{"question": r["question"], "answer": r["answer"], "domain": r["domain"], "strategy": r["strategy"],
