@@ -150,3 +150,28 @@ def print0(*args, **kwargs) -> None:
     if dist_info().rank == 0:
         print(*args, **kwargs)
         sys.stdout.flush()
+
+
+def read_jsonl_numbered(path, what: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSONL file (.gz allowed), with one
+    clear PicochatError for a missing/unreadable file, a bad line or an empty file."""
+    import gzip
+    path = Path(path).expanduser()
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        lines = raw.decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise PicochatError(f"{what} data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise PicochatError(f"cannot read {what} data file {path}: {e}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise PicochatError(f"{path}: line {n}: bad JSON ({e.msg})") from None
+    if not rows:
+        raise PicochatError(f"{path}: no {what} examples in the file")
+    return rows

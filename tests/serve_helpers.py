@@ -7,6 +7,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 import uvicorn
 
@@ -121,3 +122,22 @@ def wait_until(pred, timeout: float = 20.0, every: float = 0.05) -> bool:
             return True
         time.sleep(every)
     return pred()
+
+
+# module-scoped fixtures shared by the serve test files (imported there by name)
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return random_model(tok.vocab_size, seed=1)

@@ -8,30 +8,12 @@ import threading
 import httpx
 import openai
 import pytest
-import torch
 
-from serve_helpers import (CONTEXT, ScriptedModel, alone_chat, alone_text, random_model, serve, tiny_tokenizer,
+from serve_helpers import one_thread, model, tok  # noqa: F401  (shared module fixtures)
+from serve_helpers import (CONTEXT, ScriptedModel, alone_chat, alone_text, serve,
                            wait_until)
 
 MSGS = [{"role": "user", "content": "What is 2 + 2?"}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return random_model(tok.vocab_size, seed=1)
 
 
 @pytest.fixture(scope="module")

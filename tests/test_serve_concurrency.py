@@ -12,7 +12,8 @@ import torch
 from picochat.inference.engine import Engine
 from picochat.inference.scheduler import Scheduler
 from picochat.model.kv_cache import KVCache
-from serve_helpers import alone_chat, random_model, serve, tiny_tokenizer, wait_until
+from serve_helpers import one_thread, model, tok  # noqa: F401  (shared module fixtures)
+from serve_helpers import alone_chat, random_model, serve, wait_until
 
 WORDS = "fox dog quick lazy hello world today fine thank you brown jumps over".split()
 
@@ -20,24 +21,6 @@ WORDS = "fox dog quick lazy hello world today fine thank you brown jumps over".s
 def prompt(i: int) -> list[dict]:
     # different lengths and contents, so rows join the batch with different paddings
     return [{"role": "user", "content": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + i % 7))}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return random_model(tok.vocab_size, seed=1)
 
 
 @pytest.mark.parametrize("attention", ["gqa", "mla"])

@@ -42,7 +42,6 @@ Grading rules (`extract_answer`; `grade` applies the same number parser to the r
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -52,7 +51,7 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, read_jsonl_numbered
 
 __all__ = ["PROMPT_TEMPLATE", "format_prompt", "extract_answer", "parse_integer", "grade",
            "load_aime", "load_aime_hf", "pass_at_k", "majority_vote"]
@@ -253,24 +252,7 @@ def load_aime(path: str | os.PathLike) -> list[dict]:
     """Read AIME problems from JSONL: one object per line with question/answer fields
     (also problem/answer and Problem/Answer). Returns [{"question", "answer"[, "id"]}]."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PicochatError(f"AIME data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PicochatError(f"cannot read AIME data file {path}: {e}") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PicochatError(f"{path}: line {n}: bad JSON ({e.msg})") from None
-        rows.append(_row(obj, f"{path}: line {n}"))
-    if not rows:
-        raise PicochatError(f"{path}: no AIME problems in the file")
-    return rows
+    return [_row(obj, f"{path}: line {n}") for n, obj in read_jsonl_numbered(path, "AIME")]
 
 
 _HF_SOURCES = {

@@ -92,6 +92,10 @@ class SandboxResult:
 
 # --------------------------------------------------------------------------- the child's runner
 # Executed with `python -I -B -u -X utf8 -c _RUNNER <allow_exit> <guard>`; the program arrives on stdin.
+# The child's bootstrap. It is the ONLY place picochat executes model-written code, and it runs in
+# a separate `python -I` process started by run_python() under rlimits (CPU, memory, processes,
+# files), a fresh session, a private temp dir and the audit-hook guard below; nothing in the
+# parent process ever exec()s or eval()s model output.
 _RUNNER = r'''
 import os, sys
 _code = sys.stdin.buffer.read().decode("utf-8", "replace")

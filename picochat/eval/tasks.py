@@ -14,15 +14,13 @@ bpb (the prepared corpus); the Hugging Face Hub for AIME.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, read_jsonl_numbered
 from picochat.eval import aime, olmo_data
 
 # what a --data-file line must hold, per task (also shown in `picochat eval chat --help`)
@@ -66,28 +64,11 @@ class EvalTask:
 
 def read_jsonl(path: str | Path, what: str) -> list[dict]:
     """Objects of a JSONL file (.gz allowed); one clear error for a missing file or a bad line."""
-    path = Path(path).expanduser()
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        lines = raw.decode("utf-8").splitlines()
-    except FileNotFoundError:
-        raise PicochatError(f"{what} data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
-        raise PicochatError(f"cannot read {what} data file {path}: {e}") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PicochatError(f"{path}: line {n}: bad JSON ({e.msg})") from None
+    rows = read_jsonl_numbered(path, what)
+    for n, obj in rows:
         if not isinstance(obj, dict):
-            raise PicochatError(f"{path}: line {n}: expected a JSON object")
-        rows.append(obj)
-    if not rows:
-        raise PicochatError(f"{path}: no examples in the file")
-    return rows
+            raise PicochatError(f"{Path(path).expanduser()}: line {n}: expected a JSON object")
+    return [obj for _, obj in rows]
 
 
 def _need(row: dict, key: str, where: str) -> str:
