@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from picochat.common import PicochatError, number_type
+from picochat.common import THREADS_HELP, PicochatError, apply_threads, number_type
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,6 +97,7 @@ def _add_train_flags(p, stage: str):
                    f"torchrun ranks, at most 8 (here {default_workers()})")
     p.add_argument("--tokenizer-batch-size", type=_positive_int, default=None, help="documents tokenized per "
                    "request (default 64 for base, 32 conversations for mid; does not change the token stream)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.add_argument("--prefetch", type=_positive_int, default=4, help="ready batches queued ahead per process when "
                    "--loader-workers > 0 (default 4)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
@@ -406,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=_positive_int, default=1, help="how many samples (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal")
@@ -418,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.set_defaults(func=cmd_chat)
 
     # command groups that live next to their code: each module has register(subparsers)
@@ -444,6 +447,7 @@ COMMAND_MODULES = (
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_threads(getattr(args, "threads", None))  # before any torch work of the command
     try:
         args.func(args)
     except PicochatError as e:

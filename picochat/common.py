@@ -175,3 +175,15 @@ def read_jsonl_numbered(path, what: str) -> list[tuple[int, object]]:
     if not rows:
         raise PicochatError(f"{path}: no {what} examples in the file")
     return rows
+
+
+THREADS_HELP = ("CPU threads for torch (default: torch's choice, one per core). On a CPU shared with other "
+                "busy processes, 1 avoids OpenMP threads spin-waiting on each other (see README)")
+
+
+def apply_threads(n: int | None) -> None:
+    """torch.set_num_threads(n) when n is set (the --threads flag); None/0 keeps torch's default."""
+    if n:
+        import torch
+        torch.set_num_threads(n)
+

@@ -136,3 +136,15 @@ def test_corrupt_checkpoint_cli_error(env, tmp_path):
 def test_sample_runs(env):
     proc = run(["sample", "--model", "base/full", "-p", "the king", "--max-tokens", "10", "--seed", "1"], env)
     assert proc.stdout.startswith("the king")
+
+
+def test_threads_flag_is_applied_before_the_command(monkeypatch):
+    """--threads N reaches torch.set_num_threads before the command runs (here: one that fails)."""
+    import picochat.cli as cli
+    seen = []
+    monkeypatch.setattr(cli, "apply_threads", seen.append)
+    assert cli.main(["sample", "--model", "base/none-such", "--threads", "1"]) == 1
+    assert cli.main(["eval", "chat", "--model", "base/none-such", "--threads", "3"]) == 1
+    assert seen == [1, 3]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "base", "--threads", "0"])  # argparse: "expected a positive integer"

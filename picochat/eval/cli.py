@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from picochat.common import PicochatError, number_type
+from picochat.common import THREADS_HELP, PicochatError, number_type
 
 _pos = number_type(int, lambda v: v >= 1, "a positive integer")
 _nonneg_f = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
@@ -182,6 +182,7 @@ def register(sub) -> None:
         q.add_argument("--show", type=int, default=3, help="generative replies to print per task (default 3)")
         q.add_argument("--seed", type=int, default=0, help="seed of the --samples (default 0)")
         q.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+        q.add_argument("--threads", type=_pos, default=None, help=THREADS_HELP)
         q.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write the report card: $PICOCHAT_HOME/report/report.md + PNG plots",

@@ -37,9 +37,6 @@ def cmd_serve(args) -> None:
     except OSError as e:
         raise PicochatError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     device = pick_device(args.device)
-    if device.type == "cpu" and args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     tok = Tokenizer.load(tokenizer_dir())
     model, _ = load_model(args.model, device=device)
     draft = None
@@ -84,7 +81,7 @@ def register(subparsers) -> None:
                    help="max prompt + completion tokens per request; up to 10x the trained context is allowed, "
                         "but quality degrades past it (default: the model's trained sequence length)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
-    p.add_argument("--threads", type=_nonneg, default=0, help="CPU threads for torch; 0 = torch's default (default 0)")
+    p.add_argument("--threads", type=_nonneg, default=0, help="CPU threads for torch (applied by picochat.cli.main); 0 = torch's default (default 0)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=cmd_serve)
