@@ -88,9 +88,11 @@ def _add_train_flags(p, stage: str):
     p.add_argument("--save-every", type=_nonneg_int, default=0, help="steps between checkpoints; 0 = only at the end (default 0)")
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss entries in the run history (default 10)")
     p.add_argument("--keep", type=_positive_int, default=2, help="checkpoints kept per tag (default 2)")
-    p.add_argument("--compile", default="off", help=COMPILE_HELP)
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's activations in backward "
-                   "(torch.utils.checkpoint, non-reentrant): less activation memory, ~1 extra forward of compute")
+    p.add_argument("--compile", default=None, help=COMPILE_HELP)
+    p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute each block's activations "
+                   "in backward (torch.utils.checkpoint, non-reentrant): less activation memory, ~1 extra forward of "
+                   "compute. With --resume, --compile and --grad-checkpoint apply to the rest of the run (they change "
+                   "how it trains, not what); every other setting comes from the checkpoint")
     from picochat.data.workers import default_workers
     p.add_argument("--loader-workers", type=_nonneg_int, default=None, help="background processes that tokenize "
                    "training data (0 = in the training process); default: available cores minus one, split across "
@@ -135,8 +137,19 @@ def _settings(args, stage: str, tag: str, seq_len: int, extra: dict):
         total_batch_size=args.total_batch_size, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
         unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         warmdown_ratio=args.warmdown_ratio, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        save_every=args.save_every, log_every=args.log_every, keep=args.keep, compile=args.compile,
-        grad_checkpoint=args.grad_checkpoint, seed=args.seed, extra=extra)
+        save_every=args.save_every, log_every=args.log_every, keep=args.keep, compile=args.compile or "off",
+        grad_checkpoint=bool(args.grad_checkpoint), seed=args.seed, extra=extra)
+
+
+def _resume_settings(resume, args):
+    """The checkpoint's settings, except the execution knobs given again on the command line."""
+    from picochat.train.loop import TrainSettings
+    settings = TrainSettings(**resume.meta["settings"])
+    if args.compile is not None:
+        settings.compile = args.compile
+    if args.grad_checkpoint:
+        settings.grad_checkpoint = True
+    return settings
 
 
 def _run(args, model, settings, make_loader, val_batches, tok, device, info, resume, t0: float) -> None:
@@ -163,7 +176,6 @@ def cmd_train_base(args):
     from picochat.model.config import config_from_depth
     from picochat.model.gpt import GPT
     from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import TrainSettings
 
     t0 = time.time()
     device = pick_device(args.device)
@@ -173,7 +185,7 @@ def cmd_train_base(args):
     resume = None
     if args.resume:
         resume = ck.read_checkpoint(tag)
-        settings = TrainSettings(**resume.meta["settings"])
+        settings = _resume_settings(resume, args)
         model, _ = ck.load_model(tag, device=device)
         model.train()
     else:
@@ -209,7 +221,6 @@ def cmd_train_chat(args):
     from picochat.data.chat_loader import MidLoader, SFTLoader
     from picochat.data.tasks.registry import build_mixture
     from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import TrainSettings
 
     t0 = time.time()
     stage = args.stage
@@ -221,7 +232,7 @@ def cmd_train_chat(args):
         if not args.tag:
             raise PicochatError("--resume needs --tag (the run to continue)")
         resume = ck.read_checkpoint(args.tag)
-        settings = TrainSettings(**resume.meta["settings"])
+        settings = _resume_settings(resume, args)
         model, _ = ck.load_model(args.tag, device=device)
     else:
         model, source = ck.load_model(args.model, device=device)

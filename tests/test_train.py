@@ -66,6 +66,19 @@ def test_resume_continues_exactly(env):
     assert losses(c_split) == pytest.approx(losses(c_full), abs=1e-6)
 
 
+def test_resume_takes_new_grad_checkpoint_flag(env):
+    """--resume keeps the run's settings but applies --grad-checkpoint (how it trains, not what)."""
+    run([*TRAIN, "--steps", "6", "--tag", "base/ck-full"], env)
+    run([*TRAIN, "--steps", "6", "--tag", "base/ck-split", "--stop-after", "3"], env)
+    run(["train", "base", "--tag", "base/ck-split", "--resume", "--grad-checkpoint", "--device", "cpu"], env)
+    w_full, _ = final_weights(env, "base/ck-full")
+    w_split, c_split = final_weights(env, "base/ck-split")
+    assert c_split.meta["settings"]["grad_checkpoint"] is True
+    assert c_split.meta["settings"]["steps"] == 6
+    for k in w_full:  # recomputed activations are the same numbers on CPU
+        torch.testing.assert_close(w_split[k], w_full[k], atol=1e-6, rtol=0)
+
+
 def test_torchrun_two_processes_equal_one_process_with_accumulation(env):
     run([*TRAIN, "--steps", "3", "--tag", "base/accum", "--total-batch-size", "128"], env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
