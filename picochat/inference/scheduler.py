@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picochat.inference.engine import Engine
+from picochat.inference.engine import Engine, prefill
 from picochat.inference.sampling import SamplingParams, draw_uniforms, sample_next, validate_sampling
 from picochat.inference.speculative import GammaController, generate_speculative_batch
 from picochat.model.kv_cache import KVCache
@@ -225,11 +225,7 @@ class Scheduler:
             return
         # a row coming back from speculation has tokens already: feed all but its pending last one
         contexts = [r.req.prompt + r.tokens[:-1] for r in rows]
-        L = max(len(c) for c in contexts)
-        pad = [L - len(c) for c in contexts]
-        ids = torch.tensor([[self.pad_id] * n + c for n, c in zip(pad, contexts)], dtype=torch.long, device=self.device)
-        cache = KVCache(len(rows), L, device=self.device, pad=pad)
-        logits = self.model.logits(self.model.hidden(ids, kv_cache=cache)[:, -1])
+        logits, cache = prefill(self.model, contexts, max(len(c) for c in contexts), self.pad_id, self.device)
         params = self._sampling(rows)
         first = sample_next(logits, params=params, uniforms=self._uniforms(rows, params)).tolist()
         keep = []

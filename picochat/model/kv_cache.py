@@ -106,6 +106,25 @@ class KVCache:
         self.pad, self.batch_size = pads - drop, len(pads)
         self._pad_changed()
 
+    def place(self, rows: torch.Tensor | list[int], other: "KVCache") -> None:
+        """Copy everything `other` has cached into rows `rows` of this cache, right-aligned to end
+        at this cache's `pos` (batched prefill in length-sorted chunks: each chunk is padded only to
+        its own longest prompt, and the columns before it are these rows' left padding here).
+        Allocates this cache's buffers on first use; `pad` must already describe the result."""
+        if other.pos > self.pos:
+            raise ValueError(f"cannot place {other.pos} positions before position {self.pos}")
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        for layer_idx, names in other.layers.items():
+            layer = self.layers.setdefault(layer_idx, {})
+            for name, (src, seq_dim) in names.items():
+                if name not in layer:
+                    shape = list(src.shape)
+                    shape[0], shape[seq_dim] = self.batch_size, self.max_len
+                    layer[name] = (torch.zeros(shape, dtype=self.dtype or src.dtype, device=src.device), seq_dim)
+                buf, _ = layer[name]
+                dst = buf.narrow(seq_dim, self.pos - other.pos, other.pos)
+                dst.index_copy_(0, rows.to(buf.device), src.narrow(seq_dim, 0, other.pos))
+
     def shift_right(self, shift: torch.Tensor | list[int]) -> None:
         """Move row b's cached positions right by shift[b] and grow its left padding by as much.
 
