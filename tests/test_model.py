@@ -72,6 +72,23 @@ def test_cache_rollback_and_row_selection():
         model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
 
 
+def test_cache_place_right_aligns_rows_and_refuses_overflow():
+    """KVCache.place copies a shorter cache into chosen rows, ending at the target's pos."""
+    big, small = KVCache(3, 10), KVCache(1, 4)
+    big.advance(6)
+    small.update(0, "k", torch.arange(4.0).view(1, 1, 4, 1), seq_dim=2)
+    small.advance(4)
+    big.place([2], small)
+    k = big.layers[0]["k"][0]
+    assert k.shape == (3, 1, 10, 1)
+    assert k[2, 0, :, 0].tolist() == [0, 0, 0, 1, 2, 3, 0, 0, 0, 0]   # positions 2..5 = small's 0..3
+    assert k[:2].abs().sum() == 0
+    early = KVCache(1, 10)
+    early.advance(3)
+    with pytest.raises(ValueError, match="cannot place 4 positions before position 3"):
+        early.place([0], small)
+
+
 def test_kv_bytes_per_token_matches_accounting():
     model = random_model("gqa", 1)
     cache = KVCache(2, 10)
