@@ -1,6 +1,7 @@
 """Plain vs speculative decoding (batch 1) for a draft/target pair, at temperature 0 and 1.
 
-    python benchmarks/speculative.py --draft base/d2 --target base/d8     # a trained pair
+    python benchmarks/speculative.py --draft draft/d2 --target base/d8    # a trained pair
+                                    # (a distilled draft: `picochat data distill`, docs/inference.md)
     python benchmarks/speculative.py                                       # random d2 / d8 (runs anywhere)
 
 Plain = Engine.generate([prompt]) on the target; speculative = generate_speculative(target, draft,
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -74,44 +74,6 @@ def measure(target, draft, prompts, new_tokens, temperature, reps, seed, gamma, 
                 greedy_identical=same if temperature == 0 else None)
 
 
-def write_distill_corpus(target, path: str, n_tokens: int, seed: int, temperature: float = 1.0, batch: int = 32,
-                         length: int = 192, greedy_fraction: float = 0.5) -> None:
-    """Continue prefixes of training documents with the target and write prefix + continuation as
-    JSONL {"text": ...} for `picochat data prepare --source local:PATH`. A draft trained on them
-    learns to predict what this target says, which is what acceptance measures (sequence-level
-    distillation, as in DistillSpec). Prefixes (16-48 tokens from a random line of a random
-    training document) make greedy continuations differ; `greedy_fraction` of the rows decode at
-    temperature 0 (what a T=0 benchmark needs the draft to predict), the rest at `temperature`."""
-    import random
-
-    from picochat.common import data_dir, tokenizer_dir
-    from picochat.data.corpus import iter_documents
-    from picochat.tokenizer import Tokenizer
-    tok = Tokenizer.load(tokenizer_dir())
-    docs = [d for d in iter_documents(data_dir("embedded"), "train") if len(d) > 2000]
-    rng = random.Random(seed)
-    engine = Engine(target, tok)
-    done, i, t0 = 0, 0, time.perf_counter()
-    n_greedy = round(batch * greedy_fraction)
-    temps = [0.0] * n_greedy + [temperature] * (batch - n_greedy)
-    with open(path + ".tmp", "w") as f:
-        while done < n_tokens:
-            prefixes = []
-            for _ in range(batch):
-                doc = rng.choice(docs)
-                start = doc.rfind("\n", 0, rng.randrange(len(doc) - 1000)) + 1
-                ids = tok.encode(doc[start:start + 400])[:rng.randint(16, 48)]
-                prefixes.append([tok.bos_token_id] + ids)
-            rows = engine.generate(prefixes, length, temperature=temps, seed=seed + i * batch,
-                                   stop_tokens={tok.bos_token_id})
-            for pre, r in zip(prefixes, rows):
-                f.write(json.dumps({"text": tok.decode(pre[1:] + [t for t in r if t != tok.bos_token_id])}) + "\n")
-                done += len(r)
-            i += 1
-            print(f"distill corpus: {done:,} tokens ({done / (time.perf_counter() - t0):.0f} tok/s)", flush=True)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--draft", default=None,
@@ -128,20 +90,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--distill-corpus", default=None, metavar="OUT.jsonl",
-                    help="instead of benchmarking, sample --distill-tokens tokens from --target into OUT.jsonl")
-    ap.add_argument("--distill-tokens", type=int, default=300_000)
-    ap.add_argument("--distill-temperature", type=float, default=1.0,
-                    help="temperature of the sampled (non-greedy) distillation rows (default 1.0)")
-    ap.add_argument("--distill-greedy-fraction", type=float, default=0.5,
-                    help="fraction of distillation rows decoded greedily (default 0.5)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_or_random(args.target, args.target_depth, seed=1)
-    if args.distill_corpus:
-        return write_distill_corpus(target, args.distill_corpus, args.distill_tokens, args.seed,
-                                    args.distill_temperature, greedy_fraction=args.distill_greedy_fraction)
     V = target.config.vocab_size
     tags = args.draft.split(",") if args.draft else [None]
     pairs = [(tag or f"random d{args.draft_depth}",

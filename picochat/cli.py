@@ -45,6 +45,42 @@ def cmd_data_prepare(args):
           f"in {time.time() - t0:.1f}s")
 
 
+def cmd_data_distill(args):
+    """The target continues prefixes of a prepared corpus; the texts become a new prepared corpus."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from picochat.checkpoint import load_model
+    from picochat.common import data_dir, pick_device, tokenizer_dir
+    from picochat.data.corpus import iter_documents, prepare
+    from picochat.inference.distill import distill_samples
+    from picochat.tokenizer import Tokenizer
+    out = data_dir(args.name)
+    if out.exists() and not args.overwrite:  # fail before minutes of generation
+        raise PicochatError(f"{out} already exists; pass --overwrite to replace it")
+    docs = [d for d in iter_documents(data_dir(args.source_data), "train") if len(d) > 200]
+    if not docs:
+        raise PicochatError(f"corpus {args.source_data!r} has no training documents longer than 200 characters")
+    tok = Tokenizer.load(tokenizer_dir())
+    model, _ = load_model(args.target, device=pick_device(args.device))
+    t0 = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{args.name}.distill-") as tmp:
+        path = Path(tmp) / f"{args.name}.jsonl"
+        with open(path, "w") as f, tqdm(total=args.tokens, desc="distill", unit=" tok", disable=None) as bar:
+            for prefix, cont, _ in distill_samples(model, tok, docs, args.tokens, seed=args.seed,
+                                                   temperature=args.temperature, greedy_fraction=args.greedy_fraction,
+                                                   batch=args.batch_size, length=args.length, progress=bar.update):
+                f.write(json.dumps({"text": tok.decode(prefix + cont)}) + "\n")
+        meta = prepare(f"local:{path}", out, overwrite=args.overwrite, val_fraction=args.val_fraction)
+    print(f"distilled {args.target} -> {out}: {meta['train_docs']:,} train docs ({meta['train_chars']:,} chars), "
+          f"{meta['val_docs']:,} val docs in {time.time() - t0:.1f}s; train a draft with "
+          f"`picochat train base --depth 2 --data {args.name}`")
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 def cmd_tokenizer_train(args):
@@ -368,6 +404,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-config", help="dataset config for hf: sources (e.g. sample-10BT)")
     p.add_argument("--text-field", default="text", help="text column/field for hf/jsonl/parquet sources (default text)")
     p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser("distill", help="a corpus of a target model's continuations, to train a speculative-decoding "
+                        "draft on (docs/inference.md)")
+    p.add_argument("--target", required=True, help="checkpoint tag of the target model, e.g. base/d8")
+    p.add_argument("--name", required=True, help="name of the corpus to write under $PICOCHAT_HOME/data")
+    p.add_argument("--source-data", default="embedded", help="prepared corpus whose training documents give the "
+                   "prompts: 16-48-token prefixes from random lines (default embedded)")
+    p.add_argument("--tokens", type=_positive_int, default=200_000, help="tokens the target generates (default 200000)")
+    p.add_argument("--length", type=_positive_int, default=192, help="tokens per continuation (default 192)")
+    p.add_argument("--greedy-fraction", type=number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                   default=0.5, help="share of rows decoded greedily, the rest at --temperature (default 0.5)")
+    p.add_argument("--temperature", type=_nonneg_float, default=1.0, help="temperature of the sampled rows (default 1.0)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="continuations generated together (default 32)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.05, help="share held out for validation (default 0.05)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing corpus of that name")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts and sampling (default 0)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    p.set_defaults(func=cmd_data_distill)
 
     tokp = sub.add_parser("tokenizer", help="train or evaluate the BPE tokenizer").add_subparsers(dest="action", required=True)
     p = tokp.add_parser("train", help="train a byte-level BPE on the prepared corpus")

@@ -1,4 +1,4 @@
-"""Pretraining end to end on a tiny corpus: exact resume, torchrun == accumulation, CLI errors."""
+"""Pretraining end to end on a tiny corpus: exact resume, torchrun == accumulation, CLI errors, draft distillation."""
 import json
 import os
 import subprocess
@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from picochat import checkpoint as ck
+from picochat.model.config import config_from_depth
+from picochat.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the king and queen of the realm spoke with honour and grace while the fool sang of love "
@@ -161,3 +163,38 @@ def test_threads_flag_is_applied_before_the_command(monkeypatch):
     assert seen == [1, 3]
     with pytest.raises(SystemExit):
         cli.main(["train", "base", "--threads", "0"])  # argparse: "expected a positive integer"
+
+
+def test_distill_samples_are_the_targets_own_continuations(env):
+    """Greedy rows are exactly the target's greedy continuation of a corpus prefix; the CLI turns the
+    samples into a prepared corpus that a draft trains on."""
+    from picochat.data.corpus import iter_documents
+    from picochat.inference.distill import distill_samples
+    from picochat.inference.engine import Engine
+    from picochat.tokenizer import Tokenizer
+    home = Path(env["PICOCHAT_HOME"])
+    tok = Tokenizer.load(home / "tokenizer")
+    docs = list(iter_documents(home / "data/tiny", "train"))
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(1, tok.vocab_size, 64)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ticks = []
+    samples = list(distill_samples(model, tok, docs, 50, batch=4, length=10, greedy_fraction=0.5, seed=3,
+                                   progress=ticks.append))
+    assert len(samples) == 8 and sum(ticks) >= 50 and [t for _, _, t in samples[:4]] == [0.0, 0.0, 1.0, 1.0]
+    engine = Engine(model, tok)
+    for prefix, cont, temp in samples:
+        assert 16 <= len(prefix) <= 48 and any(tok.decode(prefix) in d for d in docs)
+        if temp == 0.0:
+            ref = engine.generate([[tok.bos_token_id] + prefix], 10, temperature=0.0, stop_tokens={tok.bos_token_id})[0]
+            assert cont == [t for t in ref if t != tok.bos_token_id]
+
+    run([*TRAIN, "--steps", "2", "--tag", "base/distill-target"], env)
+    run(["data", "distill", "--target", "base/distill-target", "--name", "distilled", "--tokens", "200",
+         "--batch-size", "4", "--length", "16", "--device", "cpu", "--val-fraction", "0.2", "--source-data", "tiny"], env)
+    meta = json.loads((home / "data/distilled/meta.json").read_text())
+    assert meta["train_docs"] + meta["val_docs"] >= 200 // 16
+    run([*TRAIN, "--steps", "2", "--data", "distilled", "--tag", "draft/tiny"], env)
+    one_line_error(run(["data", "distill", "--target", "base/distill-target", "--name", "distilled"], env, check=False),
+                   "already exists")
