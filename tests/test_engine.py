@@ -178,14 +178,27 @@ def test_length_chunks_partition_sorted_rows():
 
 
 @pytest.mark.parametrize("attention", ["mha", "mla"])
-def test_chunked_prefill_equals_one_padded_prefill(attention):
-    """Length-sorted chunked prefill gives the same logits, the same cache and the same generations."""
+def test_chunked_prefill_equals_one_padded_prefill(attention, monkeypatch):
+    """Length-sorted chunked prefill gives the same logits, the same cache and the same generations,
+    and still allocates one full-length cache (the chunks' own caches are prompt-sized)."""
     model = random_model(seed=3, attention=attention)
     prompts = random_prompts(16, 1, 90, seed=8)
     assert len(engine_mod.length_chunks([len(p) for p in prompts])) == 4
+    made = []
+
+    class Counting(KVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(engine_mod, "KVCache", Counting)
     with torch.inference_mode():
         lg1, c1 = engine_mod.prefill(model, prompts, 120, max_chunks=1)
+        made.clear()
         lg4, c4 = engine_mod.prefill(model, prompts, 120, max_chunks=4)
+    assert [c.max_len for c in made].count(120) == 1 and len(made) == 5
+    assert all(c.max_len == max(len(prompts[i]) for i in rows)
+               for c, rows in zip(made[1:], engine_mod.length_chunks([len(p) for p in prompts])))
     torch.testing.assert_close(lg4, lg1, atol=1e-5, rtol=0)
     assert c4.pos == c1.pos == max(len(p) for p in prompts)
     assert torch.equal(c4.pad, c1.pad) and c4.max_len == c1.max_len == 120
