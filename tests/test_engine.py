@@ -121,7 +121,8 @@ def test_stream_call_shape_used_by_the_cli(engine):
     assert single == free[0][:cut]
 
 
-def test_cache_allocated_once_for_the_longest_sequence(engine, monkeypatch):
+def count_caches(monkeypatch) -> list:
+    """Record every KVCache the engine module builds from now on (the list fills as they are made)."""
     made = []
 
     class Counting(KVCache):
@@ -130,6 +131,11 @@ def test_cache_allocated_once_for_the_longest_sequence(engine, monkeypatch):
             made.append(self)
 
     monkeypatch.setattr(engine_mod, "KVCache", Counting)
+    return made
+
+
+def test_cache_allocated_once_for_the_longest_sequence(engine, monkeypatch):
+    made = count_caches(monkeypatch)
     prompts = random_prompts(5, 3, 17, seed=6)
     engine.generate(prompts, 9, temperature=0.0, stop_tokens=set())
     assert len(made) == 1
@@ -184,14 +190,7 @@ def test_chunked_prefill_equals_one_padded_prefill(attention, monkeypatch):
     model = random_model(seed=3, attention=attention)
     prompts = random_prompts(16, 1, 90, seed=8)
     assert len(engine_mod.length_chunks([len(p) for p in prompts])) == 4
-    made = []
-
-    class Counting(KVCache):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            made.append(self)
-
-    monkeypatch.setattr(engine_mod, "KVCache", Counting)
+    made = count_caches(monkeypatch)
     with torch.inference_mode():
         lg1, c1 = engine_mod.prefill(model, prompts, 120, max_chunks=1)
         made.clear()
