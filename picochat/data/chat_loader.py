@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from picochat.data.loader import DEFAULT_PREFETCH, PackedLoader
-from picochat.data.workers import Prefetcher, WorkerPool
+from picochat.data.workers import BackgroundLoader, Prefetcher, WorkerPool
 from picochat.data.tasks.base import Task
 
 
@@ -56,7 +56,7 @@ def sft_batch(conversations: list[dict], tokenizer, max_len: int,
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-class SFTLoader:
+class SFTLoader(BackgroundLoader):
     """Yields padded (x, y) batches of whole conversations; state = next index per slot."""
 
     def __init__(self, mixture: Task, tokenizer, batch_size: int, max_len: int, rank: int = 0, world_size: int = 1,
@@ -126,12 +126,3 @@ class SFTLoader:
         return {"split": "sft", "n_slots": self.n_slots, "micro": self.micro,
                 "slots": {str(s): v for s, v in self.next.items()}}
 
-    def state_dict(self) -> dict:
-        """Positions after the last batch handed out (not the ones prefetched)."""
-        return self._live_state() if self._consumed is None else self._consumed
-
-    def close(self) -> None:
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-        if self.pool is not None:
-            self.pool.close()

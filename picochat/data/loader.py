@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from picochat.data.corpus import count_documents, iter_documents
-from picochat.data.workers import OrderedStreams, Prefetcher, WorkerPool, in_worker
+from picochat.data.workers import BackgroundLoader, OrderedStreams, Prefetcher, WorkerPool, in_worker
 
 DEFAULT_PREFETCH = 4  # ready batches queued per process: enough to hide a slow chunk, small in memory
 
@@ -142,7 +142,7 @@ class _SlotStream:
         return {"v": int(self.next_v), "offset": 0}
 
 
-class PackedLoader:
+class PackedLoader(BackgroundLoader):
     """Yields (x, y) int64 tensors of shape (B, T) for this rank's micro-steps, in order.
 
     `make_docs()` returns a `docs(indices) -> token lists` callable (one per slot, so each slot
@@ -229,17 +229,6 @@ class PackedLoader:
     def _live_state(self) -> dict:
         return {"split": self.split, "n_slots": self.n_slots, "micro": self.micro,
                 "slots": {str(s.slot): s.state() for s in self.streams}}
-
-    def state_dict(self) -> dict:
-        """Positions after the last batch handed out (merge across ranks with merge_states under DDP)."""
-        return self._live_state() if self._consumed is None else self._consumed
-
-    def close(self) -> None:
-        """Stop the prefetch thread and the worker processes (idempotent)."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-        if self.pool is not None:
-            self.pool.close()
 
     def __del__(self):
         try:

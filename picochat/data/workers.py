@@ -225,26 +225,25 @@ class Prefetcher:
         self.thread = threading.Thread(target=self._run, args=(produce,), name="picochat-prefetch", daemon=True)
         self.thread.start()
 
+    def _put(self, entry) -> bool:
+        """Queue entry, waiting for room; False once close() was called."""
+        while not self.stop.is_set():
+            try:
+                self.q.put(entry, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _run(self, produce) -> None:
         try:
             for item in produce(self.stop):
-                while not self.stop.is_set():
-                    try:
-                        self.q.put(("ok", item), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+                if not self._put(("ok", item)):
                     return
         except _Stopped:
             return
         except BaseException as e:  # handed to the training thread (it may be draining the queue)
-            while not self.stop.is_set():
-                try:
-                    self.q.put(("error", e), timeout=0.2)
-                    return
-                except queue.Full:
-                    continue
+            self._put(("error", e))
 
     def get(self):
         while True:
@@ -261,3 +260,27 @@ class Prefetcher:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=5.0)
+
+
+class BackgroundLoader:
+    """What the pretraining and chat loaders share when they run with workers: the state to save is
+    the one after the last batch handed out (`_consumed`), not the prefetched ones, and closing stops
+    the prefetch thread and the worker pool. Subclasses set pool, prefetcher, _consumed and define
+    _live_state()."""
+    pool: WorkerPool | None = None
+    prefetcher: Prefetcher | None = None
+    _consumed: dict | None = None
+
+    def _live_state(self) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Positions after the last batch handed out (merge across ranks with merge_states under DDP)."""
+        return self._live_state() if self._consumed is None else self._consumed
+
+    def close(self) -> None:
+        """Stop the prefetch thread and the worker processes (idempotent)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.pool is not None:
+            self.pool.close()
