@@ -57,14 +57,14 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--reps", type=int, default=2, help="best of this many runs per measurement (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--transpose-weights", action="store_true",
-                    help="Engine(transpose_weights=True): weight layout for faster batched CPU matmuls")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="Engine(pack_weights=False): plain F.linear (MKL) instead of oneDNN-packed weights")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_or_random(args.model, args.depth)
-    engine = Engine(model, transpose_weights=args.transpose_weights)
+    engine = Engine(model, pack_weights=not args.no_pack)
     V = model.config.vocab_size
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts_all = make_prompts(max(sizes), V, args.min_prompt, args.max_prompt, args.seed)
@@ -74,7 +74,7 @@ def main(argv=None):
     print(f"model: {args.model or f'random d{args.depth}'} ({model.num_params() / 1e6:.1f}M params), "
           f"{args.new_tokens} new tokens, prompts {args.min_prompt}-{args.max_prompt}, "
           f"temperature {args.temperature}, threads {torch.get_num_threads()}"
-          + (", transposed weights" if args.transpose_weights else ""))
+          + (", unpacked weights (MKL)" if args.no_pack else ", oneDNN-packed weights"))
     print(f"{'batch':>5} {'serial tok/s':>12} {'batched tok/s':>13} {'speedup':>8} {'decode tok/s':>12} "
           f"{'prefill ms':>10} {'KV MB':>7}")
     rows, identical = [], True
@@ -104,7 +104,7 @@ def main(argv=None):
           f"allocated once per batch; serial == batched outputs: {identical}")
     print(json.dumps(dict(benchmark="batched_generation", model=args.model or f"random-d{args.depth}",
                           new_tokens=args.new_tokens, threads=torch.get_num_threads(),
-                          transpose_weights=args.transpose_weights,
+                          packed_weights=not args.no_pack,
                           kv_bytes_per_token=engine.kv_bytes_per_token(), outputs_identical=identical, rows=rows)))
 
 

@@ -24,23 +24,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from picochat.inference.cpu import prepare_cpu_inference
 from picochat.inference.sampling import SamplingParams, draw_uniforms, sample_next
 from picochat.model.kv_cache import KVCache
-
-
-def prepare_for_inference(model: torch.nn.Module) -> torch.nn.Module:
-    """Store every Linear weight transposed in memory (same values, same shape, column-major
-    strides; F.linear then runs MKL's NN GEMM without a copy) and return the model, modified in
-    place. Idempotent; results equal the original layout's to float rounding.
-
-    Measured on the 2-core dev CPU (d4 decode step, side by side): batch 8 -5%, batch 32 -4%
-    time, but batch 1 +7% (and d8 at batch 1 +3%). A modest win for batched serving only, so it
-    is opt-in (Engine(..., transpose_weights=True))."""
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous() and mod.weight.dim() == 2:
-                mod.weight.data = mod.weight.data.t().contiguous().t()
-    return model
 
 
 def length_chunks(lengths: Sequence[int], max_chunks: int = 4, min_rows: int = 4, max_waste: float = 0.25) -> list[list[int]]:
@@ -95,14 +81,16 @@ def prefill(model, contexts: list[list[int]], max_len: int, pad_id: int = 0, dev
 
 class Engine:
     def __init__(self, model, tokenizer=None, device: torch.device | str | None = None,
-                 transpose_weights: bool = False):
-        """transpose_weights: on CPU, re-lay the model's weights for batched matmuls
-        (prepare_for_inference; modifies `model` in place, values unchanged)."""
+                 pack_weights: bool = True):
+        """On CPU the engine tunes the process's allocator and, with pack_weights, runs the model's
+        larger Linear layers through oneDNN on prepacked weights where that is faster (cpu.py);
+        pack_weights=False switches them back to F.linear. Modifies `model` in place (parameters
+        and state_dict unchanged)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if transpose_weights and self.device.type == "cpu":
-            prepare_for_inference(model)
+        if self.device.type == "cpu":
+            prepare_cpu_inference(model, pack=pack_weights)
         self.last_stats: dict = {}  # what the last generation did (cache size, timings)
         self.prefill_chunks = 4     # mixed-length prompts: prefill in up to this many length-sorted chunks
 

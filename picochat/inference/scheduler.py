@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from picochat.inference.engine import Engine, prefill
+from picochat.inference.cpu import prepare_cpu_inference
 from picochat.inference.sampling import SamplingParams, draw_uniforms, sample_next, validate_sampling
 from picochat.inference.speculative import GammaController, generate_speculative_batch
 from picochat.model.kv_cache import KVCache
@@ -89,6 +90,10 @@ class Scheduler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.draft = model, draft
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":  # oneDNN where it pays, allocator (cpu.py)
+            for m in (model, draft):
+                if m is not None:
+                    prepare_cpu_inference(m)
         self.max_batch, self.pad_id = max_batch, pad_id
         self.spec_max_batch, self.spec_chunk = spec_max_batch, spec_chunk
         self.gamma_ctrl = GammaController(gamma) if draft is not None else None

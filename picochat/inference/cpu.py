@@ -1,0 +1,131 @@
+"""Making CPU decoding fast: oneDNN for the matmuls that gain from it, and an allocator that keeps
+freed memory instead of handing it back to the kernel after every step.
+
+Both come from profiling a d4 decode step on the 2-core dev CPU (numbers in docs/inference.md):
+
+1. Matmuls. PyTorch sends nn.Linear on CPU to MKL's sgemm, which is slow for the few rows decoding
+   produces (1 per sequence, gamma + 1 when verifying a speculation) on larger weights. oneDNN's
+   linear on a weight reordered once into its blocked layout (`_reorder_linear_weight`) was
+   1.3-3.5x faster there, but costs about 30 us more per call, so it loses on small weights and on
+   mid-size weights with a single row (benchmarks/cpu_linear.py measures both by shape and rows).
+   `pack_linears(model)` switches every Linear with at least PACK_MIN_WEIGHTS weights to a
+   PackedLinear (same parameters, same state_dict) that uses oneDNN when the weight has at least
+   ALWAYS_WEIGHTS elements or the call has 2+ rows, and F.linear otherwise.
+2. Allocator. A batch of 32 samples from (32, vocab) float tensors; glibc returns such freed
+   megabytes to the kernel at once (its trim threshold follows the mmap threshold, about 2 MB) and
+   page-faults them back in on the next step. Sampling at batch 32 took 1.9 ms a step that way and
+   0.23 ms with the thresholds raised. `retain_freed_memory()` raises them with mallopt (glibc
+   only, process-wide, once), which is what the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
+   environment variables would do; it leaves them alone when the user set those or preloads
+   another allocator.
+
+PackedLinear takes the oneDNN path only where that is safe (CPU, float32, no autograd, no
+autocast, not under torch.compile). Its packed copy follows the weight: it is rebuilt when the
+weight's storage or version counter changes (an optimizer step, load_state_dict, .to()), so a
+model can go on training after an Engine was built on it. Packing costs one more copy of those
+weights in memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PACK_MIN_WEIGHTS = 128 * 1024    # smaller weights stay on MKL: oneDNN's per-call cost outweighs its gain
+ALWAYS_WEIGHTS = 512 * 1024      # from here oneDNN wins even for a single row
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_malloc_tuned: bool | None = None
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear whose no-grad float32 CPU forward runs oneDNN on a prepacked weight when the
+    call is big enough to gain from it (min_rows rows or more)."""
+
+    min_rows: int = 1
+    _packed: torch.Tensor | None = None
+    _packed_key: tuple | None = None
+
+    def _use_onednn(self, x: torch.Tensor) -> bool:
+        w = self.weight
+        return (x.numel() >= self.min_rows * self.in_features and x.dtype == torch.float32
+                and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling())
+
+    def packed_weight(self) -> torch.Tensor:
+        w = self.weight
+        # (an inference tensor, made under torch.inference_mode, has no version counter; it cannot
+        # be updated in place outside inference mode, so its storage identifies it)
+        key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(w.shape))
+        if self._packed_key != key:
+            # blocked layout for no particular row count: measured fastest across 1-256 rows
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+            self._packed_key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_onednn(x):
+            return torch.ops.mkldnn._linear_pointwise.default(x, self.packed_weight(), self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def __getstate__(self):
+        # the packed tensor is an opaque oneDNN buffer that cannot be copied or pickled;
+        # a copy simply packs again on first use
+        return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_packed_key")}
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Switch every nn.Linear of `model` with at least PACK_MIN_WEIGHTS weights to PackedLinear
+    (in place; idempotent) and return the model. A no-op where oneDNN is not built in."""
+    if onednn_available():
+        for mod in model.modules():
+            if type(mod) is nn.Linear and mod.weight.numel() >= PACK_MIN_WEIGHTS:
+                mod.__class__ = PackedLinear
+                mod.min_rows = 1 if mod.weight.numel() >= ALWAYS_WEIGHTS else 2
+    return model
+
+
+def unpack_linears(model: nn.Module) -> nn.Module:
+    """Undo pack_linears (plain nn.Linear again, packed copies dropped)."""
+    for mod in model.modules():
+        if type(mod) is PackedLinear:
+            for name in ("_packed", "_packed_key", "min_rows"):
+                mod.__dict__.pop(name, None)
+            mod.__class__ = nn.Linear
+    return model
+
+
+def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Keep freed heap memory for reuse instead of returning it to the kernel (glibc mallopt).
+    Process-wide and applied once; returns whether the thresholds are now raised. Skipped off
+    glibc, when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set, or when LD_PRELOAD
+    brings another allocator (jemalloc, tcmalloc)."""
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        _malloc_tuned = False
+        user_set = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")) \
+            or "malloc" in os.environ.get("LD_PRELOAD", "")
+        if sys.platform.startswith("linux") and not user_set:
+            try:
+                libc = ctypes.CDLL(None)
+                libc.gnu_get_libc_version  # noqa: B018 -- glibc only; raises AttributeError elsewhere
+                _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
+                    bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+            except (OSError, AttributeError):
+                pass
+    return _malloc_tuned
+
+
+def prepare_cpu_inference(model: nn.Module, pack: bool = True) -> nn.Module:
+    """Both of the above for a model about to decode on the CPU (pack=False unpacks instead)."""
+    retain_freed_memory()
+    return pack_linears(model) if pack else unpack_linears(model)
