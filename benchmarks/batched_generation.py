@@ -2,13 +2,15 @@
 
     python benchmarks/batched_generation.py                       # random-weight d4 (runs anywhere)
     python benchmarks/batched_generation.py --model base/d4       # a checkpoint tag
+    python benchmarks/batched_generation.py --compare             # also without the CPU tuning, same run
 
 For each batch size B the same B prompts (random ids, lengths uniform in [4, 64]) are generated
 (a) one at a time ("serial": B calls of Engine.generate([p])) and (b) as one batch, each for
 --new-tokens tokens with stop tokens disabled, so both do the same work. Rows are seeded per row
 (seed + i), so serial and batched outputs must be identical; the JSON line says whether they were.
-Each measurement is the best of --reps runs, serial and batched interleaved (the machine is shared:
-compare ratios, not absolute numbers across runs). Prints a table and a final JSON line.
+Serial and batched runs are interleaved --reps times; the serial time is the sum of each prompt's
+best time, the batched time the best batched run (the machine is shared: compare ratios, not
+absolute numbers across runs). Prints a table and a final JSON line.
 """
 from __future__ import annotations
 
@@ -57,55 +59,65 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--reps", type=int, default=2, help="best of this many runs per measurement (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--no-pack", action="store_true",
-                    help="Engine(pack_weights=False): plain F.linear (MKL) instead of oneDNN-packed weights")
+    ap.add_argument("--compare", action="store_true",
+                    help="first run the whole table with Engine(cpu_tuning=False) (MKL matmuls, glibc's "
+                         "default allocator behaviour), then with the default tuning, in this one process")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_or_random(args.model, args.depth)
-    engine = Engine(model, pack_weights=not args.no_pack)
     V = model.config.vocab_size
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts_all = make_prompts(max(sizes), V, args.min_prompt, args.max_prompt, args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, stop_tokens=set())
-    engine.generate(prompts_all[:2], 8, **kw)  # warm-up (allocator, first-call overheads)
-
     print(f"model: {args.model or f'random d{args.depth}'} ({model.num_params() / 1e6:.1f}M params), "
           f"{args.new_tokens} new tokens, prompts {args.min_prompt}-{args.max_prompt}, "
-          f"temperature {args.temperature}, threads {torch.get_num_threads()}"
-          + (", unpacked weights (MKL)" if args.no_pack else ", oneDNN-packed weights"))
-    print(f"{'batch':>5} {'serial tok/s':>12} {'batched tok/s':>13} {'speedup':>8} {'decode tok/s':>12} "
-          f"{'prefill ms':>10} {'KV MB':>7}")
-    rows, identical = [], True
-    for B in sizes:
-        prompts = prompts_all[:B]
-        seeds = [args.seed + i for i in range(B)]
-        best_serial = best_batched = float("inf")
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            serial = [engine.generate([p], args.new_tokens, seed=[s], **kw)[0] for p, s in zip(prompts, seeds)]
-            best_serial = min(best_serial, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            batched = engine.generate(prompts, args.new_tokens, seed=seeds, **kw)
-            best_batched = min(best_batched, time.perf_counter() - t0)
-            st = engine.last_stats
-        identical &= serial == batched
-        ntok = B * args.new_tokens
-        r = dict(batch=B, serial_tok_s=round(ntok / best_serial, 1), batched_tok_s=round(ntok / best_batched, 1),
-                 speedup=round(best_serial / best_batched, 2),
-                 decode_tok_s=round(B * (args.new_tokens - 1) / st["decode_s"], 1),
-                 prefill_ms=round(st["prefill_s"] * 1e3, 1), kv_cache_mb=round(st["kv_cache_bytes"] / 2 ** 20, 2))
-        rows.append(r)
-        print(f"{B:>5} {r['serial_tok_s']:>12.0f} {r['batched_tok_s']:>13.0f} {r['speedup']:>7.2f}x "
-              f"{r['decode_tok_s']:>12.0f} {r['prefill_ms']:>10.1f} {r['kv_cache_mb']:>7.2f}")
+          f"temperature {args.temperature}, threads {torch.get_num_threads()}")
+    runs, identical = {}, True
+    # untuned first: the allocator setting is process-wide and cannot be taken back
+    for tuned in ([False, True] if args.compare else [True]):
+        engine = Engine(model, cpu_tuning=tuned)
+        engine.generate(prompts_all[:2], 8, **kw)  # warm-up (allocator, first-call overheads)
+        name = "cpu_tuning" if tuned else "untuned"
+        print(f"\n{name}: " + ("oneDNN-packed large weights, allocator keeps freed memory (cpu.py)" if tuned
+                               else "Engine(cpu_tuning=False): MKL for every matmul, default allocator"))
+        print(f"{'batch':>5} {'serial tok/s':>12} {'batched tok/s':>13} {'speedup':>8} {'decode tok/s':>12} "
+              f"{'prefill ms':>10} {'KV MB':>7}")
+        rows = runs[name] = []
+        for B in sizes:
+            prompts = prompts_all[:B]
+            seeds = [args.seed + i for i in range(B)]
+            # serial time = the sum over prompts of each prompt's best time, so a burst of load from
+            # other jobs spoils one prompt's measurement, not the whole serial pass
+            best_prompt, best_batched = [float("inf")] * B, float("inf")
+            for _ in range(args.reps):
+                serial = []
+                for i, (p, s) in enumerate(zip(prompts, seeds)):
+                    t0 = time.perf_counter()
+                    serial.append(engine.generate([p], args.new_tokens, seed=[s], **kw)[0])
+                    best_prompt[i] = min(best_prompt[i], time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                batched = engine.generate(prompts, args.new_tokens, seed=seeds, **kw)
+                best_batched = min(best_batched, time.perf_counter() - t0)
+                st = engine.last_stats
+            best_serial = sum(best_prompt)
+            identical &= serial == batched
+            ntok = B * args.new_tokens
+            r = dict(batch=B, serial_tok_s=round(ntok / best_serial, 1), batched_tok_s=round(ntok / best_batched, 1),
+                     speedup=round(best_serial / best_batched, 2),
+                     decode_tok_s=round(B * (args.new_tokens - 1) / st["decode_s"], 1),
+                     prefill_ms=round(st["prefill_s"] * 1e3, 1), kv_cache_mb=round(st["kv_cache_bytes"] / 2 ** 20, 2))
+            rows.append(r)
+            print(f"{B:>5} {r['serial_tok_s']:>12.0f} {r['batched_tok_s']:>13.0f} {r['speedup']:>7.2f}x "
+                  f"{r['decode_tok_s']:>12.0f} {r['prefill_ms']:>10.1f} {r['kv_cache_mb']:>7.2f}")
     print(f"KV cache: {engine.kv_bytes_per_token()} bytes per token per row "
           f"({model.kv_values_per_token()} values x {next(model.parameters()).element_size()} bytes), "
           f"allocated once per batch; serial == batched outputs: {identical}")
     print(json.dumps(dict(benchmark="batched_generation", model=args.model or f"random-d{args.depth}",
                           new_tokens=args.new_tokens, threads=torch.get_num_threads(),
-                          packed_weights=not args.no_pack,
-                          kv_bytes_per_token=engine.kv_bytes_per_token(), outputs_identical=identical, rows=rows)))
+                          kv_bytes_per_token=engine.kv_bytes_per_token(), outputs_identical=identical,
+                          rows=runs["cpu_tuning"], **({"untuned_rows": runs["untuned"]} if args.compare else {}))))
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def test_other_dtypes_fall_back_to_f_linear():
 def test_engine_packed_and_plain_generate_the_same_tokens():
     model = d2_model(seed=5)
     prompts = random_prompts(16, hi=60, seed=2, vocab=2048)
-    plain = Engine(copy.deepcopy(model), pack_weights=False)
+    plain = Engine(copy.deepcopy(model), cpu_tuning=False)
     fast = Engine(model)
     assert any(type(m) is PackedLinear for m in fast.model.modules())
     assert not any(type(m) is PackedLinear for m in plain.model.modules())

@@ -179,7 +179,7 @@ def test_engine_batched_greedy_equals_each_prompt_alone():
     assert all(len(o) == 16 for o in batched) and len({tuple(o) for o in batched}) > 4
     assert engine.last_stats["kv_bytes_per_token"] == engine.model.kv_values_per_token() * 4
     # the Engine's oneDNN-packed Linear layers must not change what MLA computes
-    plain = Engine(copy.deepcopy(engine.model), pack_weights=False)
+    plain = Engine(copy.deepcopy(engine.model), cpu_tuning=False)
     assert plain.generate(ps, 16, temperature=0.0, stop_tokens=set()) == batched
 
 

@@ -125,7 +125,10 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 25
     return _malloc_tuned
 
 
-def prepare_cpu_inference(model: nn.Module, pack: bool = True) -> nn.Module:
-    """Both of the above for a model about to decode on the CPU (pack=False unpacks instead)."""
+def prepare_cpu_inference(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Both of the above for a model about to decode on the CPU; enable=False unpacks the model's
+    layers instead (the allocator setting, process-wide, stays as it is)."""
+    if not enable:
+        return unpack_linears(model)
     retain_freed_memory()
-    return pack_linears(model) if pack else unpack_linears(model)
+    return pack_linears(model)

@@ -81,16 +81,16 @@ def prefill(model, contexts: list[list[int]], max_len: int, pad_id: int = 0, dev
 
 class Engine:
     def __init__(self, model, tokenizer=None, device: torch.device | str | None = None,
-                 pack_weights: bool = True):
-        """On CPU the engine tunes the process's allocator and, with pack_weights, runs the model's
-        larger Linear layers through oneDNN on prepacked weights where that is faster (cpu.py);
-        pack_weights=False switches them back to F.linear. Modifies `model` in place (parameters
-        and state_dict unchanged)."""
+                 cpu_tuning: bool = True):
+        """cpu_tuning (CPU only, cpu.py): run the model's larger Linear layers through oneDNN on
+        prepacked weights where that is faster, and keep the process's freed memory for reuse
+        (glibc). Modifies `model` in place (parameters and state_dict unchanged); False switches
+        the layers back to F.linear and leaves the allocator as it is."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if self.device.type == "cpu":
-            prepare_cpu_inference(model, pack=pack_weights)
+            prepare_cpu_inference(model, enable=cpu_tuning)
         self.last_stats: dict = {}  # what the last generation did (cache size, timings)
         self.prefill_chunks = 4     # mixed-length prompts: prefill in up to this many length-sorted chunks
 
