@@ -7,9 +7,12 @@ Layout under $PICOCHAT_HOME/checkpoints/<tag>/ (a tag is like "base/d4" or "sft/
     step_000200/meta.json           stage, step, metrics, train args, sha256 of every file
     step_000200/optim.pt            optimizer state dicts (only for resumable checkpoints)
     step_000200/state.json          data-loader position and anything else needed to resume
+    step_000200/tokenizer.tiktoken  the model's own tokenizer (tokenizer.py's format), with
+    step_000200/tokenizer.json        tokenizer.json: models with different tokenizers share one home
     latest                          name of the newest complete step directory
 
-A step directory is written under a temporary name and renamed into place, then `latest` is
+Checkpoints from before tokenizers travelled with them use the home's tokenizer
+($PICOCHAT_HOME/tokenizer) when its vocabulary matches. A step directory is written under a temporary name and renamed into place, then `latest` is
 replaced atomically: a crash at any moment leaves the previous checkpoint loadable. On load every
 file's sha256 is checked against meta.json, so a truncated or corrupt file is an error, not garbage.
 """
@@ -27,9 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from picochat.common import PicochatError, home, write_text_atomic
+from picochat.common import PicochatError, home, tokenizer_dir, write_text_atomic
 from picochat.model.config import GPTConfig
 from picochat.model.gpt import GPT
+from picochat.tokenizer import META_FILE, Tokenizer
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
@@ -61,8 +65,9 @@ def list_tags() -> list[str]:
 
 def save_checkpoint(tag: str, step: int, model: torch.nn.Module, config: GPTConfig, meta: dict,
                     optimizers: list[torch.optim.Optimizer] | None = None, state: dict | None = None,
-                    keep: int = 2) -> Path:
-    """Write a complete checkpoint for `step` and point `latest` at it. Returns its directory."""
+                    keep: int = 2, tokenizer: Tokenizer | None = None) -> Path:
+    """Write a complete checkpoint for `step` and point `latest` at it. Returns its directory.
+    `tokenizer` (the one the model reads) is stored with it; load it back with load_tokenizer."""
     root = tag_dir(tag)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -75,6 +80,8 @@ def save_checkpoint(tag: str, step: int, model: torch.nn.Module, config: GPTConf
         if optimizers is not None:
             torch.save([opt.state_dict() for opt in optimizers], tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(state or {}, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         meta = dict(meta, step=step, tag=tag, files=files)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -160,6 +167,24 @@ def load_model(tag: str, device: torch.device | str = "cpu", step: int | None = 
         model.to(dtype=dtype)
     model.eval()
     return model, ckpt
+
+
+def load_tokenizer(tag: str, step: int | None = None) -> Tokenizer:
+    """The tokenizer of checkpoint `tag`: its own copy, or for a checkpoint saved without one, the
+    home's tokenizer if its vocabulary is the one the model was trained with."""
+    ckpt = read_checkpoint(tag, step, verify=False)  # load_model verifies; here only tokenizer files are read
+    if (ckpt.path / META_FILE).exists():
+        tok = Tokenizer.load(ckpt.path)
+    else:
+        tok = Tokenizer.load(tokenizer_dir())
+        trained = ckpt.meta.get("tokenizer_vocab", ckpt.config.vocab_size)
+        if tok.vocab_size != trained:
+            raise PicochatError(f"checkpoint {tag} has no tokenizer of its own, and the one in {tokenizer_dir()} "
+                                f"has vocab {tok.vocab_size}, not the {trained} it was trained with")
+    if tok.vocab_size > ckpt.config.vocab_size:
+        raise PicochatError(f"checkpoint {tag}'s tokenizer has {tok.vocab_size} tokens but the model only "
+                            f"{ckpt.config.vocab_size}")
+    return tok
 
 
 def load_optimizer_state(ckpt: Checkpoint, optimizers: list[torch.optim.Optimizer]) -> None:

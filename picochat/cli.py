@@ -53,18 +53,17 @@ def cmd_data_distill(args):
 
     from tqdm import tqdm
 
-    from picochat.checkpoint import load_model
-    from picochat.common import data_dir, pick_device, tokenizer_dir
+    from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.common import data_dir, pick_device
     from picochat.data.corpus import iter_documents, prepare
     from picochat.inference.distill import distill_samples
-    from picochat.tokenizer import Tokenizer
     out = data_dir(args.name)
     if out.exists() and not args.overwrite:  # fail before minutes of generation
         raise PicochatError(f"{out} already exists; pass --overwrite to replace it")
     docs = [d for d in iter_documents(data_dir(args.source_data), "train") if len(d) > 200]
     if not docs:
         raise PicochatError(f"corpus {args.source_data!r} has no training documents longer than 200 characters")
-    tok = Tokenizer.load(tokenizer_dir())
+    tok = load_tokenizer(args.target)
     model, _ = load_model(args.target, device=pick_device(args.device))
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +194,7 @@ def _run(args, model, settings, make_loader, val_batches, tok, device, info, res
     from picochat.train.loop import run_training
     summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
                            token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
-                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb)
+                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb, tokenizer=tok)
     if info.is_master:
         print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s, "
               f"{100 * summary['data_wait_share']:.1f}% of step time waiting for data")
@@ -216,10 +215,10 @@ def cmd_train_base(args):
     t0 = time.time()
     device = pick_device(args.device)
     info = init_distributed(device)
-    tok = Tokenizer.load(tokenizer_dir())
     tag = args.tag or f"base/d{args.depth}"
     resume = None
     if args.resume:
+        tok = ck.load_tokenizer(tag)
         resume = ck.read_checkpoint(tag)
         settings = _resume_settings(resume, args)
         model, _ = ck.load_model(tag, device=device)
@@ -227,11 +226,13 @@ def cmd_train_base(args):
     else:
         if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
             raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
+        tok = Tokenizer.load(tokenizer_dir())
         settings = _settings(args, "base", tag, args.seq_len, {"data": args.data})
         settings.validate(info.world_size)
         config = config_from_depth(args.depth, tok.vocab_size, args.seq_len, attention=args.attention,
                                    n_kv_head=args.n_kv_head, kv_lora_rank=args.kv_lora_rank,
-                                   qk_rope_head_dim=args.qk_rope_head_dim, q_lora_rank=args.q_lora_rank)
+                                   qk_rope_head_dim=args.qk_rope_head_dim, q_lora_rank=args.q_lora_rank,
+                                   arch=args.arch)
         torch.manual_seed(args.seed)
         model = GPT(config).to(device)
         model.init_weights()
@@ -253,16 +254,14 @@ def cmd_train_base(args):
 def cmd_train_chat(args):
     """Midtraining (packed conversations, all tokens) or SFT (padded, assistant tokens only)."""
     from picochat import checkpoint as ck
-    from picochat.common import init_distributed, pick_device, tokenizer_dir
+    from picochat.common import init_distributed, pick_device
     from picochat.data.chat_loader import MidLoader, SFTLoader
     from picochat.data.tasks.registry import build_mixture
-    from picochat.tokenizer import Tokenizer
 
     t0 = time.time()
     stage = args.stage
     device = pick_device(args.device)
     info = init_distributed(device)
-    tok = Tokenizer.load(tokenizer_dir())
     resume = None
     if args.resume:
         if not args.tag:
@@ -270,8 +269,10 @@ def cmd_train_chat(args):
         resume = ck.read_checkpoint(args.tag)
         settings = _resume_settings(resume, args)
         model, _ = ck.load_model(args.tag, device=device)
+        tok = ck.load_tokenizer(args.tag)
     else:
         model, source = ck.load_model(args.model, device=device)
+        tok = ck.load_tokenizer(args.model)  # the model's own: an imported model keeps its tokenizer
         tag = args.tag or f"{stage}/" + args.model.split("/")[-1]
         if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
             raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
@@ -306,13 +307,12 @@ def cmd_train_chat(args):
 # ----------------------------------------------------------------------------- sampling
 
 def cmd_sample(args):
-    from picochat.common import pick_device, tokenizer_dir
-    from picochat.checkpoint import load_model
+    from picochat.common import pick_device
+    from picochat.checkpoint import load_model, load_tokenizer
     from picochat.inference.engine import Engine
-    from picochat.tokenizer import Tokenizer
     device = pick_device(args.device)
-    tok = Tokenizer.load(tokenizer_dir())
     model, ckpt = load_model(args.model, device=device)
+    tok = load_tokenizer(args.model)
     engine = Engine(model, tok)
     prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
     for i in range(args.num_samples):
@@ -338,16 +338,15 @@ def cmd_sample(args):
 
 def cmd_chat(args):
     """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
-    from picochat.common import pick_device, tokenizer_dir
-    from picochat.checkpoint import load_model
+    from picochat.common import pick_device
+    from picochat.checkpoint import load_model, load_tokenizer
     from picochat.inference.chat import Reply, stream_chat
     from picochat.inference.engine import Engine
     from picochat.inference.sampling import validate_sampling
-    from picochat.tokenizer import Tokenizer
     validate_sampling(args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
-    tok = Tokenizer.load(tokenizer_dir())
     model, _ = load_model(args.model, device=device)
+    tok = load_tokenizer(args.model)
     engine = Engine(model, tok)
     history: list[dict] = []
     if args.system:
@@ -440,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=_positive_int, default=4, help="number of layers; width = 64 x depth (default 4)")
     p.add_argument("--seq-len", type=_positive_int, default=256, help="context length in tokens (default 256)")
     p.add_argument("--attention", default="mha", choices=["mha", "gqa", "mla"], help="attention variant (default mha)")
+    p.add_argument("--arch", default="picochat", choices=["picochat", "nanochat-2026"],
+                   help="picochat: nanochat's 2025 design; nanochat-2026: adds value embeddings, per-layer resid/x0 "
+                        "lambdas, smear, backout, SSSL sliding windows, rotary base 1e5, q/k scale 1.2, vocab padded "
+                        "to 64 (default picochat)")
     p.add_argument("--n-kv-head", type=_positive_int, help="key/value heads for GQA (default: n_head, or n_head/2 for gqa)")
     p.add_argument("--kv-lora-rank", type=_positive_int, help="mla: latent K/V dimension (default n_embd/4)")
     p.add_argument("--qk-rope-head-dim", type=_positive_int, help="mla: shared rotary key dimension, even "

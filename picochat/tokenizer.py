@@ -232,6 +232,11 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
 
+    def same_encoding(self, other: "Tokenizer") -> bool:
+        """True when both map every text to the same ids (same ranks and split pattern; the special
+        tokens follow from the ranks)."""
+        return self._ranks == other._ranks and self._pattern == other._pattern
+
     # ------------------------------------------------------------------ chat rendering
 
     def render_conversation(self, conversation, max_tokens: int | None = None) -> tuple[list[int], list[int]]:

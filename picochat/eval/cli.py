@@ -74,12 +74,11 @@ def _summary(r: dict) -> str:
 
 def cmd_eval(args):
     import torch
-    from picochat.checkpoint import load_model
-    from picochat.common import init_distributed, pick_device, tokenizer_dir, write_json_atomic
+    from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.common import init_distributed, pick_device, write_json_atomic
     from picochat.eval import runner
     from picochat.eval.tasks import make_eval_task
     from picochat.inference.engine import Engine
-    from picochat.tokenizer import Tokenizer
 
     tasks = parse_tasks(args.tasks)
     files = parse_data_files(args.data_file, tasks)
@@ -90,11 +89,8 @@ def cmd_eval(args):
     try:
         # the data first: a bad file should fail before a model is loaded
         loaded = [make_eval_task(n, files.get(n), None if n == "bpb" else args.limit, args.corpus) for n in tasks]
-        tok = Tokenizer.load(tokenizer_dir())
         model, ckpt = load_model(args.model, device=device)
-        if model.config.vocab_size < tok.vocab_size:
-            raise PicochatError(f"model {args.model} has vocab {model.config.vocab_size} but the tokenizer at "
-                                f"{tokenizer_dir()} has {tok.vocab_size}: wrong $PICOCHAT_HOME?")
+        tok = load_tokenizer(args.model)
         engine = Engine(model, tok)
         chat = args.kind == "chat"
         opts = runner.EvalOptions(chat=chat, batch_size=args.batch_size, max_tokens=args.max_tokens,

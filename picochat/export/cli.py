@@ -1,10 +1,11 @@
-"""`picochat export hf` and `picochat import hf`: move models to and from Hugging Face transformers.
+"""`picochat export hf`, `picochat import hf|nanochat`: move models to and from other ecosystems.
 
     picochat export hf --model sft/d4 --out hf/picochat-d4    picochat checkpoint -> transformers dir
     picochat import hf --path hf/picochat-d4 [--tag hf/d4]     transformers nanochat dir -> picochat tag
+    picochat import nanochat --path DIR|org/name [--step N]    nanochat's own checkpoint -> picochat tag
 
-Both need transformers >= 5 (`pip install 'picochat[hf-export]'`). The work is in hf.py; these are
-thin wrappers that print a summary. picochat/cli.py wires them in through COMMAND_MODULES.
+The hf commands need transformers >= 5 (`pip install 'picochat[hf-export]'`). The work is in hf.py
+and nanochat.py; these are thin wrappers that print a summary. picochat/cli.py wires them in through COMMAND_MODULES.
 """
 from __future__ import annotations
 
@@ -35,8 +36,17 @@ def cmd_import_hf(args):
         print(f"note: the source uses rms_norm_eps={r['source_rms_norm_eps']:g}; picochat's norms use float32 "
               f"machine epsilon (as nanochat), which moves logits by up to {r['eps_drift_max_abs_logit_diff']:.2g}")
     if r["replaced_tokenizer"]:
-        print(f"note: replaced the tokenizer in {r['tokenizer']}; checkpoints trained with the old one no "
-              "longer match it")
+        print("note: it is also the home's default tokenizer now (used by `tokenizer eval` and new base runs); "
+              "every checkpoint keeps its own")
+    print(json.dumps(r))
+
+
+def cmd_import_nanochat(args):
+    from picochat.export.nanochat import import_nanochat
+    r = import_nanochat(args.path, step=args.step, tag=args.tag)
+    print(f"imported nanochat {r['design']} design, step {r['step']} ({r['params']:,} params, {r['n_layer']} layers x "
+          f"{r['n_embd']}, vocab {r['vocab_size']:,}) -> tag {r['tag']} ({r['path']}); try `picochat chat --model "
+          f"{r['tag']}`")
     print(json.dumps(r))
 
 
@@ -62,11 +72,24 @@ def register(sub) -> None:
         dest="source", required=True)
     p = im.add_parser("hf", help="load a Hugging Face nanochat directory as a picochat checkpoint tag",
                       description="Convert a transformers 'nanochat' directory (config.json, safetensors, "
-                      "tokenizer.json) into a picochat checkpoint; the tokenizer is converted to picochat's "
-                      "and installed in $PICOCHAT_HOME/tokenizer. picochat's logits must match transformers'.")
+                      "tokenizer.json) into a picochat checkpoint that carries the tokenizer, converted to "
+                      "picochat's format. picochat's logits must match transformers'.")
     p.add_argument("--path", required=True, help="the Hugging Face model directory (already downloaded)")
     p.add_argument("--tag", default=None, help="checkpoint tag to write (default hf/<directory name>)")
     p.add_argument("--replace-tokenizer", action="store_true",
-                   help="overwrite a different tokenizer already in $PICOCHAT_HOME (default: refuse)")
+                   help="also make it the home's default tokenizer ($PICOCHAT_HOME/tokenizer, used by `tokenizer "
+                        "eval` and new base runs) when that one differs (default: keep the home's)")
     p.add_argument("--atol", type=_pos_float, default=DEFAULT_ATOL, help=atol_help)
     p.set_defaults(func=cmd_import_hf)
+
+    p = im.add_parser("nanochat", help="load a checkpoint written by karpathy/nanochat (2025 or 2026 code) as a tag",
+                      description="Convert nanochat's model_<step>.pt + meta_<step>.json and its tokenizer.pkl into "
+                      "an ordinary picochat checkpoint (safetensors + JSON, tokenizer included). Nothing from the "
+                      "files is executed: weights load with weights_only=True, the tokenizer pickle through an "
+                      "unpickler that admits only tiktoken's Encoding.")
+    p.add_argument("--path", required=True, help="a nanochat checkpoint folder (e.g. ~/.cache/nanochat/"
+                   "chatsft_checkpoints/d20, tokenizer in ../../tokenizer; or model, meta and tokenizer.pkl in one "
+                   "folder as on the hub), or a Hugging Face hub repo id such as karpathy/nanochat-d32 (downloaded)")
+    p.add_argument("--step", type=_nonneg_int, default=None, help="which model_<step>.pt (default: the latest)")
+    p.add_argument("--tag", default=None, help="checkpoint tag to write (default nanochat/<folder name>)")
+    p.set_defaults(func=cmd_import_nanochat)

@@ -249,6 +249,3 @@ def _split_pattern(pre) -> str | None:
         return None
     return split["pattern"]["Regex"]
 
-
-def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return _ranks_and_pattern(a) == _ranks_and_pattern(b)

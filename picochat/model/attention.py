@@ -18,6 +18,9 @@ from picochat.model.kv_cache import KVCache
 from picochat.model.layers import apply_rotary, norm
 
 
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads only the first 12 channels of its input (nanochat)
+
+
 @dataclass
 class AttnContext:
     """What one forward step tells every attention layer."""
@@ -26,6 +29,13 @@ class AttnContext:
     kv_cache: KVCache | None = None
     attn_mask: torch.Tensor | None = None   # (B, 1, T, S) bool, True = attend; None with is_causal
     is_causal: bool = True                  # plain causal over exactly the T new tokens
+
+
+def window_mask(T: int, window: int, device) -> torch.Tensor:
+    """(1, 1, T, T) causal mask that also hides keys more than `window` positions back."""
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
+    return ((k <= q) & (q - k <= window))[None, None]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, enable_gqa: bool = False) -> torch.Tensor:
@@ -48,14 +58,23 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.qk_scale = config.qk_scale
+        # value embeddings (nanochat 2026): v += 3 sigmoid(W x[:12]) * ve, one gate per kv head
+        if config.has_value_embed(layer_idx):
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttnContext, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # gate range (0, 3): the layer can ignore the embedding or lean on it
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         q, k = norm(q), norm(k)  # QK-norm: keeps attention logits bounded, stabilises training
+        if self.qk_scale != 1.0:  # sharper attention than 1/sqrt(d) alone (nanochat 2026 uses 1.2)
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if ctx.kv_cache is not None:
             k = ctx.kv_cache.update(self.layer_idx, "k", k, seq_dim=2)

@@ -5,6 +5,9 @@ Choices (following nanochat / modded-nanogpt):
 - relu² MLP, parameter-free RMSNorm, no biases anywhere
 - untied embedding and lm_head; logits soft-capped with softcap * tanh(x / softcap)
 - GQA through n_kv_head; the attention module itself is chosen by config (attention.py)
+- optionally nanochat's 2026 additions (config.py; all off by default): value embeddings, per-layer
+  resid/x0 lambdas, smear (a gated share of the previous token's embedding), backout (subtract a
+  share of the mid-layer residual), sliding windows per layer, q/k scale, padded vocab
 
 One forward serves training (targets -> loss), evaluation (logits) and inference with a
 KV cache (prefill T tokens, decode 1 token; left-padded batches via the cache's `pad`).
@@ -18,10 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from picochat.model.attention import AttnContext, build_attention
+from picochat.model.attention import AttnContext, build_attention, window_mask
 from picochat.model.config import GPTConfig
 from picochat.model.kv_cache import KVCache
 from picochat.model.layers import norm, rotary_table
+
+
+SMEAR_CHANNELS = 24         # the smear gate reads the first 24 channels of the embedding (nanochat)
+SMEAR_CACHE_KEY = "smear"   # the KV cache entry that keeps each position's embedding for smear
 
 
 class MLP(nn.Module):
@@ -40,8 +47,8 @@ class Block(nn.Module):
         self.attn = build_attention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        x = x + self.attn(norm(x), ctx)
+    def forward(self, x: torch.Tensor, ctx: AttnContext, ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(norm(x), ctx, ve)
         x = x + self.mlp(norm(x))
         return x
 
@@ -50,11 +57,26 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        V = config.padded_vocab_size  # rows past vocab_size are never looked up; their logits are cropped
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(V, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        # nanochat 2026 extras; names match nanochat's state_dict so imported weights load as they are
+        if config.layer_scalars:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
+        if config.value_embeds:
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer)
+                                               if config.has_value_embed(i)})
+        self.windows = config.layer_windows()
         self.grad_checkpoint = False  # per-block activation recomputation (trades compute for memory)
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -65,7 +87,8 @@ class GPT(nn.Module):
         past it, and are non-persistent buffers: derived from config, never saved in checkpoints."""
         c = self.config
         rope_dim = c.qk_rope_head_dim if c.attention == "mla" else c.head_dim
-        self.cos, self.sin = rotary_table(c.sequence_len * 10, rope_dim, c.rope_base, device=device)
+        self.cos, self.sin = rotary_table(c.sequence_len * 10, rope_dim, c.rope_base, device=device, sign=c.rope_sign,
+                                          round_to=torch.bfloat16 if c.rope_table_dtype == "bfloat16" else None)
 
     # ------------------------------------------------------------------ init
 
@@ -84,6 +107,29 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             nn.init.zeros_(block.mlp.c_proj.weight)
             nn.init.zeros_(block.attn.c_proj.weight)
+        self._init_extras()
+
+    @torch.no_grad()
+    def _init_extras(self) -> None:
+        """nanochat 2026's initial values: stronger residual early, x0 blended in more early, gates
+        slightly open, value embeddings like c_v, smear off, backout 0.2."""
+        c = self.config
+        n = max(c.n_layer - 1, 1)
+        if c.layer_scalars:
+            self.resid_lambdas.copy_(1.15 - 0.10 * torch.arange(c.n_layer) / n)
+            self.x0_lambdas.copy_(0.20 - 0.15 * torch.arange(c.n_layer) / n)
+        if c.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            nn.init.zeros_(self.smear_lambda)
+        if c.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
+        if c.value_embeds:
+            s = 3 ** 0.5 * c.n_embd ** -0.5  # uniform with the std of 1/sqrt(n_embd)
+            for ve in self.value_embeds.values():
+                nn.init.uniform_(ve.weight, -s, s)
+            for block in self.transformer.h:
+                if hasattr(block.attn, "ve_gate"):
+                    nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
 
     # ------------------------------------------------------------------ accounting
 
@@ -100,6 +146,8 @@ class GPT(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 * (non-embedding params) + attention score/value matmuls."""
         nparams = self.num_params() - self.transformer.wte.weight.numel()
+        if self.config.value_embeds:  # lookups, like wte
+            nparams -= sum(p.numel() for p in self.value_embeds.parameters())
         c = self.config
         qk_dim = c.head_dim + (c.qk_rope_head_dim if c.attention == "mla" else 0)  # MLA adds the rotary part
         attn = 6 * c.n_layer * c.n_head * (qk_dim + c.head_dim) * c.sequence_len
@@ -121,28 +169,75 @@ class GPT(nn.Module):
         """idx (B, T) -> final normed hidden states (B, T, C). Split from the head so inference can
         project only the positions it samples from (a prefill needs the last one, not all T)."""
         B, T = idx.shape
+        c = self.config
         if kv_cache is None:
             if T > self.cos.size(0):
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(0)})")
             cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
-            ctx = AttnContext(cos=cos, sin=sin)
+            pos = None
         else:
             pos = kv_cache.positions(T)                                 # (B, T)
             cos, sin = self.cos[pos][:, :, None, :], self.sin[pos][:, :, None, :]
-            ctx = AttnContext(cos=cos, sin=sin, kv_cache=kv_cache, attn_mask=kv_cache.attn_mask(T), is_causal=False)
+        contexts: dict[int | None, AttnContext] = {}
+
+        def context(window: int | None) -> AttnContext:  # one per distinct window, built once per call
+            if window not in contexts:
+                if kv_cache is not None:
+                    contexts[window] = AttnContext(cos=cos, sin=sin, kv_cache=kv_cache,
+                                                   attn_mask=kv_cache.attn_mask(T, window), is_causal=False)
+                elif window is None or window >= T - 1:
+                    contexts[window] = AttnContext(cos=cos, sin=sin)
+                else:
+                    contexts[window] = AttnContext(cos=cos, sin=sin, attn_mask=window_mask(T, window, idx.device),
+                                                   is_causal=False)
+            return contexts[window]
+
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
+        if c.smear:
+            x = self._smear(x, kv_cache, pos)
+        x0, x_mid = x, None
+        for i, block in enumerate(self.transformer.h):
+            if c.layer_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if c.has_value_embed(i) else None
+            ctx = context(self.windows[i])
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, use_reentrant=False)
+                x = checkpoint(block, x, ctx, ve, use_reentrant=False)
             else:
-                x = block(x, ctx)
+                x = block(x, ctx, ve)
+            if c.backout and i == c.n_layer // 2:
+                x_mid = x
+        if x_mid is not None:  # take back part of the mid-layer residual: low-level features the head needn't see
+            x = x - self.backout_lambda * x_mid
         if kv_cache is not None:
             kv_cache.advance(T)
         return norm(x)
 
+    def _smear(self, x: torch.Tensor, kv_cache: KVCache | None, pos: torch.Tensor | None) -> torch.Tensor:
+        """x[t] += lambda * sigmoid(W x[t][:24]) * x[t-1] (embeddings, before any block).
+
+        With a cache, decoding needs the previous token's embedding: the cache keeps every
+        position's embedding like one more layer, so rollback, row selection, merging and left
+        padding treat it exactly as they treat keys and values. A row's first real token has no
+        predecessor (the pad token before it is not one), as when it runs alone."""
+        T = x.size(1)
+        if kv_cache is None:
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+            has_prev = (torch.arange(T, device=x.device) > 0)[None, :, None]
+        else:
+            start = kv_cache.pos
+            seen = kv_cache.update(SMEAR_CACHE_KEY, "x", x, seq_dim=1)  # (B, start + T, C)
+            prev = seen[:, start - 1:start + T - 1] if start else F.pad(seen[:, :T - 1], (0, 0, 1, 0))
+            has_prev = (pos > 0)[:, :, None]
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        return x + (gate * has_prev) * prev
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., C) -> soft-capped fp32 logits (..., V)."""
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]
+        logits = logits.float()
         if self.config.softcap:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         return logits

@@ -149,10 +149,13 @@ class KVCache:
         abs_pos = torch.arange(self.pos, self.pos + T, device=self.device)
         return (abs_pos[None, :] - self.pad[:, None]).clamp_(min=0)
 
-    def attn_mask(self, T: int) -> torch.Tensor | None:
-        """Boolean (B, 1, T, pos+T) mask, True = may attend; None when plain causal/full suffices."""
+    def attn_mask(self, T: int, window: int | None = None) -> torch.Tensor | None:
+        """Boolean (B, 1, T, pos+T) mask, True = may attend; None when plain causal/full suffices.
+        With `window`, a query also may not see keys more than `window` positions back (sliding
+        window attention); distances within a row survive padding, shifts and merges unchanged."""
         S = self.pos + T
-        if T == 1:
+        windowed = window is not None and S - 1 > window
+        if T == 1 and not windowed:
             if not self.has_padding:
                 return None  # one query over all cached keys: no mask needed
             # one real query: it may see every key but padding; slice a mask built once
@@ -163,6 +166,8 @@ class KVCache:
         q = torch.arange(self.pos, S, device=self.device)[:, None]          # (T, 1)
         k = torch.arange(S, device=self.device)[None, :]                    # (1, S)
         causal = k <= q                                                      # (T, S)
+        if windowed:
+            causal &= q - k <= window
         valid = k >= self.pad[:, None, None]                                 # (B, 1, S)
         # a padding query would see no key at all (softmax of all -inf = NaN, and 0 * NaN poisons
         # real rows later); let every query see itself so padding stays finite and harmless

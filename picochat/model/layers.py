@@ -14,12 +14,20 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_table(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (seq_len, head_dim // 2), fp32."""
+def rotary_table(seq_len: int, head_dim: int, base: float = 10000.0, device=None, sign: int = -1,
+                 round_to: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, head_dim // 2), fp32.
+
+    sign -1 gives apply_rotary's rotation by -theta (nanochat's convention), +1 the textbook +theta
+    (only sin changes sign). round_to=torch.bfloat16 rounds the values as nanochat 2025 stored them,
+    so a model trained with those tables sees exactly the angles it was trained with."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin() * -sign
+    if round_to is not None:
+        cos, sin = cos.to(round_to).float(), sin.to(round_to).float()
+    return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

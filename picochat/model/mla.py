@@ -113,7 +113,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttnContext, ve: None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_head
         q_nope, q_rope = self._query(x, ctx)

@@ -109,11 +109,12 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
                  device: torch.device, dist_info: DistInfo, val_batches: Callable[[], Iterable] | None = None,
                  token_bytes: torch.Tensor | None = None, resume: ckpt_mod.Checkpoint | None = None,
                  stop_after: int | None = None, base_meta: dict | None = None, wandb_project: str | None = None,
-                 write_checkpoints: bool = True) -> dict:
+                 write_checkpoints: bool = True, tokenizer=None) -> dict:
     """Train `model` in place for settings.steps optimizer steps; returns a summary dict.
 
     wandb_project: log the run history to Weights & Biases (optional dependency, off by default).
-    write_checkpoints=False: save nothing (benchmarks); the history is in the returned summary."""
+    write_checkpoints=False: save nothing (benchmarks); the history is in the returned summary.
+    tokenizer: stored with every checkpoint (checkpoint.load_tokenizer reads it back)."""
     grad_accum = settings.validate(dist_info.world_size)
     model.grad_checkpoint = settings.grad_checkpoint
     optimizers = build_optimizers(model, settings.matrix_lr, settings.embedding_lr, settings.unembedding_lr,
@@ -130,7 +131,7 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
     try:
         return _train(model, settings, loader, grad_accum, optimizers, step, history, train_time, device,
                       dist_info, val_batches, token_bytes, resume, stop_after, base_meta, wandb_project,
-                      write_checkpoints)
+                      write_checkpoints, tokenizer)
     finally:
         close = getattr(loader, "close", None)
         if close is not None:  # stop background workers, also when training fails
@@ -138,7 +139,8 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
 
 
 def _train(model, settings, loader, grad_accum, optimizers, step, history, train_time, device, dist_info,
-           val_batches, token_bytes, resume, stop_after, base_meta, wandb_project, write_checkpoints) -> dict:
+           val_batches, token_bytes, resume, stop_after, base_meta, wandb_project, write_checkpoints,
+           tokenizer) -> dict:
     cfg: GPTConfig = model.config
     session_time = data_wait = 0.0
     train_model = compile_model(model, settings.compile, device)
@@ -172,7 +174,8 @@ def _train(model, settings, loader, grad_accum, optimizers, step, history, train
         meta = dict(base_meta or {}, stage=settings.stage, settings=asdict(settings), val_bpb=val_bpb,
                     tokens=at_step * tokens_per_step, train_time=train_time, num_params=model.num_params(),
                     world_size=dist_info.world_size, device=str(device.type))
-        ckpt_mod.save_checkpoint(settings.tag, at_step, model, cfg, meta, optimizers, state, keep=settings.keep)
+        ckpt_mod.save_checkpoint(settings.tag, at_step, model, cfg, meta, optimizers, state, keep=settings.keep,
+                                 tokenizer=tokenizer)
 
     log = _wandb_logger(wandb_project, settings) if dist_info.is_master else None
     print0(f"{settings.stage}: {model.num_params():,} params, {settings.steps} steps x {tokens_per_step:,} tokens "

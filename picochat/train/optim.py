@@ -69,6 +69,9 @@ class Muon(torch.optim.Optimizer):
 from picochat.model.gpt import GPT
 
 
+SCALAR_LR = 0.5  # nanochat 2026's scalar_lr: x0 lambdas train at it, resid lambdas at 1/100 of it
+
+
 def build_optimizers(model: GPT, matrix_lr: float = 0.02, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
                      weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
     scale = (model.config.n_embd / 768) ** -0.5
@@ -81,6 +84,11 @@ def build_optimizers(model: GPT, matrix_lr: float = 0.02, embedding_lr: float = 
     ]
     if other:  # vectors inside blocks (none in the classic GPT; an extension may add some)
         adam_groups.append(dict(params=other, lr=unembedding_lr * scale))
+    adam_groups += nanochat_2026_groups(model, embedding_lr * scale)
+    covered = {id(p) for g in adam_groups for p in g["params"]} | {id(p) for p in matrix}
+    stray = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if stray:  # a new parameter must be given a group on purpose, not silently left untrained
+        raise ValueError(f"parameters without an optimizer group: {stray[:5]}")
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
     muon = Muon(matrix, lr=matrix_lr, momentum=0.95, nesterov=True, weight_decay=0.0)
     optimizers = [adamw, muon]
@@ -88,6 +96,24 @@ def build_optimizers(model: GPT, matrix_lr: float = 0.02, embedding_lr: float = 
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def nanochat_2026_groups(model: GPT, embedding_lr: float) -> list[dict]:
+    """AdamW groups for nanochat 2026's extra parameters, with nanochat's learning rates, betas and
+    weight decay (its setup_optimizer at 92d63d4). The value-embedding gates sit inside the blocks
+    and train with Muon, as there. Empty for picochat's default design."""
+    groups, c = [], model.config
+    if c.value_embeds:
+        groups.append(dict(params=list(model.value_embeds.parameters()), lr=embedding_lr * 0.5,
+                           betas=(0.8, 0.995), weight_decay=0.01))
+    if c.layer_scalars:
+        groups.append(dict(params=[model.resid_lambdas], lr=SCALAR_LR * 0.01, betas=(0.8, 0.95), weight_decay=0.05))
+        groups.append(dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95), weight_decay=0.0))
+    gates = ([model.smear_gate.weight, model.smear_lambda] if c.smear else []) + \
+        ([model.backout_lambda] if c.backout else [])
+    if gates:
+        groups.append(dict(params=gates, lr=0.2, betas=(0.8, 0.95), weight_decay=0.0))
+    return groups
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
