@@ -115,24 +115,67 @@ class JudgeError(ValueError):
         self.kind, self.detail = kind, detail
 
 
+def _closing(t: str, i: int) -> int | None:
+    """Index just past the bracket that closes t[i] ('{' or '['), string-aware; None when it never does."""
+    stack, in_str, esc = [], False, False
+    for j in range(i, len(t)):
+        c = t[j]
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "{[":
+            stack.append("}" if c == "{" else "]")
+        elif c in "}]":
+            if stack.pop() != c:
+                return None  # mismatched: t[i] was prose, not the start of a value
+            if not stack:
+                return j + 1
+    return None
+
+
+_DECODER = json.JSONDecoder()
+_OPEN = re.compile(r"[{\[]")
+
+
 def extract_json(text: str) -> dict:
-    """The JSON object in a judge reply; JudgeError("judge_refused"|"parse_error") otherwise."""
+    """The first top-level JSON object in a judge reply; JudgeError("judge_refused"|"parse_error") otherwise.
+
+    Each '{' or '[' is tried with a real decoder (raw_decode), so prose before or after the JSON,
+    braces in that prose included, does not matter. A value that decodes is taken whole (an
+    array is skipped as a unit, so the objects inside it are not mistaken for the answer); a
+    bracket that does not decode is skipped up to its matching close, and a '{' that never closes
+    means the reply was cut off.
+    """
     t = text.strip()
     t = re.sub(r"^```(?:json)?\s*|\s*```$", "", t)  # tolerate a fence: the content is what matters
-    start, end = t.find("{"), t.rfind("}")
-    if start < 0:
+    if "{" not in t:
         if is_refusal(t):
             raise JudgeError("judge_refused", t[:120])
         raise JudgeError("parse_error", "no JSON object in the reply")
-    if end < start:
-        raise JudgeError("parse_error", "truncated JSON (no closing brace)")
-    try:
-        obj = json.loads(t[start:end + 1])
-    except json.JSONDecodeError as e:
-        raise JudgeError("parse_error", f"invalid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise JudgeError("parse_error", "JSON is not an object")
-    return obj
+    i, why = 0, "no JSON object in the reply"
+    while True:
+        m = _OPEN.search(t, i)
+        if m is None:
+            raise JudgeError("parse_error", why)
+        i = m.start()
+        try:
+            obj, end = _DECODER.raw_decode(t, i)
+        except json.JSONDecodeError as e:
+            end = _closing(t, i)
+            if end is None and t[i] == "{":  # everything after it is inside it: the reply was cut off
+                raise JudgeError("parse_error", f"truncated JSON ({e.msg})") from None
+            why = f"invalid JSON ({e.msg})"
+            i = end or i + 1  # an unclosed '[' is prose ("see [1"), not the answer
+            continue
+        if isinstance(obj, dict):
+            return obj
+        why, i = "JSON is not an object", end
 
 
 def _score(v) -> int:
