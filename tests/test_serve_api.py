@@ -160,7 +160,10 @@ def test_calculator_tool_calls_run_through_the_scheduler(tok):
         out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "12*12?"}],
                                              max_tokens=40)
         stats = httpx.get(s.url + "/health").json()["stats"]
-    assert out.choices[0].message.content == "[calculator: 12*12 = 144]  It is 144."
+    # the call the model made is reported apart from the text (docs/serving.md, "Tool calls")
+    assert out.choices[0].message.content == " It is 144."
+    assert out.choices[0].message.model_extra["tool_runs"] == [
+        {"index": 0, "type": "calculator", "input": "12*12", "output": "144"}]
     assert out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens == len(script) - len(fed_back) + 1   # + <|assistant_end|>
     assert stats["joined"] == 2 and stats["finished"] == 2
@@ -299,7 +302,6 @@ def test_cli_serves_a_checkpoint_with_an_env_api_key(tmp_path, model, tok, monke
     """`picochat serve` end to end: checkpoint + tokenizer from $PICOCHAT_HOME, key from the env,
     loopback by default; and one clear error line for a tag that does not exist."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -312,12 +314,16 @@ def test_cli_serves_a_checkpoint_with_an_env_api_key(tmp_path, model, tok, monke
     err = capsys.readouterr().err
     assert err.startswith("picochat: error: no checkpoint with tag 'sft/nope'") and len(err.strip().splitlines()) == 1
     env = dict(os.environ, PICOCHAT_API_KEY="k3y", OMP_NUM_THREADS="1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "picochat.cli", "serve", "--model", "sft/tiny", "--port", str(port),
+    # --port 0: the system picks a free port, and the banner names the real one
+    proc = subprocess.Popen([sys.executable, "-m", "picochat.cli", "serve", "--model", "sft/tiny", "--port", "0",
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        banner = [proc.stdout.readline() for _ in range(2)]
+        assert banner[0].startswith("picochat serve: sft/tiny on cpu; chat UI http://127.0.0.1:"), banner
+        port = int(banner[0].split("http://127.0.0.1:")[1].split("/")[0])
+        assert port > 0 and "(Bearer key required)" in banner[0]
+        assert banner[1].startswith(f"limits: max batch 16 decoded together, queue 64 more (then 503), "
+                                    f"context {CONTEXT} tokens per request"), banner
         url = f"http://127.0.0.1:{port}"
 
         def up():
@@ -334,4 +340,5 @@ def test_cli_serves_a_checkpoint_with_an_env_api_key(tmp_path, model, tok, monke
     finally:
         proc.terminate()
         proc.wait(15)
-    assert "chat UI http://127.0.0.1:" in proc.stdout.read()
+    assert "chat UI http://127.0.0.1:" in banner[0]
+    assert "Traceback" not in proc.stdout.read()

@@ -10,12 +10,13 @@
 `create_app` takes the model and tokenizer (tests build it from a tiny random model); the one
 Scheduler thread owns the model. Limits: prompt + max_tokens must fit the model's context
 (400 naming the limit); at most max_batch + max_queue generations in flight (else 503 with
-Retry-After, instead of unbounded memory); bodies over max_body_bytes get 413; with an API key,
-every /v1 route wants `Authorization: Bearer KEY`. Every error is OpenAI's JSON shape.
+Retry-After, instead of unbounded memory; a request for more than that in one go can never be
+served: 400); bodies over max_body_bytes get 413, bodies slower than body_timeout_s 408; with an
+API key, every /v1 route wants `Authorization: Bearer KEY`. Every error is OpenAI's JSON shape.
+GET routes answer HEAD too; OPTIONS lists a route's methods (no CORS).
 """
 from __future__ import annotations
 
-import hmac
 import json
 import threading
 import time
@@ -28,69 +29,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from picochat.inference.chat import stream_chat
 from picochat.inference.scheduler import Scheduler
-from picochat.serve.generation import Generation, stream_text
+from picochat.serve.generation import Generation, chat_turn, stream_text
+from picochat.serve.guard import Guard
 from picochat.serve.schemas import (APIError, BatchRequest, ChatCompletionRequest, ChatMessage, CompletionRequest,
                                     SamplingFields, error_body)
 
 STATIC = Path(__file__).parent / "static"
-
-
-class Guard:
-    """Pure ASGI middleware: Bearer auth on /v1 routes and a request body size limit. The body is
-    read here (counting bytes, so chunked uploads cannot dodge the limit) and replayed to the app;
-    later receive() calls pass through, so disconnects are still seen."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
-
-    async def _reply(self, send, status: int, body: dict, headers: dict | None = None) -> None:
-        raw = json.dumps(body).encode()
-        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-        hdrs += [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": hdrs})
-        await send({"type": "http.response.body", "body": raw})
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            token = auth[7:] if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return await self._reply(send, 401, error_body(
-                    "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
-                    "invalid_request_error", None, "invalid_api_key"), {"www-authenticate": "Bearer"})
-        too_big = error_body(f"Request body too large: the limit is {self.max_body} bytes.",
-                             "invalid_request_error", None, "request_too_large")
-        try:
-            declared = int(headers.get(b"content-length", b"0") or 0)
-        except ValueError:
-            declared = 0
-        if declared > self.max_body:
-            return await self._reply(send, 413, too_big)
-        chunks, size, more = [], 0, True
-        while more:
-            msg = await receive()
-            if msg["type"] != "http.request":  # disconnected while sending the body
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                return await self._reply(send, 413, too_big)
-            more = msg.get("more_body", False)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
 
 
 class _SSEResponse(StreamingResponse):
@@ -112,7 +57,8 @@ def _render_messages(messages: list[ChatMessage]) -> list[dict]:
 
 def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, api_key: str | None = None,
                max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1 << 20,
-               default_max_tokens: int = 512, spec_chunk: int = 16, context_length: int | None = None) -> FastAPI:
+               default_max_tokens: int = 512, spec_chunk: int = 16, context_length: int | None = None,
+               body_timeout_s: float = 30.0) -> FastAPI:
     """Build the app. `model` is a GPT (or an Engine, whose model is used) in eval mode on its
     device; `draft` an optional smaller GPT with the same vocabulary for speculative decoding.
     context_length: prompt + max_tokens limit per request; default the trained sequence_len, at
@@ -137,7 +83,14 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.state.limits = {"max_batch": max_batch, "max_queue": max_queue, "context_length": context,
+                        "max_body_bytes": max_body_bytes}
+    def allowed_methods(path: str) -> set[str]:
+        return {m for r in app.router.routes if getattr(r, "methods", None) and r.path_regex.match(path)
+                for m in r.methods}
+
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
+                       allowed_methods=allowed_methods)
 
     # ------------------------------------------------------------------ errors, OpenAI-shaped
 
@@ -165,7 +118,7 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
         msg = (f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404
                else str(exc.detail))
         return JSONResponse(error_body(msg, code="not_found" if exc.status_code == 404 else None),
-                            status_code=exc.status_code)
+                            status_code=exc.status_code, headers=exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(Exception)
     async def _server_error(request, exc: Exception):
@@ -196,8 +149,14 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
         except ValueError as e:
             raise APIError(400, str(e), param=param, code="invalid_messages") from None
 
-    def admit(n: int):
-        """Reserve n generations or refuse with 503 + Retry-After; returns the release callback."""
+    def admit(n: int, param: str):
+        """Reserve n generations or refuse with 503 + Retry-After; returns the release callback.
+        More than the whole capacity can never be served: 400, not a 503 inviting retries."""
+        if n > capacity:
+            raise APIError(400, f"This request asks for {n} generations (prompts x n, or batch requests) but the "
+                                f"server runs at most {capacity} at once (--max-batch {max_batch} + --max-queue "
+                                f"{max_queue}); split it into smaller requests.", param=param,
+                           code="too_many_generations")
         with lock:
             if state["in_flight"] + n > capacity:
                 raise APIError(503, f"The server is at capacity ({capacity} generations in flight or queued); "
@@ -213,9 +172,18 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
         return dict(temperature=1.0 if f.temperature is None else f.temperature, top_k=f.top_k or None,
                     top_p=f.top_p, seed=None if f.seed is None else f.seed + seed_offset)
 
-    def chat_pieces(conv: list[dict], max_tokens: int, kw: dict):
-        return lambda eng, reply: stream_chat(eng, tokenizer, conv, max_tokens, kw["temperature"], kw["top_k"],
-                                              kw["top_p"], kw["seed"], reply=reply)
+    def message(r) -> dict:
+        """A chat choice's message: the reply text in `content`; the calculator calls the model made
+        (run by the server: nothing for the client to do) in the non-standard `tool_runs`."""
+        msg = {"role": "assistant", "content": r.text}
+        if r.tool_runs:
+            msg["tool_runs"] = [t.as_dict(k) for k, t in enumerate(r.tool_runs)]
+        return msg
+
+    async def client_gone(request: Request) -> None:
+        """Return when the client disconnects (the body was read already: receive() waits for it)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -229,14 +197,13 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
         now = int(time.time())
         if not stream:
             try:
-                results = await gen.collect(request.is_disconnected)
+                results = await gen.collect(lambda: client_gone(request))
             except ConnectionAbortedError:
                 return JSONResponse(error_body("client disconnected"), status_code=499)
             except Exception as e:
                 raise APIError(500, f"generation failed: {e}", "server_error") from None
-            choices = [({"index": i, "message": {"role": "assistant", "content": r.text}} if kind == "chat" else
-                        {"index": i, "text": r.text}) | {"finish_reason": r.finish_reason, "logprobs": None}
-                       for i, r in enumerate(results)]
+            choices = [({"index": i, "message": message(r)} if kind == "chat" else {"index": i, "text": r.text})
+                       | {"finish_reason": r.finish_reason, "logprobs": None} for i, r in enumerate(results)]
             return {"id": cid, "object": obj, "created": now, "model": model_name, "system_fingerprint": None,
                     "choices": choices, "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results))}
 
@@ -247,11 +214,13 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
                 body["usage"] = None
             return f"data: {json.dumps(body)}\n\n"
 
-        def choice(i, content=None, finish=None, role=False):
+        def choice(i, content=None, finish=None, role=False, tool=None):
             if kind == "chat":
                 delta = {} if content is None else {"content": content}
                 if role:
                     delta["role"] = "assistant"
+                if tool is not None:
+                    delta["tool_runs"] = [tool]
                 return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
             return {"index": i, "text": content or "", "finish_reason": finish, "logprobs": None}
 
@@ -263,6 +232,9 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
                 async for ev in gen.events():
                     if ev[0] == "delta":
                         yield chunk([choice(ev[1], ev[2])])
+                    elif ev[0] == "tool":
+                        runs = gen.results[ev[1]].tool_runs
+                        yield chunk([choice(ev[1], tool=runs[-1].as_dict(len(runs) - 1))])
                     elif ev[0] == "end":
                         yield chunk([choice(ev[1], finish=ev[2])])
                     else:
@@ -279,11 +251,14 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
 
     # ------------------------------------------------------------------ routes
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def get(path: str):  # a GET route that answers HEAD too (same headers, no body)
+        return app.api_route(path, methods=["GET", "HEAD"])
+
+    @get("/")
     async def index():
         return HTMLResponse(index_html)
 
-    @app.get("/health")
+    @get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "active_slots": scheduler.active_slots,
                 "queued": scheduler.queued, "in_flight": state["in_flight"], "max_batch": max_batch,
@@ -294,11 +269,11 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
         return {"id": model_name, "object": "model", "created": created, "owned_by": "picochat",
                 "context_length": context}
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         check_model(model_id)
         return model_card()
@@ -308,8 +283,8 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
         check_model(body.model)
         conv, ids = render(body.messages, "messages")
         max_tokens = budget(len(ids), body, "messages")
-        release = admit(body.n)
-        pieces = [chat_pieces(conv, max_tokens, sampling(body, i)) for i in range(body.n)]
+        release = admit(body.n, "n")
+        pieces = [chat_turn(tokenizer, conv, max_tokens, **sampling(body, i)) for i in range(body.n)]
         gen = Generation(scheduler, tokenizer, pieces, body.stop, on_close=release)
         return await respond(request, gen, stream=body.stream, prompt_tokens=len(ids), kind="chat",
                              include_usage=bool(body.stream_options and body.stream_options.include_usage))
@@ -327,7 +302,7 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
                 kw = sampling(body, j)
                 pieces.append(lambda eng, reply, ids=ids, m=max_tokens, kw=kw: stream_text(
                     eng, tokenizer, ids, m, kw["temperature"], kw["top_k"], kw["top_p"], kw["seed"], reply))
-        release = admit(len(pieces))
+        release = admit(len(pieces), "prompt" if body.n == 1 else "n")
         gen = Generation(scheduler, tokenizer, pieces, body.stop, on_close=release)
         return await respond(request, gen, stream=body.stream, prompt_tokens=total, kind="text",
                              include_usage=bool(body.stream_options and body.stream_options.include_usage))
@@ -341,7 +316,7 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
                                        for k in SamplingFields.model_fields})
             conv, ids = render(item.messages, f"requests.{i}.messages")
             jobs.append((conv, ids, budget(len(ids), merged, f"requests.{i}.messages"), merged))
-        release = admit(len(jobs))
+        release = admit(len(jobs), "requests")
         gens, outstanding = [], len(jobs)
 
         def release_one():
@@ -351,7 +326,7 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
                 release()
 
         for conv, ids, m, f in jobs:
-            gens.append(Generation(scheduler, tokenizer, [chat_pieces(conv, m, sampling(f, 0))], f.stop,
+            gens.append(Generation(scheduler, tokenizer, [chat_turn(tokenizer, conv, m, **sampling(f, 0))], f.stop,
                                    on_close=release_one))
         responses = []
         try:

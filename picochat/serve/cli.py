@@ -2,7 +2,7 @@
 
     picochat serve --model sft/d4                      http://127.0.0.1:8000 (UI at /, API at /v1)
     picochat serve --model sft/d4 --draft base/d2      speculative decoding when the batch is small
-    picochat serve --model sft/d4 --host 0.0.0.0 --api-key KEY   reachable from other machines: set a key
+    picochat serve --model sft/d4 --host 0.0.0.0 --api-key-file key.txt   reachable from other machines: set a key
 
 Wired into the main CLI through `register(subparsers)`.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 
 from picochat.common import PicochatError, number_type
 
@@ -21,40 +22,81 @@ _port = number_type(int, lambda v: 0 <= v <= 65535, "a port number in [0, 65535]
 API_KEY_ENV = "PICOCHAT_API_KEY"
 
 
+def resolve_api_key(args, environ=os.environ) -> str | None:
+    """--api-key-file (first line), else --api-key (with a warning: the command line is visible to
+    every user of the machine, e.g. in `ps`), else $PICOCHAT_API_KEY, else None (no auth)."""
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PicochatError(f"cannot read --api-key-file {args.api_key_file}: {e}") from None
+        if not key:
+            raise PicochatError(f"--api-key-file {args.api_key_file}: the first line is empty")
+        return key
+    if args.api_key:
+        print(f"picochat: warning: --api-key is visible to other users of this machine (ps, /proc); "
+              f"prefer --api-key-file PATH or ${API_KEY_ENV}", file=sys.stderr)
+        return args.api_key
+    return environ.get(API_KEY_ENV) or None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind now (a clear one-line error instead of uvicorn's several) and hand the socket to uvicorn,
+    so that --port 0 serves, and prints, the port the system chose."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PicochatError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
+
+
+def banner(args, app, port: int, device, with_draft: bool, api_key: str | None) -> str:
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    lim = app.state.limits
+    return (f"picochat serve: {args.model}{' + draft ' + args.draft if with_draft else ''} on {device}; "
+            f"chat UI http://{host}:{port}/  API http://{host}:{port}/v1{' (Bearer key required)' if api_key else ''}\n"
+            f"limits: max batch {lim['max_batch']} decoded together, queue {lim['max_queue']} more (then 503), "
+            f"context {lim['context_length']} tokens per request, body {lim['max_body_bytes']} bytes")
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from picochat.checkpoint import load_model
-    from picochat.common import pick_device, tokenizer_dir
+    from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.common import pick_device
     from picochat.serve.app import create_app
-    from picochat.tokenizer import Tokenizer
 
-    try:  # before loading anything: uvicorn would log a bind failure over several lines
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((args.host, args.port))
-    except OSError as e:
-        raise PicochatError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+    api_key = resolve_api_key(args)
+    _listen(args.host, args.port).close()  # fail fast, before loading anything
     device = pick_device(args.device)
-    tok = Tokenizer.load(tokenizer_dir())
     model, _ = load_model(args.model, device=device)
+    tok = load_tokenizer(args.model)  # each checkpoint carries its own (an imported model keeps nanochat's)
     draft = None
     if args.draft:
         draft, _ = load_model(args.draft, device=device)
-        if draft.config.vocab_size != model.config.vocab_size:
-            raise PicochatError(f"--draft {args.draft} has vocabulary {draft.config.vocab_size}, "
-                                f"--model {args.model} has {model.config.vocab_size}: they must match")
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        if draft.config.vocab_size != model.config.vocab_size or not load_tokenizer(args.draft).same_encoding(tok):
+            raise PicochatError(f"--draft {args.draft} has another vocabulary than --model {args.model} "
+                                f"({draft.config.vocab_size} vs {model.config.vocab_size} tokens, or the same size "
+                                "with different tokens): a draft must share its target's tokenizer")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"picochat: warning: serving on {args.host} without an API key: anyone who can reach it can use it")
     app = create_app(model, tok, model_name=args.model, draft=draft, api_key=api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                      default_max_tokens=args.default_max_tokens, context_length=args.context_length)
-    print(f"picochat serve: {args.model}{' + draft ' + args.draft if draft is not None else ''} on {device}; "
-          f"chat UI http://{args.host}:{args.port}/  API http://{args.host}:{args.port}/v1"
-          f"{' (Bearer key required)' if api_key else ''}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    sock = _listen(args.host, args.port)
+    print(banner(args, app, sock.getsockname()[1], device, draft is not None, api_key), flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
 
 
 def register(subparsers) -> None:
@@ -68,8 +110,13 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, set --api-key)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV} if set, else none)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", default=None, metavar="PATH",
+                     help="require 'Authorization: Bearer KEY' on every /v1 route, KEY being the first line of PATH "
+                          f"(default: ${API_KEY_ENV} if set, else no key)")
+    key.add_argument("--api-key", default=None, metavar="KEY",
+                     help="the same with KEY on the command line, where other users of the machine can see it "
+                          "(prefer --api-key-file or $" + API_KEY_ENV + ")")
     p.add_argument("--max-batch", type=_pos, default=16,
                    help="most requests decoded together in the continuous batch (default 16)")
     p.add_argument("--max-queue", type=_nonneg, default=64,
@@ -81,7 +128,9 @@ def register(subparsers) -> None:
                    help="max prompt + completion tokens per request; up to 10x the trained context is allowed, "
                         "but quality degrades past it (default: the model's trained sequence length)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
-    p.add_argument("--threads", type=_nonneg, default=0, help="CPU threads for torch (applied by picochat.cli.main); 0 = torch's default (default 0)")
+    p.add_argument("--threads", type=_nonneg, default=0,
+                   help="CPU threads used to run the model (default 0: one per core). On a machine shared with other "
+                        "busy programs, 1 is often faster")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=cmd_serve)

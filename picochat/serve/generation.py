@@ -1,22 +1,24 @@
 """The bridge between async HTTP handlers and the scheduler: n choices, stop strings, cancellation.
 
-Each choice runs a synchronous text generator (inference/chat.py's stream_chat for chat, with its
-calculator tool calls; `stream_text` below for plain completions) in its own thread, over a
+Each choice runs a synchronous text generator (`chat_turn` below: inference/chat.py's stream_chat
+with its calculator calls reported as ToolRuns, not as text; `stream_text` for plain completions;
+neither ever shows a special-token string) in its own thread, over a
 ScheduledEngine, so the model itself only ever runs on the scheduler thread. Text pieces come back
 to the event loop through an asyncio queue. Stop strings are matched on the text (a possible
 prefix of a stop string is held back until it is decided), and a match cancels the generation
-at once. `Generation.cancel()` (client gone) ends every choice and frees its batch slot at the
+at once. `Generation.close()` (client gone) ends every choice and frees its batch slot at the
 scheduler's next step boundary.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 
-from picochat.inference.chat import Reply
+from picochat.inference.chat import Reply, stream_chat
 from picochat.inference.scheduler import ScheduledEngine, Scheduler
+from picochat.tokenizer import SPECIAL_TOKENS
 
 
 class StopMatcher:
@@ -48,6 +50,7 @@ def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, temperature,
     """Plain text continuation (the /v1/completions counterpart of stream_chat): yield decoded
     pieces, waiting for the rest of a multi-byte character; fill `reply` (tokens, finish_reason)."""
     stops = engine.default_stop_tokens()
+    special = special_ids(tokenizer)
     out: list[int] = []
     printed = ""
     reply.finish_reason = "length"
@@ -60,6 +63,8 @@ def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, temperature,
         if t in stops:
             reply.finish_reason = "stop"
             break
+        if t in special:  # counted, never shown: '<|python_end|>' is not text
+            continue
         out.append(t)
         text = tokenizer.decode(out)
         if not text.endswith("\ufffd"):
@@ -70,8 +75,51 @@ def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, temperature,
         yield rest
 
 
-# (engine, reply) -> iterator of text pieces
-PieceFn = Callable[[ScheduledEngine, Reply], Iterator[str]]
+def special_ids(tokenizer) -> set[int]:
+    return {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
+
+
+def strip_special(text: str) -> str:
+    """Remove special-token strings (a special token decodes whole, so never split across pieces)."""
+    for name in SPECIAL_TOKENS:
+        text = text.replace(name, "")
+    return text
+
+
+@dataclass
+class ToolRun:
+    """A calculator call the model made during its reply, already run by the server."""
+    input: str
+    output: str
+
+    def as_dict(self, index: int) -> dict:
+        return {"index": index, "type": "calculator", "input": self.input, "output": self.output}
+
+
+# (engine, reply) -> iterator of text pieces (and ToolRuns)
+PieceFn = Callable[[ScheduledEngine, Reply], Iterator["str | ToolRun"]]
+_CALC = "[calculator: "
+
+
+def chat_turn(tokenizer, messages: list[dict], max_tokens: int, temperature, top_k, top_p, seed) -> PieceFn:
+    """inference/chat.py's stream_chat for the API: the text pieces of the reply, without
+    special-token strings, and each calculator call as a ToolRun instead of the '[calculator:
+    expr = result] ' text stream_chat shows a terminal user. The result is read from the reply's
+    newest python_output part (what was added since the previous piece), the expression from the
+    rest of that text, so both are exact whatever they contain."""
+    def run(engine, reply: Reply):
+        seen = (0, 0)  # (number of parts, length of the last part) after the previous piece
+        for piece in stream_chat(engine, tokenizer, messages, max_tokens, temperature, top_k, top_p, seed,
+                                 reply=reply):
+            last = reply.parts[-1] if reply.parts else None
+            if last is not None and last["type"] == "python_output" and piece.startswith(_CALC):
+                output = last["text"][seen[1]:] if seen[0] == len(reply.parts) else last["text"]
+                expr = piece[len(_CALC):len(piece) - len(f" = {output}] ")]
+                yield ToolRun(strip_special(expr), strip_special(output))
+            elif strip_special(piece):
+                yield strip_special(piece)
+            seen = (len(reply.parts), len(reply.parts[-1]["text"]) if reply.parts else 0)
+    return run
 
 
 @dataclass
@@ -79,13 +127,14 @@ class ChoiceResult:
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    tool_runs: list[ToolRun] = field(default_factory=list)
 
 
 class Generation:
     """n choices running concurrently; iterate `events()` on the event loop.
 
-    Events: ("delta", index, text), ("end", index, finish_reason, completion_tokens),
-    ("error", index, exception). `on_close` runs exactly once, when every choice has ended or the
+    Events: ("delta", index, text), ("tool", index, ToolRun), ("end", index, finish_reason,
+    completion_tokens), ("error", index, exception). `on_close` runs exactly once, when every choice has ended or the
     generation was cancelled (the server's admission count is released there)."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, pieces: list[PieceFn], stops: list[str] | None,
@@ -112,6 +161,9 @@ class Generation:
         try:
             finish = None
             for piece in gen:
+                if isinstance(piece, ToolRun):  # not content: stop strings apply to the text only
+                    self._push(("tool", index, piece))
+                    continue
                 text, hit = matcher.feed(piece)
                 if text:
                     self._push(("delta", index, text))
@@ -134,6 +186,9 @@ class Generation:
         if ev[0] == "delta":
             self.results[ev[1]].text += ev[2]
             return
+        if ev[0] == "tool":
+            self.results[ev[1]].tool_runs.append(ev[2])
+            return
         if ev[0] == "end":
             r = self.results[ev[1]]
             r.finish_reason, r.completion_tokens = ev[2], ev[3]
@@ -148,22 +203,29 @@ class Generation:
         finally:
             self.close()
 
-    async def collect(self, is_disconnected: Callable, poll_s: float = 0.25) -> list[ChoiceResult]:
-        """Wait for every choice; if the client goes away meanwhile, cancel and raise
-        ConnectionAbortedError. The first error event is re-raised."""
+    async def collect(self, gone: Callable[[], Awaitable]) -> list[ChoiceResult]:
+        """Wait for every choice. `gone()` returns when the client disconnects: it is watched
+        all along, so a client that hangs up while tokens flow is cancelled at once (its slots are
+        freed at the scheduler's next step) and ConnectionAbortedError is raised. The first error
+        event is re-raised."""
+        def on_gone(task: asyncio.Task) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved: a broken connection counts as gone too
+                self.queue.put_nowait(("gone",))
+
+        watcher = asyncio.ensure_future(gone())
+        watcher.add_done_callback(on_gone)
         try:
             while self._pending:
-                try:
-                    ev = await asyncio.wait_for(self.queue.get(), poll_s)
-                except asyncio.TimeoutError:
-                    if await is_disconnected():
-                        raise ConnectionAbortedError("client disconnected") from None
-                    continue
+                ev = await self.queue.get()
+                if ev[0] == "gone":
+                    raise ConnectionAbortedError("client disconnected")
                 self._take(ev)
                 if ev[0] == "error":
                     raise ev[2]
             return self.results
         finally:
+            watcher.cancel()
             self.close()
 
     def close(self) -> None:

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 MAX_N = 8          # choices per request
 MAX_STOP = 4       # stop strings per request (OpenAI's limit)
 MAX_BATCH = 256    # requests per /v1/batch/completions call
+# seed: a signed 64-bit integer (OpenAI's range). Choice i, each later tool-call segment and each
+# speculative chunk derive seed + small offsets, which stay below 2**64, torch's seed limit.
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 class _Lenient(BaseModel):
@@ -45,7 +48,7 @@ class SamplingFields(_Lenient):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)           # extension: 0 or None = off
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
 
     @field_validator("stop")
     @classmethod
