@@ -24,6 +24,9 @@ def cmd_export_hf(args):
     print(f"exported {r['tag']} (step {r['step']}, {r['dtype'].removeprefix('torch.')}) -> {r['out']}: "
           f"transformers logits match picochat's to {r['max_abs_logit_diff']:.2g} (tolerance {r['atol']:g}) "
           f"on a {r['prompt_tokens']}-token prompt; tokenizer and chat template give identical ids")
+    if "rope_table_drift_max_abs_logit_diff" in r:
+        print(f"note: the source model (nanochat 2025) rounds its rotary tables to bfloat16; transformers computes "
+              f"them in fp32, which moves logits by up to {r['rope_table_drift_max_abs_logit_diff']:.2g}")
     print(json.dumps(r))
 
 
