@@ -21,7 +21,15 @@ Faults: `fail_next(role, *kinds)` makes that role's next calls fail in order wit
 Retry-After), "500", "slow" (sleeps past the client timeout), "malformed" (200, body not JSON),
 "truncated" (200, body cut), "empty" (200, empty content), "drop" (connection closed).
 Counters: `calls[role]` (all requests), `served[role]` (good replies) and `request_counts`
-(per role + exact messages) so tests can assert that the cache avoided repeated calls.
+(per role + exact messages) so tests can assert that the cache avoided repeated calls. The
+preflight's parameter probe ("Preflight check: ...") is counted in `probes[role]` instead, not in
+`calls`: it is no record's work, and it consumes no injected fault. `bodies[role]` keeps every
+request body (seed, renamed and extra fields).
+
+Reasoning-model behaviour: `reject_params[role] = {"max_tokens", "temperature"}` makes that role
+answer HTTP 400 like OpenAI's o-series / GPT-5 models do ("Unsupported parameter: 'max_tokens' is
+not supported with this model. Use 'max_completion_tokens' instead." / "Unsupported value:
+'temperature' does not support 0.7 with this model. Only the default (1) value is supported.").
 """
 from __future__ import annotations
 
@@ -58,6 +66,17 @@ def _h(*parts) -> int:
     return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
+def _unsupported(param: str, value) -> dict:
+    """OpenAI's 400 error object for a parameter a reasoning model does not take."""
+    if param == "max_tokens":
+        return {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                           "'max_completion_tokens' instead.", "type": "invalid_request_error",
+                "param": "max_tokens", "code": "unsupported_parameter"}
+    return {"message": f"Unsupported value: '{param}' does not support {value} with this model. Only the default "
+                       f"(1) value is supported.", "type": "invalid_request_error", "param": param,
+            "code": "unsupported_value"}
+
+
 def _between(text: str, tag: str) -> str:
     m = re.search(f"<{tag}>\n?(.*?)\n?</{tag}>", text, flags=re.S)
     return m.group(1) if m else ""
@@ -72,6 +91,9 @@ class FakeOpenAI:
         self.optimizer_script: dict[int, str] = {}
         self.delay: dict[str, float] = {}
         self.models_status = 200
+        self.probes: Counter = Counter()
+        self.bodies: dict[str, list] = defaultdict(list)
+        self.reject_params: dict[str, set] = {}
         self.lock = threading.Lock()
         self._server = None
 
@@ -157,6 +179,16 @@ class FakeOpenAI:
         if role not in ROLES:
             return self._send(h, 404, json.dumps({"error": {"message": f"model {model} not found"}}).encode())
         messages = body.get("messages", [])
+        rejected = [p for p in sorted(self.reject_params.get(role, ())) if p in body]
+        if rejected:
+            return self._send(h, 400, json.dumps({"error": _unsupported(rejected[0], body[rejected[0]])}).encode())
+        probe = len(messages) == 1 and str(messages[0].get("content", "")).startswith("Preflight check")
+        with self.lock:
+            self.bodies[role].append(body)
+            if probe:
+                self.probes[role] += 1
+        if probe:
+            return self._reply(h, model, messages, "OK", "stop", None)
         with self.lock:
             self.calls[role] += 1
             self.request_counts[self.messages_key(role, messages)] += 1
@@ -176,6 +208,9 @@ class FakeOpenAI:
             content, finish = "pong", "length"
         else:
             content, finish = getattr(self, "_" + role)(messages)
+        self._reply(h, model, messages, content, finish, fault, role)
+
+    def _reply(self, h, model, messages, content, finish, fault, role=None):
         if fault == "empty":
             content = ""
         resp = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
@@ -187,7 +222,7 @@ class FakeOpenAI:
             raw = b"{this is not json"
         elif fault == "truncated":
             raw = raw[: len(raw) // 2]
-        if fault not in ("malformed", "truncated", "empty"):
+        if fault not in ("malformed", "truncated", "empty") and role:
             with self.lock:
                 self.served[role] += 1
         self._send(h, 200, raw)

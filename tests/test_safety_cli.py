@@ -104,3 +104,17 @@ def test_full_run_with_faults_completes_reports_counts_and_leaks_no_key(fake, tm
     # (on an idle machine this is <= 6 calls; on a loaded one more calls time out in the first run and
     # are legitimately redone, so bound it relative to the first run: the cache must absorb the bulk)
     assert 1 <= sum(fake.calls.values()) - calls <= max(6, calls // 5) < calls
+
+
+def test_failed_preflight_leaves_an_existing_run_untouched(fake, tmp_path, capsys):
+    from fake_openai import write_config
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"finished": "run"}')
+    (out / "costs.json").write_text('{"stages": {}}')
+    bad = write_config(fake, tmp_path, roles={"red": {"base_url": "http://127.0.0.1:9/v1"}})
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for stage in ("questions", "run", "check"):
+        assert main(["safety", stage, "--config", bad]) == 1
+        assert "cannot reach http://127.0.0.1:9/v1" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

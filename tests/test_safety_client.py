@@ -162,3 +162,56 @@ def test_docs_config_example_loads(tmp_path):
     assert set(cfg.roles) == {"red", "blue", "judge", "optimizer", "target"}
     assert cfg.roles["target"].api_key_env == "" and cfg.roles["judge"].price_in_per_1m == 2.5
     assert cfg.out_dir == tmp_path / "safety_run"
+
+
+def test_resamples_send_their_own_seed_and_are_not_greedy(fake, tmp_path):
+    cfg = _cfg(fake, tmp_path, roles={"judge": {"temperature": 0.0}})
+    _chat(cfg, "red", MSG)
+    _chat(cfg, "red", MSG, sample=1)
+    _chat(cfg, "red", MSG)  # cached: nothing sent
+    seeds = [b["seed"] for b in fake.bodies["red"]]
+    assert len(seeds) == 2 and seeds[0] != seeds[1] and all(isinstance(s, int) for s in seeds)
+    # a temperature-0 role re-samples at resample_temperature: greedy decoding would repeat the failed reply
+    _chat(cfg, "judge", MSG)
+    _chat(cfg, "judge", MSG, sample=1)
+    assert [b["temperature"] for b in fake.bodies["judge"]] == [0.0, 0.7]
+    cfg = _cfg(fake, tmp_path, roles={"blue": {"send_seed": False}})
+    _chat(cfg, "blue", MSG)
+    assert "seed" not in fake.bodies["blue"][-1]
+
+
+def test_reasoning_model_parameters_named_by_the_preflight_and_configurable(fake, tmp_path):
+    async def work(llm):
+        return (await llm.chat("judge", MSG)).text
+    fake.reject_params["judge"] = {"max_tokens", "temperature"}  # what OpenAI's o-series / GPT-5 models do
+    with pytest.raises(PicochatError) as e:
+        run_stage(_cfg(fake, tmp_path), "t", ["judge"], work)
+    msg = str(e.value)
+    assert "\n" not in msg and "role judge" in msg and "parameter 'max_tokens'" in msg
+    assert 'params = { max_tokens = "max_completion_tokens" }' in msg
+    cfg = _cfg(fake, tmp_path, roles={"judge": {"params": {"max_tokens": "max_completion_tokens"}}})
+    with pytest.raises(PicochatError, match=r"parameter 'temperature'.*params = \{ temperature = false \}"):
+        run_stage(cfg, "t", ["judge"], work)
+    assert fake.calls["judge"] == 0  # only the preflight's probes reached it
+    cfg = _cfg(fake, tmp_path, roles={"judge": {"params": {"max_tokens": "max_completion_tokens", "temperature": False},
+                                                "extra": {"reasoning_effort": "low"}}})
+    assert run_stage(cfg, "t", ["judge"], work)
+    body = fake.bodies["judge"][-1]
+    assert body["max_completion_tokens"] == cfg.roles["judge"].max_tokens and body["reasoning_effort"] == "low"
+    assert "max_tokens" not in body and "temperature" not in body and "seed" in body
+    # the accepted probe is remembered: a second run sends no new probe for the same request shape
+    probes = fake.probes["judge"]
+    run_stage(cfg, "t", ["judge"], work)
+    assert fake.probes["judge"] == probes
+
+
+@pytest.mark.parametrize("role,msg", [
+    ({"params": {"top_k": False}}, "unknown parameter"),
+    ({"params": {"max_tokens": "max completion"}}, "must be false"),
+    ({"extra": {"messages": []}}, "already sent"),
+    ({"extra": {"temperature": 1}}, "already sent"),
+])
+def test_bad_params_config(role, msg):
+    with pytest.raises(PicochatError, match=msg):
+        C.from_dict({"roles": {"judge": {"model": "m", **role}}})
+    C.from_dict({"roles": {"judge": {"model": "m", "params": {"temperature": False}, "extra": {"temperature": 1}}}})

@@ -48,21 +48,29 @@ def _kill_midway(cfg_path: str, stage: str, out: Path, at_least: int = 8) -> lis
     return [json.loads(x)["id"] for x in out.read_text().splitlines() if x.endswith("}")]
 
 
-def test_sigkill_mid_respond_then_rerun(tmp_path, monkeypatch):
-    from fake_openai import KEY_ENV, FakeOpenAI, make_questions, write_config, write_questions
+def _respond_setup(fake, tmp_path, monkeypatch):
+    """A respond stage over 42 training questions with a slow blue role: (config path, config, questions)."""
+    from fake_openai import KEY_ENV, make_questions, write_config, write_questions
 
     from picochat.safety import config as C
+    monkeypatch.setenv(KEY_ENV, fake.api_key)
+    (tmp_path / "prompt.txt").write_text("You are careful and kind. Decline harmful requests.")
+    cfg_path = write_config(fake, tmp_path, roles={"blue": {"concurrency": 2}},
+                            respond={"prompt": str(tmp_path / "prompt.txt"), "multi_turn_fraction": 0.0})
+    cfg = C.load(cfg_path)
+    qs = make_questions(3, 2)  # 42 training questions
+    write_questions(cfg.out_dir, qs)
+    fake.delay["blue"] = 0.1  # ~2 s of work: slow enough to kill it half-way
+    return cfg_path, cfg, qs
+
+
+def test_sigkill_mid_respond_then_rerun(tmp_path, monkeypatch):
+    from fake_openai import FakeOpenAI
+
     from picochat.safety.respond import run_respond
     from picochat.safety.store import read_jsonl
-    (tmp_path / "prompt.txt").write_text("You are careful and kind. Decline harmful requests.")
     with FakeOpenAI() as fake:
-        monkeypatch.setenv(KEY_ENV, fake.api_key)
-        cfg_path = write_config(fake, tmp_path, roles={"blue": {"concurrency": 2}},
-                                respond={"prompt": str(tmp_path / "prompt.txt"), "multi_turn_fraction": 0.0})
-        cfg = C.load(cfg_path)
-        qs = make_questions(3, 2)  # 42 training questions
-        write_questions(cfg.out_dir, qs)
-        fake.delay["blue"] = 0.1  # ~2 s of work: slow enough to kill it half-way
+        cfg_path, cfg, qs = _respond_setup(fake, tmp_path, monkeypatch)
         out = cfg.out_dir / "respond" / "conversations.jsonl"
         before = _kill_midway(cfg_path, "respond", out)
         assert 8 <= len(before) < 42
@@ -117,3 +125,37 @@ def test_sigkill_mid_stage_then_rerun(stage, tmp_path, monkeypatch):
         ids = [r["id"] for r in read_jsonl(out)]
         assert len(ids) == len(set(ids)) == 42 and ids[:len(before)] == before
         assert 42 <= fake.calls[role] <= 42 + 2
+
+
+def test_usage_survives_sigkill_and_a_cached_rerun_keeps_the_spend(tmp_path, monkeypatch):
+    """Costs are logged per request (not in a `finally`), and costs.json sums every run of a stage."""
+    from fake_openai import FakeOpenAI
+
+    from picochat.safety.report import run_report
+    from picochat.safety.respond import run_respond
+    from picochat.safety.usage import aggregate
+    with FakeOpenAI() as fake:
+        cfg_path, cfg, _ = _respond_setup(fake, tmp_path, monkeypatch)
+        fake.fail_next("blue", "500", "429")  # retries must be counted too
+        out = cfg.out_dir / "respond" / "conversations.jsonl"
+        _kill_midway(cfg_path, "respond", out)
+        killed = aggregate(cfg.out_dir / "usage.jsonl")["total"]
+        # every request the fake answered is logged, except at most the 2 on the wire at the kill
+        assert fake.calls["blue"] - 2 <= killed["requests"] <= fake.calls["blue"] and killed["retries"] == 2
+        assert killed["cost_usd"] > 0
+        fake.delay["blue"] = 0.0
+        run_respond(cfg)
+        first = json.loads((cfg.out_dir / "costs.json").read_text())
+        assert fake.calls["blue"] - 2 <= first["total"]["requests"] <= fake.calls["blue"]
+        assert first["total"]["cost_usd"] > killed["cost_usd"]
+        # a rerun served entirely from the cache adds cache hits, not cost, and erases nothing
+        out.unlink()
+        run_respond(cfg)
+        again = json.loads((cfg.out_dir / "costs.json").read_text())
+        st = again["stages"]["respond"]
+        assert again["total"]["cost_usd"] == first["total"]["cost_usd"] == st["total"]["cost_usd"]
+        assert again["total"]["requests"] == first["total"]["requests"] and st["runs"] == 3
+        assert st["roles"]["blue"]["retries"] == {"500": 1, "429": 1} and st["total"]["cache_hits"] >= 42
+    rep = run_report(out, tmp_path / "rep", run_dir=cfg.out_dir)
+    assert rep["pipeline"]["cost_usd"] == first["total"]["cost_usd"]
+    assert f"${first['total']['cost_usd']:.4f}" in (tmp_path / "rep" / "report.md").read_text()

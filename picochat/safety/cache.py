@@ -1,7 +1,7 @@
 """Content-addressed on-disk cache of LLM calls: one JSON file per request, written atomically.
 
 The key hashes only what determines the answer — base_url, model, messages, temperature,
-max_tokens and the sample index — not the role name (two roles sharing an endpoint share entries)
+max_tokens, the sample index and, for roles that change it, the shape of the request body — not the role name (two roles sharing an endpoint share entries)
 and never the API key. An entry is written (tmp file + fsync + rename) before the caller gets the
 reply, so after a kill -9 every finished call is on disk and a rerun does not pay for it again.
 """
@@ -15,9 +15,13 @@ from pathlib import Path
 
 
 def request_key(base_url: str, model: str, messages: list[dict], temperature: float, max_tokens: int,
-                sample: int) -> str:
+                sample: int, shape: dict | None = None) -> str:
+    """shape: the request's extra body fields when a role renames, drops or adds any (params/extra);
+    None for the plain OpenAI shape, so keys made before roles could say that stay valid."""
     payload = {"base_url": base_url.rstrip("/"), "model": model, "messages": messages,
                "temperature": round(float(temperature), 6), "max_tokens": int(max_tokens), "sample": int(sample)}
+    if shape:
+        payload["shape"] = shape
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

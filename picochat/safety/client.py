@@ -9,24 +9,27 @@ official `openai` SDK with its own retries switched off, because we need to see 
 - any other 4xx is not retried (the request itself is wrong);
 - when retries run out the call raises LLMCallError, which stages record as a counted failure.
 
-Every successful reply is cached on disk (cache.py) before it is returned. The API key is read
-from the environment at client creation and is never stored, logged or hashed.
+Every successful reply is cached on disk (cache.py) before it is returned, unless the caller's
+`accept` check rejects it (an unparseable judge reply is not an answer worth keeping). Each HTTP
+request and cache hit is appended to the usage log (usage.py) as it completes. Which request
+parameters are sent, and under which names, is the role's `params`/`extra` config
+(`request_params`). The API key is read from the environment at client creation and is never
+stored, logged or hashed.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from picochat.common import PicochatError, write_json_atomic
+from picochat.common import PicochatError
 from picochat.safety.cache import CallCache, request_key
-from picochat.safety.config import RoleConfig, SafetyConfig
+from picochat.safety.config import STD_PARAMS, RoleConfig, SafetyConfig
+from picochat.safety.usage import UsageLog, add_totals, cost_of
 
 
 class LLMCallError(Exception):
@@ -75,6 +78,24 @@ def api_key_for(role: RoleConfig) -> str:
     return val
 
 
+def request_params(r: RoleConfig, temperature: float, max_tokens: int, seed: int | None) -> dict:
+    """The JSON body fields besides model and messages, as the role's `params` and `extra` say."""
+    std = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    body = {}
+    for k in STD_PARAMS:
+        name = r.params.get(k, True)
+        if name is False or std[k] is None:
+            continue
+        body[k if name is True else name] = std[k]
+    body.update(r.extra)
+    return body
+
+
+def _seed(key: str) -> int:
+    """A seed derived from the request key, which includes the sample index: each re-sample gets its own."""
+    return int(key[:8], 16) & 0x7FFFFFFF
+
+
 def _retry_after(headers) -> float | None:
     """Seconds to wait from Retry-After / retry-after-ms, or None (HTTP-dates fall back to backoff)."""
     if headers is None:
@@ -93,7 +114,8 @@ def _retry_after(headers) -> float | None:
 class LLM:
     """Calls LLM roles. Create inside the event loop that uses it; `await aclose()` at the end."""
 
-    def __init__(self, cfg: SafetyConfig, roles: list[str] | tuple[str, ...]):
+    def __init__(self, cfg: SafetyConfig, roles: list[str] | tuple[str, ...], usage: UsageLog | None = None):
+        self.usage = usage
         self.roles: dict[str, RoleConfig] = {name: cfg.role(name) for name in roles}
         # keys are checked for every role up front so a missing one fails before any network traffic
         self._keys = {name: api_key_for(r) for name, r in self.roles.items()}
@@ -124,62 +146,60 @@ class LLM:
         for c in self._clients.values():
             await c.close()
         self._clients.clear()
+        if self.usage is not None:
+            self.usage.close()
+
+    def _log(self, role: str, **fields) -> None:
+        if self.usage is not None:
+            self.usage.record(self.roles[role], **fields)
 
     # ------------------------------------------------------------------ preflight
 
     async def preflight(self) -> None:
-        """Reach every role's endpoint before any work: unreachable URL, bad key, unknown model -> PicochatError."""
-        from openai import APIConnectionError, APIStatusError, AuthenticationError, NotFoundError
-        seen = set()
-        for name, r in self.roles.items():
-            if (r.base_url, r.api_key_env, r.model) in seen:
-                continue
-            seen.add((r.base_url, r.api_key_env, r.model))
-            client = self._client(name).with_options(timeout=r.preflight_timeout_s, max_retries=1)
-            try:
-                try:
-                    page = await client.models.list()
-                    ids = [m.id for m in (page.data or [])]
-                    if r.check_model and ids and r.model not in ids:
-                        shown = ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else "")
-                        raise PicochatError(f"role {name}: model {r.model!r} is not served at {r.base_url} "
-                                            f"(available: {shown}; set check_model = false to skip this check)")
-                except NotFoundError:
-                    # no /models on this server: a one-token request proves URL, key and model instead
-                    await client.chat.completions.create(model=r.model, max_tokens=1,
-                                                         messages=[{"role": "user", "content": "ping"}])
-            except AuthenticationError:
-                raise PicochatError(f"role {name}: {r.base_url} rejected the API key from "
-                                    f"${r.api_key_env or '(none)'}") from None
-            except APIConnectionError as e:  # includes timeouts
-                raise PicochatError(f"role {name}: cannot reach {r.base_url} ({type(e).__name__}); "
-                                    f"is the server running and base_url right?") from None
-            except APIStatusError as e:
-                raise PicochatError(f"role {name}: {r.base_url} answered HTTP {e.status_code} to the preflight "
-                                    f"check (model {r.model!r})") from None
+        """Reach every role's endpoint before any work (preflight.py): one PicochatError line on a problem."""
+        from picochat.safety.preflight import preflight
+        await preflight(self)
 
     # ------------------------------------------------------------------ calls
 
-    async def chat(self, role: str, messages: list[dict], *, sample: int = 0, temperature: float | None = None,
-                   max_tokens: int | None = None) -> Reply:
-        """One chat completion for `role`, from the cache when this exact request was answered before."""
+    def request(self, role: str, messages: list[dict], sample: int, temperature: float | None,
+                max_tokens: int | None) -> tuple[str, dict]:
+        """(cache key, JSON body fields) of a request: what is sent, and what identifies its answer."""
         r = self.roles[role]
         temperature = r.temperature if temperature is None else temperature
+        if sample > 0:
+            temperature = max(temperature, r.resample_temperature)
         max_tokens = r.max_tokens if max_tokens is None else max_tokens
-        key = request_key(r.base_url, r.model, messages, temperature, max_tokens, sample)
+        shape = request_params(r, temperature, max_tokens, None)  # how it is sent is part of the key
+        key = request_key(r.base_url, r.model, messages, temperature, max_tokens, sample,
+                          shape if (r.params or r.extra) else None)
+        return key, request_params(r, temperature, max_tokens, _seed(key) if r.send_seed else None)
+
+    async def chat(self, role: str, messages: list[dict], *, sample: int = 0, temperature: float | None = None,
+                   max_tokens: int | None = None, accept=None) -> Reply:
+        """One chat completion for `role`, from the cache when this exact request was answered before.
+
+        accept(text) -> bool decides whether a reply is worth caching: one it rejects (an unparseable
+        judge verdict) is returned but not stored, and a stored one it rejects is asked again, so a
+        rerun can recover instead of replaying the same garbage forever.
+        """
+        key, body = self.request(role, messages, sample, temperature, max_tokens)
         hit = self.cache.get(key)
-        if hit is not None:
+        if hit is not None and (accept is None or accept(hit["text"])):
             self.stats[role].cache_hits += 1
+            self._log(role, event="cache_hit")
             return Reply(hit["text"], hit.get("finish_reason"), True, key)
         if key in self._inflight:  # the same request is already on the wire: share its answer
             entry = await asyncio.shield(self._inflight[key])
             self.stats[role].cache_hits += 1
+            self._log(role, event="cache_hit")
             return Reply(entry["text"], entry.get("finish_reason"), True, key)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            entry = await self._call(role, messages, temperature, max_tokens, sample)
-            self.cache.put(key, entry)  # on disk before anyone sees the reply: kill-safe
+            entry = await self._call(role, messages, body)
+            if accept is None or accept(entry["text"]):
+                self.cache.put(key, entry)  # on disk before anyone sees the reply: kill-safe
             fut.set_result(entry)
         except asyncio.CancelledError:
             fut.cancel()
@@ -202,18 +222,17 @@ class LLM:
     def _backoff(self, r: RoleConfig, attempt: int) -> float:
         return min(r.backoff_max_s, r.backoff_base_s * 2 ** attempt) * (0.5 + 0.5 * self._rng.random())
 
-    async def _call(self, role: str, messages, temperature, max_tokens, sample) -> dict:
+    async def _call(self, role: str, messages, body: dict) -> dict:
         from openai import APIConnectionError, APIStatusError, APITimeoutError
         r, st = self.roles[role], self.stats[role]
-        kwargs = dict(model=r.model, messages=messages, temperature=temperature, max_tokens=max_tokens)
-        if r.send_seed:
-            kwargs["seed"] = sample
         for attempt in range(r.max_retries + 1):
             try:
                 async with self._sem(role):
                     st.requests += 1
                     try:
-                        resp = await self._client(role).chat.completions.create(**kwargs)
+                        # extra_body: the fields go out under exactly the names the role's config gives
+                        resp = await self._client(role).chat.completions.create(
+                            model=r.model, messages=messages, extra_body=body)
                     except APITimeoutError:
                         raise _Retry("timeout") from None
                     except APIConnectionError as e:
@@ -224,6 +243,7 @@ class LLM:
                         if e.status_code >= 500 or e.status_code == 408:
                             raise _Retry(str(e.status_code), _retry_after(e.response.headers)) from None
                         st.failures[f"http_{e.status_code}"] += 1
+                        self._log(role, event="request", ok=False, failure=f"http_{e.status_code}")
                         raise LLMCallError(role, f"http_{e.status_code}", self._redact(str(e))[:200]) from None
                     except ValueError as e:  # a 200 whose body is not JSON (malformed or truncated)
                         raise _Retry("bad_response", detail=str(e)[:100]) from None
@@ -237,20 +257,25 @@ class LLM:
                         raise _Retry("empty")
                 st.completed += 1
                 usage = getattr(resp, "usage", None)
+                est = False
                 if usage is not None and usage.prompt_tokens is not None:
                     tin, tout = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
                 else:
                     tin = sum(len(str(m.get("content", ""))) for m in messages) // 4
-                    tout, st.estimated_tokens = len(text) // 4, True
+                    tout, st.estimated_tokens, est = len(text) // 4, True, True
                 st.input_tokens += tin
                 st.output_tokens += tout
                 if finish == "length":
                     st.truncated += 1
+                self._log(role, event="request", ok=True, **{"in": tin, "out": tout}, est=est,
+                          trunc=finish == "length", cost=round(cost_of(r, tin, tout), 8))
                 return {"text": text, "finish_reason": finish, "usage": {"input": tin, "output": tout},
                         "model": r.model, "time": time.time()}
             except _Retry as e:
                 st.retries[e.kind] += 1
-                if attempt >= r.max_retries:
+                last = attempt >= r.max_retries
+                self._log(role, event="request", ok=False, retry=e.kind, failure=e.kind if last else None)
+                if last:
                     st.failures[e.kind] += 1
                     raise LLMCallError(role, e.kind, f"gave up after {attempt + 1} attempts {e.detail}".strip()) from None
                 delay = self._backoff(r, attempt)
@@ -262,51 +287,17 @@ class LLM:
     # ------------------------------------------------------------------ costs
 
     def costs(self) -> dict:
+        """This process's usage per role (the printed table); usage.py sums all runs for costs.json."""
         out, tot = {}, {"requests": 0, "cache_hits": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0,
                         "failures": 0, "retries": 0}
         for name, st in self.stats.items():
             r = self.roles[name]
-            cost = st.input_tokens / 1e6 * r.price_in_per_1m + st.output_tokens / 1e6 * r.price_out_per_1m
             out[name] = {"model": r.model, "requests": st.requests, "completed": st.completed,
                          "cache_hits": st.cache_hits, "input_tokens": st.input_tokens,
                          "output_tokens": st.output_tokens, "estimated_tokens": st.estimated_tokens,
                          "truncated": st.truncated, "retries": dict(st.retries), "failures": dict(st.failures),
                          "price_in_per_1m": r.price_in_per_1m, "price_out_per_1m": r.price_out_per_1m,
-                         "cost_usd": round(cost, 6)}
-            for k in ("requests", "cache_hits", "input_tokens", "output_tokens"):
-                tot[k] += getattr(st, k)
-            tot["cost_usd"] = round(tot["cost_usd"] + cost, 6)
-            tot["failures"] += sum(st.failures.values())
-            tot["retries"] += sum(st.retries.values())
+                         "cost_usd": round(cost_of(r, st.input_tokens, st.output_tokens), 6)}
+            add_totals(tot, out[name])
+        tot["cost_usd"] = round(tot["cost_usd"], 6)
         return {"roles": out, "total": tot}
-
-
-def format_costs(costs: dict) -> str:
-    rows = [("role", "model", "requests", "cached", "retries", "failed", "in_tok", "out_tok", "cost_usd")]
-    for name, c in costs["roles"].items():
-        rows.append((name, c["model"][:24], c["requests"], c["cache_hits"], sum(c["retries"].values()),
-                     sum(c["failures"].values()), c["input_tokens"], c["output_tokens"], f"{c['cost_usd']:.4f}"))
-    t = costs["total"]
-    rows.append(("total", "", t["requests"], t["cache_hits"], t["retries"], t["failures"], t["input_tokens"],
-                 t["output_tokens"], f"{t['cost_usd']:.4f}"))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def save_costs(path, stage: str, costs: dict) -> None:
-    """Merge this stage's costs into <out>/costs.json (one entry per stage, its latest run; totals summed)."""
-    path = Path(path)
-    data = {"stages": {}}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            data = {"stages": {}}
-    data.setdefault("stages", {})[stage] = costs
-    total = {"requests": 0, "cache_hits": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
-    for c in data["stages"].values():
-        for k in total:
-            total[k] += c["total"].get(k, 0)
-    total["cost_usd"] = round(total["cost_usd"], 6)
-    data["total"] = total
-    write_json_atomic(path, data)

@@ -29,6 +29,7 @@ ROLE_NAMES = ("red", "blue", "judge", "optimizer", "target")
 DIMENSIONS = ("safety_integrity", "context_robustness", "refusal_specificity",
               "educational_redirection", "tone_and_style", "precision")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+STD_PARAMS = ("max_tokens", "temperature", "seed")  # what picochat sends besides model and messages
 
 
 @dataclass
@@ -49,8 +50,17 @@ class RoleConfig:
     preflight_timeout_s: float = 10.0
     price_in_per_1m: float = 0.0       # USD per 1M prompt tokens, for costs.json
     price_out_per_1m: float = 0.0      # USD per 1M completion tokens
-    send_seed: bool = False            # pass the sample index as `seed` (not every server accepts it)
+    # a `seed` derived from the request and its sample index: re-samples (sample 1, 2, ...) of the same
+    # request then differ on servers that honour it, and a rerun asks for exactly the same thing
+    send_seed: bool = True
+    # re-samples (sample index >= 1, e.g. after an unparseable judge reply) use at least this temperature:
+    # at temperature 0 a re-sample would just repeat the reply that failed
+    resample_temperature: float = 0.7
     check_model: bool = True           # preflight: the model must be listed by /models
+    # how the standard request parameters are sent: {name: "other_name"} renames one, {name: false}
+    # leaves it out. Reasoning models: {max_tokens = "max_completion_tokens", temperature = false}
+    params: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more JSON body fields, sent as they are (reasoning_effort ...)
 
 
 @dataclass
@@ -199,9 +209,21 @@ def _validate_role(r: RoleConfig) -> None:
         if getattr(r, k) <= 0:
             raise PicochatError(f"{w}.{k} must be > 0")
     for k in ("backoff_base_s", "backoff_max_s", "retry_after_max_s", "price_in_per_1m", "price_out_per_1m",
-              "temperature"):
+              "temperature", "resample_temperature"):
         if getattr(r, k) < 0:
             raise PicochatError(f"{w}.{k} must be >= 0")
+    for k, v in r.params.items():
+        if k not in STD_PARAMS:
+            raise PicochatError(f"{w}.params.{k}: unknown parameter (params can rename or drop: "
+                                f"{', '.join(STD_PARAMS)})")
+        if not (v is False or v is True or (isinstance(v, str) and _ENV_NAME.match(v))):
+            raise PicochatError(f"{w}.params.{k} must be false (do not send it) or the name to send it under, "
+                                f"got {v!r}")
+    sent = {k if v is True else v for k, v in {p: r.params.get(p, True) for p in STD_PARAMS}.items() if v}
+    for k in r.extra:
+        if k in ("model", "messages") or k in sent:
+            raise PicochatError(f"{w}.extra.{k} is already sent by picochat (drop or rename it in "
+                                f"{w}.params first)")
 
 
 def validate(cfg: SafetyConfig) -> None:

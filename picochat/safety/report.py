@@ -23,6 +23,7 @@ from picochat.safety.config import DIMENSIONS
 from picochat.safety.dedup import find_duplicates
 from picochat.safety.refusal import classify
 from picochat.safety.store import iter_lines, read_jsonl
+from picochat.safety.usage import load_costs
 
 
 def _text(content) -> str:
@@ -141,9 +142,8 @@ def pipeline_counts(run_dir: Path) -> dict:
                 if v["scores"].get(split):
                     errs.update(v["scores"][split]["errors"])
         out["optimize"] = {"versions": [v["status"] for v in vs], "judge_errors": dict(errs)}
-    p = run_dir / "costs.json"
-    if p.exists():
-        c = json.loads(p.read_text(encoding="utf-8"))
+    c = load_costs(run_dir)  # from usage.jsonl: right even when a stage was killed before writing costs.json
+    if c is not None:
         out["llm_calls"] = {f"{st}/{role}": {"retries": v["retries"], "failures": v["failures"]}
                             for st, sc in c.get("stages", {}).items() for role, v in sc["roles"].items()}
         out["cost_usd"] = c.get("total", {}).get("cost_usd")

@@ -1,8 +1,12 @@
 """Shared stage plumbing: run a stage's async body with an LLM client, preflight, progress and costs.
 
 Every stage goes through `run_stage`, so every stage checks its endpoints before doing any work,
-prints the per-role token/cost table at the end (also when it fails half-way), and merges its
-costs into <out_dir>/costs.json.
+logs every request to <out_dir>/usage.jsonl as it completes (usage.py: kill -9 loses nothing that
+finished), prints the per-role token/cost table of this run at the end (also when it fails
+half-way), and rebuilds <out_dir>/costs.json from the log.
+
+A run whose preflight fails writes nothing into out_dir: the saved config.json of a finished run
+is only replaced once the endpoints have answered and the stage is about to work.
 """
 from __future__ import annotations
 
@@ -11,8 +15,12 @@ import sys
 import time
 from typing import Awaitable, Callable
 
-from picochat.safety.client import LLM, format_costs, save_costs
-from picochat.safety.config import SafetyConfig
+from picochat.common import write_json_atomic
+from picochat.safety.client import LLM
+from picochat.safety.config import SafetyConfig, to_public_dict
+from picochat.safety.usage import UsageLog, format_costs, write_costs
+
+NO_WORK_STAGES = ("check", "preflight")  # endpoint checks only: they leave the run's config.json alone
 
 
 def log(msg: str) -> None:
@@ -39,16 +47,16 @@ class Progress:
 
 
 def run_stage(cfg: SafetyConfig, stage: str, roles: list[str], body: Callable[[LLM], Awaitable]):
-    """Run `body(llm)` in a fresh event loop; preflight first; save and print costs however it ends."""
-    llm = LLM(cfg, roles)  # raises PicochatError on a missing key env var, before any traffic
-    from picochat.common import write_json_atomic
-    from picochat.safety.config import to_public_dict
-    write_json_atomic(cfg.out_dir / "config.json", to_public_dict(cfg))  # provenance: env var NAMES, never keys
+    """Run `body(llm)` in a fresh event loop; preflight first; log usage as it happens, print it at the end."""
+    # raises PicochatError on a missing key env var, before any traffic
+    llm = LLM(cfg, roles, usage=UsageLog(cfg.out_dir / "usage.jsonl", stage))
 
     async def main():
         try:
             if cfg.preflight and roles:
                 await llm.preflight()
+            if stage not in NO_WORK_STAGES:  # provenance: env var NAMES, never keys
+                write_json_atomic(cfg.out_dir / "config.json", to_public_dict(cfg))
             return await body(llm)
         finally:
             await llm.aclose()
@@ -58,8 +66,9 @@ def run_stage(cfg: SafetyConfig, stage: str, roles: list[str], body: Callable[[L
     finally:
         costs = llm.costs()
         if any(c["requests"] or c["cache_hits"] for c in costs["roles"].values()):
-            save_costs(cfg.out_dir / "costs.json", stage, costs)
-            log(f"{stage}: LLM usage (costs -> {cfg.out_dir / 'costs.json'})")
+            total = write_costs(cfg.out_dir)["total"]
+            log(f"{stage}: LLM usage of this run (all runs: {total['requests']} requests, "
+                f"${total['cost_usd']:.4f} -> {cfg.out_dir / 'costs.json'})")
             log(format_costs(costs))
         sys.stdout.flush()
 
