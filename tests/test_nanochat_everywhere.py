@@ -1,7 +1,8 @@
 """An imported nanochat checkpoint works with the rest of picochat, as a user runs it: `picochat chat -p`,
-`picochat serve` + the OpenAI SDK, `picochat eval` (AIME included), SFT on top (the tokenizer
+`picochat serve` + the OpenAI SDK and the safety eval, `picochat eval` (AIME included), SFT on top (the tokenizer
 travels), `export hf` (2025 design -> transformers' nanochat; 2026 refused by name), and a
 speculative draft with another vocabulary refused by name."""
+import json
 import os
 import socket
 import subprocess
@@ -61,7 +62,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_answers_the_openai_sdk(home):
+def test_serve_answers_the_openai_sdk_and_the_safety_eval(home, tmp_path):
     import openai
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -84,6 +85,18 @@ def test_serve_answers_the_openai_sdk(home):
         choice = reply.choices[0]
         assert choice.finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
         assert isinstance(choice.message.content, str)
+        # the safety eval reaches the served model over HTTP, like any OpenAI-compatible target
+        from fake_openai import make_questions, write_questions
+        out = tmp_path / "safety"
+        write_questions(out, make_questions(1, 1, split_test_roots=1))
+        (tmp_path / "safety.toml").write_text(
+            f'out_dir = "{out}"\n[roles.target]\nbase_url = "http://127.0.0.1:{port}/v1"\nmodel = "nc/v2025"\n'
+            'api_key_env = ""\ncheck_model = false\nmax_tokens = 16\ntemperature = 0.0\n')
+        r = picochat("safety", "eval", "--config", str(tmp_path / "safety.toml"), "--judge", "offline", "--limit", "2",
+                     "--name", "nc")
+        assert r.returncode == 0, r.stderr
+        summary = json.loads((out / "eval" / "nc" / "summary.json").read_text())
+        assert summary["attack"]["n"] == 2 and summary["benign"]["labelled"] == 2
     finally:
         proc.terminate()
         proc.wait(timeout=30)
