@@ -324,9 +324,15 @@ def test_import_refusals(exported, tok, tmp_path):
     tok_dir = tokenizer_dir()
     saved = {p.name: p.read_bytes() for p in tok_dir.iterdir()}
     try:
+        # a home whose tokenizer differs: the import carries its own tokenizer and leaves the home's alone
+        # (it used to be refused, when one home could hold only one tokenizer)
+        exported = Tokenizer.load(tok_dir)  # what sft/mha was trained with
         other.save(tok_dir)
-        with pytest.raises(PicochatError, match="differs from the one in .*--replace-tokenizer"):
-            hf_mod.import_hf(tmp_path / "plain", tag="hf/x")
+        r = hf_mod.import_hf(tmp_path / "plain", tag="hf/x")
+        assert not r["replaced_tokenizer"] and Tokenizer.load(tok_dir).same_encoding(other)
+        assert ck.load_tokenizer("hf/x").same_encoding(exported) and not exported.same_encoding(other)
+        r = hf_mod.import_hf(tmp_path / "plain", tag="hf/y", replace_tokenizer=True)
+        assert r["replaced_tokenizer"] and Tokenizer.load(tok_dir).same_encoding(exported)
     finally:
         for name, data in saved.items():
             (tok_dir / name).write_bytes(data)
