@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from picochat.serve.cli import resolve_api_key
+from picochat.serve.cli import _listen, resolve_api_key
 from serve_helpers import one_thread, model, tok  # noqa: F401  (shared module fixtures)
 from serve_helpers import ScriptedModel, serve, wait_until
 
@@ -216,3 +216,13 @@ def test_api_key_from_file_env_or_flag_with_a_warning(tmp_path, capsys):
     for bad in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(PicochatError, match="api-key-file"):
             resolve_api_key(_Args(api_key_file=str(bad)), {})
+
+
+def test_cli_socket_gets_tcp_nodelay_connections():
+    """uvicorn serves the socket the CLI bound; asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets,
+    without it every small response waited ~40 ms for a delayed ACK."""
+    sock = _listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[1] > 0
+    finally:
+        sock.close()

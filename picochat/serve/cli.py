@@ -45,7 +45,9 @@ def _listen(host: str, port: int) -> socket.socket:
     """Bind now (a clear one-line error instead of uvicorn's several) and hand the socket to uvicorn,
     so that --port 0 serves, and prints, the port the system chose."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets (else every response
+    # whose body is written apart from its headers waits ~40 ms for a delayed ACK)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
