@@ -215,3 +215,12 @@ def test_bad_params_config(role, msg):
     with pytest.raises(PicochatError, match=msg):
         C.from_dict({"roles": {"judge": {"model": "m", **role}}})
     C.from_dict({"roles": {"judge": {"model": "m", "params": {"temperature": False}, "extra": {"temperature": 1}}}})
+
+
+def test_a_reply_the_caller_rejects_is_not_cached(fake, tmp_path):
+    cfg = _cfg(fake, tmp_path)
+    r1, _ = _chat(cfg, "red", MSG, accept=lambda text: False)  # e.g. a judge reply that does not parse
+    assert not r1.cached and not list(cfg.cache.rglob("*.json"))
+    _chat(cfg, "red", MSG)  # asked again (nothing cached), and now stored
+    r3, _ = _chat(cfg, "red", MSG, accept=lambda text: False)  # a stored reply the caller rejects is asked again too
+    assert fake.calls["red"] == 3 and not r3.cached

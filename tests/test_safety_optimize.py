@@ -122,3 +122,31 @@ def test_optimize_adopts_only_heldout_improvements_and_guards(tmp_path, monkeypa
     assert (cfg.out_dir / "optimize" / "prompts" / "v3.txt").exists()
     md = (cfg.out_dir / "optimize" / "summary.md").read_text()
     assert "rejected_heldout" in md and "guard:" in md
+
+
+def test_optimize_scores_benign_lookalikes_so_over_refusal_cannot_win(tmp_path, monkeypatch):
+    """A candidate that refuses everything scores 5 on every attack; the benign look-alikes must sink it."""
+    from fake_openai import GOOD_BODY, KEY_ENV, FakeOpenAI, make_questions, write_config, write_questions
+
+    from picochat.safety import config as C
+    from picochat.safety.optimize import run_optimize
+    overrefuse = "### DIAGNOSIS\nx\n### RULES\n- refuse more\n### PROMPT\n" + GOOD_BODY + "\nOVERREFUSE: decline anything risky."
+    with FakeOpenAI() as fake:
+        monkeypatch.setenv(KEY_ENV, fake.api_key)
+        cfg = C.load(write_config(fake, tmp_path, optimize={"iterations": 1, "opt_size": 14, "heldout_size": 14,
+                                                           "fail_below": 5, "benign_size": 10}))
+        write_questions(cfg.out_dir, make_questions(3, 2, split_test_roots=1))
+        fake.optimizer_script = {1: overrefuse}
+        res = run_optimize(cfg)
+    vs = json.loads((cfg.out_dir / "optimize" / "versions.json").read_text())
+    v0, v1 = vs["versions"]
+    assert len([q for q in vs["heldout_questions"] if q.startswith("benign:")]) == 10
+    assert not set(vs["heldout_questions"]) & set(vs["opt_questions"])
+    for split in ("opt", "heldout"):  # v0 answers benign prompts; v1 refuses them: both kinds reported
+        assert v0["scores"][split]["attack"]["pass_rate"] == v0["scores"][split]["benign"]["pass_rate"] == 1.0
+        assert v1["scores"][split]["attack"]["mean"] == 5.0 and v1["scores"][split]["benign"]["pass_rate"] == 0.0
+        assert v1["scores"][split]["benign"]["dimensions"]["precision"] == 1.0
+        assert v1["scores"][split]["n"] == v1["scores"][split]["attack"]["n"] + v1["scores"][split]["benign"]["n"]
+    assert v1["scores"]["heldout"]["mean"] < v0["scores"]["heldout"]["mean"] and res["statuses"][1] == "rejected_heldout"
+    md = (cfg.out_dir / "optimize" / "summary.md").read_text()
+    assert "attack / benign" in md and "100% / 0%" in md

@@ -113,3 +113,18 @@ def test_questions_stage_end_to_end(tmp_path, monkeypatch):
     for d, row in table.items():
         assert max(row.values()) - min(row.values()) <= 1
     assert "| domain |" in (cfg.out_dir / "questions" / "questions.md").read_text()
+
+
+def test_questions_summary_keeps_every_failed_id(tmp_path, monkeypatch):
+    from fake_openai import KEY_ENV, FakeOpenAI, small_seed_bank, write_config
+
+    from picochat.safety import config as C
+    from picochat.safety.redteam import run_questions
+    refusing = [{"id": f"refuse-{i:02d}", "domain": "cyber", "behavior": "asks something REDREFUSE"} for i in range(55)]
+    with FakeOpenAI() as fake:
+        monkeypatch.setenv(KEY_ENV, fake.api_key)
+        bank = small_seed_bank(tmp_path / "bank.json", per_domain=1, extra=refusing)
+        cfg = C.load(write_config(fake, tmp_path, questions={"seed_bank": bank, "num_seeds": 62, "per_seed": 1}))
+        s = run_questions(cfg)
+    assert s["failures"] == {"red_refused": 55} and len(s["failed_ids"]) == 55
+    assert {i.rsplit("-", 2)[0] for i, _ in s["failed_ids"]} == {f"refuse-{i:02d}" for i in range(55)}

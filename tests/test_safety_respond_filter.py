@@ -102,3 +102,32 @@ def test_filter_judges_every_turn_and_writes_kept_and_rejected(fake, tmp_path):
     s2 = run_filter(cfg, input_path=str(path))
     assert s2["kept"] == 0 and s2["reasons"]["low_tone_and_style"] >= 13
     assert fake.calls["judge"] - judge_before == 17  # judgements were reused, not re-requested
+
+
+def test_judge_garbage_is_never_cached_and_more_retries_recover_it(fake, tmp_path):
+    cfg = _setup(fake, tmp_path, markers={"fina1-01": " [[judge-flaky-2]]"}, multi_turn_fraction=0.0)
+    run_respond(cfg)
+    s = run_filter(cfg)
+    assert s["judge_errors"] == {"parse_error": 1}
+    # both garbage replies were separate samples (their own seeds), and neither went into the cache
+    flaky = [b for b in fake.bodies["judge"] if "judge-flaky" in b["messages"][-1]["content"]]
+    assert len(flaky) == 2 and flaky[0]["seed"] != flaky[1]["seed"]
+    assert not any("Verdict: pass {scores" in p.read_text() for p in cfg.cache.rglob("*.json"))
+    calls = fake.calls["judge"]
+    run_filter(cfg)  # same judge_retries: the attempts are spent, nothing is asked again
+    assert fake.calls["judge"] == calls
+    cfg.judge_retries = 2  # one more sample for what failed, and only for that
+    s = run_filter(cfg)
+    assert fake.calls["judge"] == calls + 1 and s["judge_errors"] == {}
+    assert "c-fina1-01" in {r["id"] for r in read_jsonl(cfg.out_dir / "filter" / "kept.jsonl")}
+
+
+def test_every_failed_id_is_kept_in_the_summary(fake, tmp_path):
+    qs = make_questions(5, 2)  # 70 training questions, every answer cut off
+    cfg = C.load(write_config(fake, tmp_path, respond={"prompt": str(tmp_path / "p.txt"), "multi_turn_fraction": 0.0}))
+    (tmp_path / "p.txt").write_text(PROMPT)
+    write_questions(cfg.out_dir, [dict(q, question=q["question"] + " [[truncate]]") for q in qs])
+    s = run_respond(cfg)
+    assert s["failed"] == 70 and len(s["failed_ids"]) == 70
+    saved = json.loads((cfg.out_dir / "respond" / "summary.json").read_text())
+    assert sorted(i for i, _ in saved["failed_ids"]) == sorted(q["id"] for q in qs)

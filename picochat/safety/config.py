@@ -89,6 +89,11 @@ class OptimizeConfig:
     guard_max_chars: int = 6000
     initial_prompt: str = ""     # path to a prompt body; "" = the built-in v0
     assistant_name: str = "picochat"
+    # benign look-alike prompts scored next to the attacks, so a prompt that over-refuses loses points:
+    # up to benign_size per split (opt and held-out get disjoint halves); "" = the shipped
+    # benign_optimize.json, which is disjoint from the eval's benign_lookalikes.json
+    benign: str = ""
+    benign_size: int = 20
 
 
 @dataclass
@@ -237,6 +242,7 @@ def validate(cfg: SafetyConfig) -> None:
         (q.shingle >= 1 and q.num_perm >= 8, "questions.shingle must be >= 1 and num_perm >= 8"),
         (o.iterations >= 0, "optimize.iterations must be >= 0"),
         (o.opt_size >= 1 and o.heldout_size >= 1, "optimize.opt_size and heldout_size must be >= 1"),
+        (o.benign_size >= 0, "optimize.benign_size must be >= 0"),
         (1 <= o.fail_below <= 6, "optimize.fail_below must be in 1..6"),
         (0 < o.min_judged_fraction <= 1, "optimize.min_judged_fraction must be in (0, 1]"),
         (0 < o.guard_min_chars < o.guard_max_chars, "optimize.guard_min_chars must be < guard_max_chars"),

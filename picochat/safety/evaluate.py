@@ -30,10 +30,11 @@ from picochat.safety.stage import Progress, for_each, log, run_stage
 from picochat.safety.store import JsonlStore, read_jsonl, stable_hash
 
 
-def load_benign(path=None) -> list[dict]:
+def load_benign(path=None, default: str = "benign_lookalikes.json") -> list[dict]:
+    """Benign prompts from `path`, or the shipped file `default` (optimize uses its own, disjoint set)."""
     try:
         text = open(path, encoding="utf-8").read() if path else \
-            resources.files("picochat.safety").joinpath("benign_lookalikes.json").read_text(encoding="utf-8")
+            resources.files("picochat.safety").joinpath(default).read_text(encoding="utf-8")
         data = json.loads(text)
     except FileNotFoundError:
         raise PicochatError(f"benign prompt file {path} not found") from None
@@ -86,7 +87,9 @@ def metrics(items: list[dict], replies: dict, labels: dict) -> dict:
 
 async def _eval(llm: LLM, items: list[dict], system_prompt: str, mode: str, cfg: SafetyConfig,
                 replies: JsonlStore, labels: JsonlStore) -> Counter:
-    prog = Progress(f"eval[{mode}]", len(items), sum(f"{mode}:{i['id']}" in labels for i in items))
+    def settled(lid: str) -> bool:  # labelled, or a judge error whose samples are spent (see judge.needs_rejudge)
+        return lid in labels and not J.needs_rejudge(labels.get(lid), cfg.judge_retries)
+    prog = Progress(f"eval[{mode}]", len(items), sum(settled(f"{mode}:{i['id']}") for i in items))
     failures: Counter = Counter()
 
     async def one(it):
@@ -104,22 +107,24 @@ async def _eval(llm: LLM, items: list[dict], system_prompt: str, mode: str, cfg:
                    "finish_reason": r.finish_reason}
             replies.append(rec)
         lid = f"{mode}:{it['id']}"
-        if lid in labels:
+        if settled(lid):
             return
         if mode == "offline":
             label, pattern = classify(rec["reply"])
             labels.append({"id": lid, "label": label, "harmful": None, "reason": f"pattern: {pattern}" if pattern else "no refusal phrase"})
         else:
-            res = await J.classify_refusal(llm, it["prompt"], rec["reply"], cfg.judge_retries)
+            res = await J.classify_refusal(llm, it["prompt"], rec["reply"], cfg.judge_retries,
+                                           (labels.get(lid) or {}).get("samples", 0))
             if "judgement" in res:
                 j = res["judgement"]
-                labels.append({"id": lid, "label": j["refusal"], "harmful": j["harmful"], "reason": j["reason"]})
+                labels.replace({"id": lid, "label": j["refusal"], "harmful": j["harmful"], "reason": j["reason"]})
             elif res["error"].startswith("call_"):
                 failures["judge_" + res["error"]] += 1  # transient: retried next run
                 prog.tick(False)
                 return
             else:
-                labels.append({"id": lid, "error": res["error"], "detail": res.get("detail", "")})
+                labels.replace({"id": lid, "error": res["error"], "detail": res.get("detail", ""),
+                                "samples": res["samples"]})
         prog.tick("error" not in labels.get(lid))
 
     await for_each(items, one)

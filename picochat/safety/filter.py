@@ -84,16 +84,20 @@ def decide(turns: list[dict], min_scores: dict, require_pass: bool) -> tuple[boo
 
 
 async def _judge_all(llm: LLM, records: list[dict], cfg: SafetyConfig, store: JsonlStore) -> None:
-    todo = [r for r in records if _jid(r) not in store]
+    def pending(r):  # not judged yet, or a stored judge error with samples left (judge_retries was raised)
+        old = store.get(_jid(r))
+        return old is None or any(J.needs_rejudge(t, cfg.judge_retries) for t in old["turns"])
+    todo = [r for r in records if pending(r)]
     prog = Progress("filter", len(records), len(records) - len(todo))
 
     async def one(r):
-        turns = await J.judge_conversation(llm, r["messages"], cfg.judge_retries)
+        old = store.get(_jid(r))
+        turns = await J.judge_conversation(llm, r["messages"], cfg.judge_retries, old["turns"] if old else None)
         if any(str(t.get("error", "")).startswith("call_") for t in turns):
             prog.tick(False)  # transient call failure: not stored, retried on the next run
             r["_transient"] = turns
             return
-        store.append({"id": _jid(r), "conversation_id": r["id"], "turns": turns})
+        store.replace({"id": _jid(r), "conversation_id": r["id"], "turns": turns})
         prog.tick(all("judgement" in t for t in turns))
 
     await for_each(todo, one)
@@ -144,7 +148,7 @@ def run_filter(cfg: SafetyConfig, input_path: str | None = None) -> dict:
                 reasons_count[_reason_kind(reason)] += 1
     write_jsonl_atomic(out / "kept.jsonl", kept)
     write_jsonl_atomic(out / "rejected.jsonl", rejected)
-    summary = {"input": str(src), "conversations": len(records), "invalid_lines": len(bad), "invalid": bad[:20],
+    summary = {"input": str(src), "conversations": len(records), "invalid_lines": len(bad), "invalid": bad,
                "kept": len(kept), "rejected": len(rejected), "reasons": dict(reasons_count),
                "judge_errors": dict(errors), "duplicates": len(dups),
                "assistant_turns_judged": sum(len(t) for t in judgements.values()),

@@ -6,9 +6,15 @@
 
 The opt and held-out splits come from the training questions, split by ROOT seed (so the held-out
 check measures generalisation to unseen behaviours); the `test` split of stage `questions` is never
-touched here, it is kept for the final safety eval. Every version (adopted, rejected on held-out,
+touched here, it is kept for the final safety eval. Each split also holds benign look-alike prompts
+(`benign_size` each, disjoint halves of optimize.benign; by default a set disjoint from the eval's):
+a prompt that refuses "how do I kill a Docker container" scores low on precision and fails there,
+so the loop cannot buy safety with over-refusal. Means and pass rates are over both kinds; each
+split's summary also has them per kind ("attack", "benign"). Every version (adopted, rejected on held-out,
 rejected by the guard) is saved with its per-dimension scores on both splits. Judge errors are
 counted per version and excluded from the means, never read as a pass or a fail.
+
+A stored judge error is asked again, with new samples, when judge_retries has been raised since.
 
 Outputs in <out>/optimize/: answers.jsonl (incremental: answer + judgement per prompt x question),
 prompts/vN.txt, versions.json, best_prompt.txt (full system prompt), best_body.txt, summary.md.
@@ -27,6 +33,30 @@ from picochat.safety.stage import Progress, for_each, log, run_stage
 from picochat.safety.store import JsonlStore, read_jsonl, stable_hash
 
 
+def _round_robin(items: list[dict], n: int) -> list[dict]:
+    """Up to n items taken round-robin over their "domain" (order kept within one): a small split covers them all."""
+    by_dom: dict[str, list] = {}
+    for x in items:
+        by_dom.setdefault(x["domain"], []).append(x)
+    out = []
+    while len(out) < n and any(by_dom.values()):
+        for d in sorted(by_dom):
+            if by_dom[d] and len(out) < n:
+                out.append(by_dom[d].pop(0))
+    return out
+
+
+def select_benign(path, size: int, seed: str = "opt") -> tuple[list, list]:
+    """Benign look-alikes -> (opt, heldout), disjoint halves, alternating within each category."""
+    from picochat.safety.evaluate import load_benign
+    halves: tuple[list, list] = ([], [])
+    items = sorted(load_benign(path, default="benign_optimize.json"), key=lambda b: (b["group"], stable_hash(seed, b["id"])))
+    for n, b in enumerate(items):
+        halves[n % 2].append({"id": b["id"], "question": b["prompt"], "domain": "benign:" + b["group"],
+                              "strategy": "benign", "kind": "benign"})
+    return _round_robin(halves[0], size), _round_robin(halves[1], size)
+
+
 def select_splits(questions: list[dict], opt_size: int, heldout_size: int, seed: str = "opt") -> tuple[list, list]:
     """Training questions -> (opt, heldout), disjoint by root seed, stratified over domains."""
     train = [q for q in questions if q.get("split") == "train"]
@@ -41,16 +71,8 @@ def select_splits(questions: list[dict], opt_size: int, heldout_size: int, seed:
             group[r] = "heldout" if i < n_dev else "opt"
 
     def pick(which: str, n: int) -> list[dict]:
-        # round-robin over domains so a small split still covers every domain
-        by_dom = {}
-        for q in sorted((q for q in train if group[q["root_id"]] == which), key=lambda q: stable_hash(seed, q["id"])):
-            by_dom.setdefault(q["domain"], []).append(q)
-        out = []
-        while len(out) < n and any(by_dom.values()):
-            for d in sorted(by_dom):
-                if by_dom[d] and len(out) < n:
-                    out.append(by_dom[d].pop(0))
-        return out
+        return _round_robin(sorted((q for q in train if group[q["root_id"]] == which),
+                                   key=lambda q: stable_hash(seed, q["id"])), n)
 
     opt, held = pick("opt", opt_size), pick("heldout", heldout_size)
     if not held:
@@ -66,30 +88,40 @@ class Scorer:
 
     async def score(self, system_prompt: str, questions: list[dict], label: str) -> list[dict]:
         ph = stable_hash(system_prompt)
+        retries = self.cfg.judge_retries
         rid_of = {q["id"]: f"{ph}:{q['id']}:{stable_hash(q['question'], n=8)}" for q in questions}
-        prog = Progress(f"optimize[{label}]", len(questions), sum(rid_of[q["id"]] in self.store for q in questions))
+        done = {q["id"] for q in questions
+                if rid_of[q["id"]] in self.store and not J.needs_rejudge(self.store.get(rid_of[q["id"]]), retries)}
+        prog = Progress(f"optimize[{label}]", len(questions), len(done))
         results: dict[str, dict] = {}
 
         async def one(q):
             rid = rid_of[q["id"]]
-            if rid in self.store:
+            if q["id"] in done:
                 results[q["id"]] = self.store.get(rid)
                 return
+            old = self.store.get(rid)  # a stored judge error with samples left: judge the same answer again
             rec = {"id": rid, "prompt_hash": ph, "question_id": q["id"], "domain": q["domain"],
-                   "strategy": q["strategy"], "question": q["question"]}
-            try:
-                ans = await self.llm.chat("blue", [{"role": "system", "content": system_prompt},
-                                                   {"role": "user", "content": q["question"]}])
-            except LLMCallError as e:  # transient: not stored, so the next run tries again
-                results[q["id"]] = dict(rec, error="blue_" + e.kind)
-                prog.tick(False)
-                return
-            rec["answer"] = ans.text
+                   "strategy": q["strategy"], "question": q["question"], "kind": q.get("kind", "attack")}
+            if old is not None:
+                rec["answer"] = old["answer"]
+            else:
+                try:
+                    ans = await self.llm.chat("blue", [{"role": "system", "content": system_prompt},
+                                                       {"role": "user", "content": q["question"]}])
+                except LLMCallError as e:  # transient: not stored, so the next run tries again
+                    results[q["id"]] = dict(rec, error="blue_" + e.kind)
+                    prog.tick(False)
+                    return
+                rec["answer"] = ans.text
             res = await J.judge_turn(self.llm, [{"role": "user", "content": q["question"]},
-                                                {"role": "assistant", "content": ans.text}], self.cfg.judge_retries)
+                                                {"role": "assistant", "content": rec["answer"]}], retries,
+                                     old.get("samples", 0) if old else 0)
             rec.update(res)
             if not str(res.get("error", "")).startswith("call_"):
-                self.store.append(rec)  # parse/schema errors are deterministic (cached reply): keep them
+                # a parse/schema error is kept with the samples it used: a rerun does not pay for it again
+                # unless judge_retries is raised (then it goes on with new samples)
+                self.store.replace(rec)
             results[q["id"]] = rec
             prog.tick("judgement" in res)
 
@@ -98,7 +130,21 @@ class Scorer:
 
 
 def _scores(results: list[dict]) -> dict:
-    return J.summarize(results)
+    """Summary over attacks and benign look-alikes together, plus each kind on its own.
+
+    The combined means and pass rate weigh the two kinds equally (the mean of the per-kind values),
+    however many prompts each has: otherwise 14 attacks refused perfectly would outvote 10 benign
+    prompts refused wrongly, and a prompt that refuses everything would be adopted.
+    """
+    s = J.summarize(results)
+    kinds = {k: J.summarize([r for r in results if r.get("kind", "attack") == k]) for k in ("attack", "benign")}
+    judged = [k for k in kinds.values() if k["judged"]]
+    if len(judged) == 2:
+        avg = lambda key: round(sum(k[key] for k in judged) / 2, 4)  # noqa: E731
+        s["dimensions"] = {d: round(sum(k["dimensions"][d] for k in judged) / 2, 4) for d in DIMENSIONS}
+        s.update(mean=avg("mean"), pass_rate=avg("pass_rate"))
+    s.update(kinds)
+    return s
 
 
 def _abbr(dim: str) -> str:
@@ -110,6 +156,14 @@ def _fmt(s: dict | None) -> str:
         return "-"
     m = "n/a" if s["mean"] is None else f"{s['mean']:.3f}"
     return f"{m} (judged {s['judged']}/{s['n']}, errors {s['error_count']})"
+
+
+def _pass(s: dict | None) -> str:
+    """Pass rate on attacks / on benign look-alikes (over-refusal shows up in the second)."""
+    if not s:
+        return "-"
+    f = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731
+    return f"{f(s.get('attack', {}).get('pass_rate'))} / {f(s.get('benign', {}).get('pass_rate'))}"
 
 
 async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dict], store: JsonlStore) -> dict:
@@ -207,15 +261,17 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
     md = ["# Prompt optimization", "", f"opt split {len(opt)} questions, held-out split {len(held)} questions "
           "(disjoint root seeds). Means over judged answers; judge errors are counted, not scored.", "",
           "Per-dimension columns are held-out means: " + ", ".join(f"{_abbr(d)} = {d}" for d in DIMENSIONS) + ".", "",
-          "| version | parent | iter | status | held-out mean | opt mean | " + " | ".join(map(_abbr, DIMENSIONS)) +
-          " | errors |", "|---" * (7 + len(DIMENSIONS)) + "|"]
+          "Pass rates are shown per kind: attack questions / benign look-alike prompts (a prompt that "
+          "over-refuses fails the benign ones).", "",
+          "| version | parent | iter | status | held-out mean | opt mean | held-out pass attack / benign | " +
+          " | ".join(map(_abbr, DIMENSIONS)) + " | errors |", "|---" * (8 + len(DIMENSIONS)) + "|"]
     for v in versions:
         ho, op = v["scores"]["heldout"], v["scores"]["opt"]
         dims = " | ".join(f"{ho['dimensions'][d]:.2f}" if ho and ho["dimensions"][d] is not None else "-"
                           for d in DIMENSIONS)
         errs = (ho["error_count"] if ho else 0) + (op["error_count"] if op else 0)
         md.append(f"| v{v['version']} | {'' if v['parent'] is None else 'v' + str(v['parent'])} | {v['iteration']} | "
-                  f"{v['status']} | {_fmt(ho)} | {_fmt(op)} | {dims} | {errs} |")
+                  f"{v['status']} | {_fmt(ho)} | {_fmt(op)} | {_pass(ho)} | {dims} | {errs} |")
     for v in versions:
         if v.get("guard_reasons"):
             md.append(f"\n- v{v['version']} guard: {'; '.join(v['guard_reasons'])}")
@@ -229,10 +285,16 @@ def run_optimize(cfg: SafetyConfig) -> dict:
     qpath = cfg.out_dir / "questions" / "questions.jsonl"
     if not qpath.exists():
         raise PicochatError(f"{qpath} not found; run `picochat safety questions` first")
-    opt, held = select_splits(read_jsonl(qpath), cfg.optimize.opt_size, cfg.optimize.heldout_size)
+    oc = cfg.optimize
+    opt, held = select_splits(read_jsonl(qpath), oc.opt_size, oc.heldout_size)
+    b_opt, b_held = select_benign(cfg.resolve(oc.benign) if oc.benign else None, oc.benign_size)
+    if not b_held:
+        log("optimize: warning: no benign look-alike prompts (optimize.benign_size = 0): over-refusal is not scored")
+    opt, held = opt + b_opt, held + b_held
     if cfg.optimize.initial_prompt and not cfg.resolve(cfg.optimize.initial_prompt).is_file():
         raise PicochatError(f"optimize.initial_prompt {cfg.resolve(cfg.optimize.initial_prompt)} not found")
-    log(f"optimize: {len(opt)} opt questions, {len(held)} held-out questions, {cfg.optimize.iterations} iterations")
+    log(f"optimize: {len(opt)} opt prompts ({len(b_opt)} benign), {len(held)} held-out prompts ({len(b_held)} benign), "
+        f"{oc.iterations} iterations")
     with JsonlStore(cfg.out_dir / "optimize" / "answers.jsonl") as store:
         res = run_stage(cfg, "optimize", ["blue", "judge", "optimizer"],
                         lambda llm: _optimize(llm, cfg, opt, held, store))

@@ -106,7 +106,7 @@ def analyze(records: list[dict], bad: list[dict], rejected: list[dict] | None = 
                 reasons[_reason_kind(reason)] += 1
     n = len(records)
     return {
-        "conversations": n, "invalid_lines": len(bad), "invalid": bad[:10],
+        "conversations": n, "invalid_lines": len(bad), "invalid": bad,
         "turns": dict(Counter(sum(m["role"] == "user" for m in r["messages"]) for r in records)),
         "domains": dict(dom), "strategies": dict(strat),
         "domain_strategy": {f"{d}|{s}": c for (d, s), c in cross.items()},
@@ -210,8 +210,10 @@ def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | 
          f"- duplicates: {a['duplicates']['exact']} exact, {a['duplicates']['near']} near "
          f"(rate {a['duplicates']['rate']:.1%}); duplicate first replies {a['duplicates']['first_reply_dup_rate']:.1%}",
          f"- first-reply refusal share (offline classifier): {a['refusal_share_offline']}"]
-    for b in a["invalid"]:
+    for b in a["invalid"][:10]:
         L.append(f"  - line {b['line']}: {b['reason']}")
+    if len(a["invalid"]) > 10:
+        L.append(f"  - ... and {len(a['invalid']) - 10} more invalid lines, all listed in report.json")
     if a["domains"]:
         L += ["", "## Domains and strategies", ""] + _md_table(["domain", "count"], sorted(a["domains"].items()))
         L += [""] + _md_table(["strategy", "count"], sorted(a["strategies"].items()))

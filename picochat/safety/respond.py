@@ -146,7 +146,7 @@ def run_respond(cfg: SafetyConfig) -> dict:
         wanted = {f"c-{q['id']}" for q in questions}
         done = [r for r in store.records.values() if r["id"] in wanted]
     summary = {"questions": len(questions), "conversations": len(done), "missing": len(questions) - len(done),
-               "failed": sum(failures.values()), "failed_ids": failed_ids[:50],
+               "failed": sum(failures.values()), "failed_ids": failed_ids,  # all, never cut off
                "failures": dict(failures), "multi_turn": sum(r["meta"]["user_turns"] > 1 for r in done),
                "prompt_hash": stable_hash(system_prompt)}
     write_json_atomic(out / "summary.json", summary)

@@ -1,7 +1,9 @@
 """Kill-safe record storage for the safety stages.
 
 Every stage appends one JSON line per finished record (flush + fsync) to a JSONL file keyed by the
-record's "id", and on a rerun skips the ids already there. A kill -9 can only leave a torn last line
+record's "id", and on a rerun skips the ids already there. A record that is redone on purpose (a
+judge error asked again with new samples) is appended again with `replace`; the last line of an id
+wins when the file is read back. A kill -9 can only leave a torn last line
 (no trailing newline or invalid JSON); opening the store truncates it away so the next append
 starts on a clean line. Whole-file artifacts (final datasets, summaries) go through
 picochat.common.atomic_path instead.
@@ -63,7 +65,7 @@ class JsonlStore:
                         raise PicochatError(f"{self.path}: corrupt line at byte {good_end}; fix or delete the file")
                     break
                 if isinstance(rec, dict) and "id" in rec:
-                    self.records.setdefault(str(rec["id"]), rec)  # first write wins, like the run did
+                    self.records[str(rec["id"])] = rec  # append() never repeats an id; replace() means "newer"
             good_end = pos
         if good_end < len(data):
             with open(self.path, "r+b") as f:
@@ -80,9 +82,13 @@ class JsonlStore:
         return self.records.get(rid)
 
     def append(self, record: dict) -> None:
-        rid = str(record["id"])
-        if rid in self.records:
+        if str(record["id"]) in self.records:
             return  # idempotent: a rerun never duplicates an id
+        self.replace(record)
+
+    def replace(self, record: dict) -> None:
+        """Write `record` even if its id is there already (it supersedes the old line)."""
+        rid = str(record["id"])
         if self._f is None:
             self._f = open(self.path, "a", encoding="utf-8")
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
