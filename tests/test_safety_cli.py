@@ -86,6 +86,7 @@ def test_full_run_with_faults_completes_reports_counts_and_leaks_no_key(fake, tm
     assert "call_500: 1" in report and "429: 1" in report and re.search(r"timeout: [1-9]", report)
     assert (out / "filter" / "kept.jsonl").stat().st_size > 0
     assert list((out / "eval").glob("*/summary.json"))
+    assert "## Safety eval" in report and "| eval:" in report  # the report ran after eval: results and cost
     printed = capsys.readouterr().out
     assert "cost_usd" in printed and "safety run: done" in printed
     costs = json.loads((out / "costs.json").read_text())

@@ -65,3 +65,38 @@ def test_diversity_and_template_collapse(tmp_path):
     assert distinct_n(["a b a b"], 1) == 0.5 and distinct_n(["a b a b"], 2) == round(2 / 3, 4)
     run_report(src, tmp_path / "r")
     assert "template collapse" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_report_of_a_run_has_eval_costs_rejected_scores_and_a_cross_table(tmp_path, monkeypatch, capsys):
+    import pytest
+    pytest.importorskip("openai")
+    from fake_openai import KEY_ENV, FakeOpenAI, make_questions, write_config, write_questions
+
+    from picochat.safety import config as C
+    from picochat.safety.cli import main
+    from picochat.safety.evaluate import run_eval
+    from picochat.safety.filter import run_filter
+    from picochat.safety.respond import run_respond
+    (tmp_path / "p.txt").write_text("You are careful. Decline harmful requests briefly.")
+    with FakeOpenAI() as fake:
+        monkeypatch.setenv(KEY_ENV, fake.api_key)
+        path = write_config(fake, tmp_path, respond={"prompt": str(tmp_path / "p.txt"), "multi_turn_fraction": 0.0},
+                            eval={"judge": "offline", "limit": 5})
+        cfg = C.load(path)
+        write_questions(cfg.out_dir, make_questions(2, 2, split_test_roots=1, marker={"cybe1-00": " [[unsafe]]"}))
+        run_respond(cfg)
+        run_filter(cfg)
+        run_eval(cfg)
+        assert main(["safety", "report", "--config", path]) == 0
+    rep = cfg.out_dir / "report"
+    md = (rep / "report.md").read_text()
+    assert "## Safety eval" in md and "| 100.0% | 5/5 |" in md and "eval:" in md  # results and the eval's cost
+    costs = json.loads((cfg.out_dir / "costs.json").read_text())
+    assert f"${costs['total']['cost_usd']:.4f}" in md
+    assert "Judge scores of the rejected conversations" in md and (rep / "scores_rejected.png").stat().st_size > 1000
+    a = json.loads((rep / "report.json").read_text())
+    assert a["rejected_scores"]["safety_integrity"] == {"1": 1}
+    # the domain x strategy counts as a Markdown table, not only as a plot
+    assert "| domain | roleplay_simulation | socratic_method | total |" in md
+    cross = [line for line in md.splitlines() if line.startswith("| cyber |")][-1]
+    assert cross == f"| cyber | 0 | 1 | {a['domains']['cyber']} |" and f"| total | 6 | 7 | {a['conversations']} |" in md

@@ -144,6 +144,8 @@ def cmd_eval(args):
 
 
 STAGES = ("questions", "optimize", "respond", "filter", "report", "eval")
+# the default order of `safety run`: the report comes last so it includes the eval results and their cost
+RUN_ORDER = ("questions", "optimize", "respond", "filter", "eval", "report")
 
 
 def cmd_run(args):
@@ -155,7 +157,7 @@ def cmd_run(args):
     from picochat.safety.respond import run_respond
     cfg = _config(args)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else \
-        [s for s in STAGES if s != "eval" or cfg.eval.enabled or args.with_eval]
+        [s for s in RUN_ORDER if s != "eval" or cfg.eval.enabled or args.with_eval]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise PicochatError(f"unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
@@ -263,7 +265,7 @@ def register(subparsers) -> None:
     p = st.add_parser("run", help="run the stages in order from one config file")
     _common(p)
     p.add_argument("--stages", help=f"comma-separated subset, in order (default {','.join(STAGES[:-1])}, plus eval "
-                   "when [eval] enabled = true)")
+                   "before report when [eval] enabled = true)")
     p.add_argument("--with-eval", action="store_true", help="also run the eval stage")
     p.set_defaults(func=cmd_run)
 

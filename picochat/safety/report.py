@@ -81,6 +81,20 @@ def _scores_of(meta: dict) -> dict | None:
     return s if isinstance(s, dict) else None
 
 
+def _score_counts(records: list[dict]) -> dict[str, Counter]:
+    """{dimension: Counter(score)}: our 6 first, then any other numeric dims the data has."""
+    scores = {d: Counter() for d in DIMENSIONS}
+    for r in records:
+        for d, v in (_scores_of(r["meta"]) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                scores.setdefault(d, Counter())[int(v)] += 1
+    return scores
+
+
+def _means(scores: dict[str, Counter]) -> dict[str, float]:
+    return {d: round(sum(k * v for k, v in c.items()) / sum(c.values()), 3) for d, c in scores.items() if c}
+
+
 def analyze(records: list[dict], bad: list[dict], rejected: list[dict] | None = None) -> dict:
     user = [_text(m["content"]) for r in records for m in r["messages"] if m["role"] == "user"]
     asst = [_text(m["content"]) for r in records for m in r["messages"] if m["role"] == "assistant"]
@@ -90,11 +104,9 @@ def analyze(records: list[dict], bad: list[dict], rejected: list[dict] | None = 
     strat = Counter(r["meta"].get("strategy") for r in records if r["meta"].get("strategy"))
     cross = Counter((r["meta"].get("domain"), r["meta"].get("strategy")) for r in records
                     if r["meta"].get("domain") and r["meta"].get("strategy"))
-    scores = {d: Counter() for d in DIMENSIONS}  # our 6 first, then any other numeric dims the data has
-    for r in records:
-        for d, v in (_scores_of(r["meta"]) or {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                scores.setdefault(d, Counter())[int(v)] += 1
+    scores = _score_counts(records)
+    rej_scores = _score_counts([{"meta": r.get("meta") if isinstance(r.get("meta"), dict) else {}}
+                                for r in rejected or [] if isinstance(r, dict)])
     dups = find_duplicates([(r["id"], "\n".join(_text(m["content"]) for m in r["messages"])) for r in records], 0.85)
     asst_dups = find_duplicates([(str(i), t) for i, t in enumerate(first_asst)], 0.85)
     refusals = Counter(classify(t)[0] for t in first_asst)
@@ -111,7 +123,9 @@ def analyze(records: list[dict], bad: list[dict], rejected: list[dict] | None = 
         "domains": dict(dom), "strategies": dict(strat),
         "domain_strategy": {f"{d}|{s}": c for (d, s), c in cross.items()},
         "scores": {d: dict(sorted(c.items())) for d, c in scores.items() if c},
-        "score_means": {d: round(sum(k * v for k, v in c.items()) / sum(c.values()), 3) for d, c in scores.items() if c},
+        "score_means": _means(scores),
+        "rejected_scores": {d: dict(sorted(c.items())) for d, c in rej_scores.items() if c},
+        "rejected_score_means": _means(rej_scores),
         "lengths": {"user_chars": _stats([len(t) for t in user]), "assistant_chars": _stats([len(t) for t in asst]),
                     "assistant_words": _stats([len(_words(t)) for t in asst])},
         "diversity": {"distinct_1": distinct_n(asst, 1), "distinct_2": distinct_n(asst, 2),
@@ -142,12 +156,38 @@ def pipeline_counts(run_dir: Path) -> dict:
                 if v["scores"].get(split):
                     errs.update(v["scores"][split]["errors"])
         out["optimize"] = {"versions": [v["status"] for v in vs], "judge_errors": dict(errs)}
+    evals = {}
+    for p in sorted((run_dir / "eval").glob("*/summary.json")):
+        e = json.loads(p.read_text(encoding="utf-8"))
+        evals[p.parent.name] = {"model": e.get("target", {}).get("model"), "judge": e.get("judge"),
+                                "refusal_rate": e.get("refusal_rate"), "over_refusal_rate": e.get("over_refusal_rate"),
+                                **{f"{k}_{f}": e.get(k, {}).get(f) for k in ("attack", "benign")
+                                   for f in ("n", "labelled", "target_failures")},
+                                "label_errors": sum(sum(e.get(k, {}).get("label_errors", {}).values())
+                                                    for k in ("attack", "benign"))}
+    if evals:
+        out["eval"] = evals
     c = load_costs(run_dir)  # from usage.jsonl: right even when a stage was killed before writing costs.json
     if c is not None:
+        out["stage_costs"] = {st: {k: sc["total"].get(k, 0) for k in ("requests", "cache_hits", "cost_usd")}
+                              for st, sc in c.get("stages", {}).items()}
         out["llm_calls"] = {f"{st}/{role}": {"retries": v["retries"], "failures": v["failures"]}
                             for st, sc in c.get("stages", {}).items() for role, v in sc["roles"].items()}
         out["cost_usd"] = c.get("total", {}).get("cost_usd")
     return out
+
+
+def _score_bars(plt, scores: dict, path: Path, prefix: str) -> None:
+    dims = list(scores)
+    fig, axes = plt.subplots(1, len(dims), figsize=(2.4 * len(dims), 2.6), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        c = scores[d]
+        ax.bar([int(k) for k in c], list(c.values()), color="#c44e52" if prefix else "#4c72b0")
+        ax.set_title(prefix + d.replace("_", " "), fontsize=8)
+        ax.set_xticks([1, 2, 3, 4, 5])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plots(a: dict, out: Path) -> list[str]:
@@ -155,18 +195,10 @@ def _plots(a: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
     files = []
-    if a["scores"]:
-        dims = list(a["scores"])
-        fig, axes = plt.subplots(1, len(dims), figsize=(2.4 * len(dims), 2.6), squeeze=False)
-        for ax, d in zip(axes[0], dims):
-            c = a["scores"][d]
-            ax.bar([int(k) for k in c], list(c.values()), color="#4c72b0")
-            ax.set_title(d.replace("_", " "), fontsize=8)
-            ax.set_xticks([1, 2, 3, 4, 5])
-        fig.tight_layout()
-        fig.savefig(out / "scores.png", dpi=100)
-        plt.close(fig)
-        files.append("scores.png")
+    for key, name in (("scores", "scores.png"), ("rejected_scores", "scores_rejected.png")):
+        if a.get(key):
+            _score_bars(plt, a[key], out / name, "rejected: " if key == "rejected_scores" else "")
+            files.append(name)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.hist(a["_assistant_lengths"], bins=30, color="#55a868")
     ax.set_xlabel("assistant reply length (chars)")
@@ -203,6 +235,22 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
         ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
+def _scores_md(title: str, scores: dict, means: dict) -> list[str]:
+    if not scores:
+        return []
+    return ["", f"## {title}", ""] + _md_table(["dimension", "mean", "1", "2", "3", "4", "5"],
+                                               [[d, means[d]] + [scores[d].get(k, 0) for k in range(1, 6)] for d in scores])
+
+
+def _cross_md(cross: dict) -> list[str]:
+    doms = sorted({k.split("|")[0] for k in cross})
+    strs = sorted({k.split("|")[1] for k in cross})
+    rows = [[d] + [cross.get(f"{d}|{s}", 0) for s in strs] + [sum(cross.get(f"{d}|{s}", 0) for s in strs)]
+            for d in doms]
+    rows.append(["total"] + [sum(cross.get(f"{d}|{s}", 0) for d in doms) for s in strs] + [sum(cross.values())])
+    return _md_table(["domain"] + strs + ["total"], rows)
+
+
 def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | None) -> str:
     L = [f"# Data-quality report: {src.name}", "", f"Source: `{src}`", "",
          f"- conversations: **{a['conversations']}**, invalid lines skipped: **{a['invalid_lines']}**",
@@ -217,13 +265,15 @@ def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | 
     if a["domains"]:
         L += ["", "## Domains and strategies", ""] + _md_table(["domain", "count"], sorted(a["domains"].items()))
         L += [""] + _md_table(["strategy", "count"], sorted(a["strategies"].items()))
-    if a["scores"]:
-        L += ["", "## Judge scores (worst turn per conversation)", ""]
-        L += _md_table(["dimension", "mean", "1", "2", "3", "4", "5"],
-                       [[d, a["score_means"][d]] + [a["scores"][d].get(k, 0) for k in range(1, 6)] for d in a["scores"]])
+    if a["domain_strategy"]:
+        L += ["", "Conversations per domain x strategy (the same numbers as domain_strategy.png):", ""]
+        L += _cross_md(a["domain_strategy"])
+    L += _scores_md("Judge scores (worst turn per conversation)", a["scores"], a["score_means"])
     if a["rejected"] is not None:
         L += ["", f"## Rejections ({a['rejected']})", ""] + (
             _md_table(["reason", "count"], list(a["rejection_reasons"].items())) if a["rejection_reasons"] else ["none"])
+        L += _scores_md("Judge scores of the rejected conversations (those that were judged)",
+                        a["rejected_scores"], a["rejected_score_means"])
     ls = a["lengths"]
     L += ["", "## Lengths", ""] + _md_table(["what", "n", "mean", "median", "p10", "p90", "max"],
                                             [[k, v.get("n"), v.get("mean"), v.get("median"), v.get("p10"), v.get("p90"),
@@ -246,8 +296,23 @@ def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | 
         calls = [[k, _kv(v["retries"]), _kv(v["failures"])] for k, v in pipeline.get("llm_calls", {}).items()]
         L += ["", "LLM calls (retried errors are recovered; failures were given up on):", ""]
         L += _md_table(["stage/role", "retries", "failures"], calls)
+        if pipeline.get("stage_costs"):
+            L += ["", "LLM usage by stage, summed over every run of it (cache hits cost nothing):", ""]
+            L += _md_table(["stage", "requests", "cache hits", "cost USD"],
+                           [[st, c["requests"], c["cache_hits"], f"{c['cost_usd']:.4f}"]
+                            for st, c in pipeline["stage_costs"].items()])
         if pipeline.get("cost_usd") is not None:
             L.append(f"\nEstimated LLM cost of the run: ${pipeline['cost_usd']:.4f} (see costs.json)")
+    if pipeline and pipeline.get("eval"):
+        fmt = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+        L += ["", "## Safety eval", "", "Refusal rate on held-out attacks (higher is better) and over-refusal on "
+              "benign look-alikes (lower is better); details in eval/<name>/report.md.", ""]
+        L += _md_table(["eval", "model", "labels", "refusal rate", "attacks labelled", "over-refusal",
+                        "benign labelled", "label errors", "target failures"],
+                       [[name, e["model"], e["judge"], fmt(e["refusal_rate"]), f"{e['attack_labelled']}/{e['attack_n']}",
+                         fmt(e["over_refusal_rate"]), f"{e['benign_labelled']}/{e['benign_n']}", e["label_errors"],
+                         (e["attack_target_failures"] or 0) + (e["benign_target_failures"] or 0)]
+                        for name, e in pipeline["eval"].items()])
     L += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [note])
     return "\n".join(L) + "\n"
 
