@@ -224,3 +224,16 @@ def test_a_reply_the_caller_rejects_is_not_cached(fake, tmp_path):
     _chat(cfg, "red", MSG)  # asked again (nothing cached), and now stored
     r3, _ = _chat(cfg, "red", MSG, accept=lambda text: False)  # a stored reply the caller rejects is asked again too
     assert fake.calls["red"] == 3 and not r3.cached
+
+
+def test_every_toml_example_in_the_docs_loads(tmp_path):
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "safety.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```toml\n")[1:]]
+    assert len(blocks) >= 5
+    for i, toml in enumerate(blocks):
+        (tmp_path / f"b{i}.toml").write_text(toml)
+        cfg = C.load(tmp_path / f"b{i}.toml")
+        assert cfg.roles, toml
+    reasoning = next(C.load(tmp_path / f"b{i}.toml") for i, b in enumerate(blocks) if "o4-mini" in b).roles["judge"]
+    assert reasoning.params == {"max_tokens": "max_completion_tokens", "temperature": False}
