@@ -113,6 +113,8 @@ def test_failed_preflight_leaves_an_existing_run_untouched(fake, tmp_path, capsy
     out.mkdir()
     (out / "config.json").write_text('{"finished": "run"}')
     (out / "costs.json").write_text('{"stages": {}}')
+    (out / "questions").mkdir()
+    (out / "questions" / "raw.jsonl").write_text('{"id": "a"}\n{"id": "b", "tor')  # torn by a kill -9
     bad = write_config(fake, tmp_path, roles={"red": {"base_url": "http://127.0.0.1:9/v1"}})
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for stage in ("questions", "run", "check"):

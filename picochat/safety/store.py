@@ -4,8 +4,8 @@ Every stage appends one JSON line per finished record (flush + fsync) to a JSONL
 record's "id", and on a rerun skips the ids already there. A record that is redone on purpose (a
 judge error asked again with new samples) is appended again with `replace`; the last line of an id
 wins when the file is read back. A kill -9 can only leave a torn last line
-(no trailing newline or invalid JSON); opening the store truncates it away so the next append
-starts on a clean line. Whole-file artifacts (final datasets, summaries) go through
+(no trailing newline or invalid JSON); the store ignores it when reading and cuts it away before
+its first append, so the next record starts on a clean line. Whole-file artifacts (final datasets, summaries) go through
 picochat.common.atomic_path instead.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ class JsonlStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}
+        self._torn_at: int | None = None
         self._load()
         self._f = None
 
@@ -68,9 +69,8 @@ class JsonlStore:
                     self.records[str(rec["id"])] = rec  # append() never repeats an id; replace() means "newer"
             good_end = pos
         if good_end < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-                os.fsync(f.fileno())
+            self._torn_at = good_end  # cut off before the first append, not now: a run that stops at its
+            # preflight leaves every file of the earlier run exactly as it was
 
     def __contains__(self, rid: str) -> bool:
         return rid in self.records
@@ -90,6 +90,11 @@ class JsonlStore:
         """Write `record` even if its id is there already (it supersedes the old line)."""
         rid = str(record["id"])
         if self._f is None:
+            if self._torn_at is not None:
+                with open(self.path, "r+b") as f:
+                    f.truncate(self._torn_at)
+                    os.fsync(f.fileno())
+                self._torn_at = None
             self._f = open(self.path, "a", encoding="utf-8")
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._f.flush()
