@@ -86,12 +86,13 @@ def test_non_streaming_client_that_hangs_up_is_cancelled_while_tokens_flow(tok):
                      b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
         assert wait_until(lambda: health()["stats"]["decode_steps"] >= 10, timeout=30)
         conn.close()
-        hung_up = time.monotonic()
+        hung_up, steps_then = time.monotonic(), health()["stats"]["decode_steps"]
         assert wait_until(lambda: health()["active_slots"] == 0, timeout=30)
         freed_after = time.monotonic() - hung_up
         h = health()
     assert h["stats"]["cancelled"] == 1 and h["stats"]["finished"] == 0   # cancelled, not run to the end
-    assert h["stats"]["decode_steps"] < 150, h["stats"]
+    # a step or two after the hang-up (slack for a loaded machine), not the ~290 steps left
+    assert h["stats"]["decode_steps"] - steps_then <= 15, (steps_then, h["stats"])
     assert h["in_flight"] == 0 and freed_after < 3.0
 
 
