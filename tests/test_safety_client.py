@@ -210,6 +210,8 @@ def test_reasoning_model_parameters_named_by_the_preflight_and_configurable(fake
     ({"params": {"max_tokens": "max completion"}}, "must be false"),
     ({"extra": {"messages": []}}, "already sent"),
     ({"extra": {"temperature": 1}}, "already sent"),
+    ({"extra": {"api_key": "x"}}, "credentials do not belong"),
+    ({"extra": {"user": "sk-abcdef123456"}}, "credentials do not belong"),
 ])
 def test_bad_params_config(role, msg):
     with pytest.raises(PicochatError, match=msg):

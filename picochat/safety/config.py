@@ -225,7 +225,11 @@ def _validate_role(r: RoleConfig) -> None:
             raise PicochatError(f"{w}.params.{k} must be false (do not send it) or the name to send it under, "
                                 f"got {v!r}")
     sent = {k if v is True else v for k, v in {p: r.params.get(p, True) for p in STD_PARAMS}.items() if v}
-    for k in r.extra:
+    for k, v in r.extra.items():
+        # extra is saved in config.json next to the outputs: a credential must never ride along in it
+        if re.search(r"key|secret|auth|password", k, re.IGNORECASE) or (isinstance(v, str) and re.match(r"sk-\w{6}", v)):
+            raise PicochatError(f"{w}.extra.{k}: credentials do not belong in the config; API keys come from "
+                                f"the environment variable named by api_key_env")
         if k in ("model", "messages") or k in sent:
             raise PicochatError(f"{w}.extra.{k} is already sent by picochat (drop or rename it in "
                                 f"{w}.params first)")
