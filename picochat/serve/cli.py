@@ -110,7 +110,7 @@ def register(subparsers) -> None:
     p.add_argument("--draft", default=None, metavar="TAG",
                    help="smaller checkpoint (same tokenizer) for speculative decoding while the batch is small (default off)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, set --api-key)")
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it: set a key)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key-file", default=None, metavar="PATH",
