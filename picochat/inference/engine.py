@@ -12,7 +12,8 @@ Per generation the engine
   largest max_new_tokens - 1: the last sampled token is never fed back);
 - keeps finished rows' tokens on the device; the only per-step host sync is one scalar (how many
   rows are done), which drives early exit and compaction: when enough rows have finished,
-  `cache.select_rows` drops them so they stop costing compute.
+  `cache.select_rows` drops them so they stop costing compute (not with a compiled decode step,
+  decode_step.py, where a new batch size would be a new compile).
 
 A row finishes on a stop token (included in its output), on a stop sequence of token ids
 (included), or at its max_new_tokens.
@@ -25,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from picochat.inference.cpu import prepare_cpu_inference
+from picochat.inference.decode_step import DecodeStep, resolve_mode
 from picochat.inference.sampling import SamplingParams, draw_uniforms, sample_next
 from picochat.model.kv_cache import KVCache
 
@@ -81,16 +83,20 @@ def prefill(model, contexts: list[list[int]], max_len: int, pad_id: int = 0, dev
 
 class Engine:
     def __init__(self, model, tokenizer=None, device: torch.device | str | None = None,
-                 cpu_tuning: bool = True):
+                 cpu_tuning: bool = True, decode_step: str = "auto"):
         """cpu_tuning (CPU only, cpu.py): run the model's larger Linear layers through oneDNN on
         prepacked weights where that is faster, and keep the process's freed memory for reuse
         (glibc). Modifies `model` in place (parameters and state_dict unchanged); False switches
-        the layers back to F.linear and leaves the allocator as it is."""
+        the layers back to F.linear and leaves the allocator as it is.
+        decode_step: eager | compiled | cuda-graphs | auto (decode_step.py: CUDA graphs on CUDA,
+        eager elsewhere)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.decode = DecodeStep(model, resolve_mode(decode_step, self.device))
         if self.device.type == "cpu":
-            prepare_cpu_inference(model, enable=cpu_tuning)
+            # oneDNN's prepacked path runs outside torch.compile only: a compiled step keeps F.linear
+            prepare_cpu_inference(model, enable=cpu_tuning and not self.decode.static)
         self.last_stats: dict = {}  # what the last generation did (cache size, timings)
         self.prefill_chunks = 4     # mixed-length prompts: prefill in up to this many length-sorted chunks
 
@@ -114,11 +120,6 @@ class Engine:
         """KV cache bytes per token per row, all layers (the cache stores the model's dtype)."""
         elem = next(self.model.parameters()).element_size()
         return self.model.kv_values_per_token() * elem
-
-    def _next_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed ids (B, T) through the cache; logits (B, V) of the last position only (a prefill
-        would otherwise project and soft-cap all B*T positions through the vocab-sized head)."""
-        return self.model.logits(self.model.hidden(ids, kv_cache=cache)[:, -1])
 
     # ------------------------------------------------------------------ core loop
 
@@ -181,7 +182,7 @@ class Engine:
             n_done = int(done.sum())  # the one per-step sync: early exit and compaction need it
             if n_done == len(row_ids) or t == steps - 1:
                 break
-            if n_done and n_done * 4 >= len(row_ids):
+            if n_done and n_done * 4 >= len(row_ids) and not self.decode.static:
                 # enough finished rows to repay one copy of the cache: drop them from the batch
                 keep = (~done).nonzero().view(-1)
                 cache.select_rows(keep)
@@ -190,7 +191,7 @@ class Engine:
                 uniforms = None if uniforms is None else uniforms[keep]
                 hist = None if hist is None else hist[keep]
                 stats["compactions"] += 1
-            logits = self._next_logits(tok[:, None], cache)
+            logits = self.decode(tok[:, None], cache)
             stats["decode_steps"] += 1
 
     # ------------------------------------------------------------------ public API

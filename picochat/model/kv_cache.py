@@ -180,3 +180,42 @@ class KVCache:
     def bytes_per_token(self) -> float:
         """Cache bytes per position per batch row (all layers)."""
         return self.nbytes() / max(1, self.max_len * self.batch_size)
+
+
+class StaticStep:
+    """A KVCache seen by ONE decode token with static shapes, for torch.compile / CUDA graphs.
+
+    Everything that changes from step to step is a tensor: the position `pos` (0-dim) is where
+    every row writes its new key/value (index_copy_ into the preallocated buffers) and what the mask
+    compares against; attention runs over all max_len slots with a mask that hides slots past
+    `pos`, each row's left padding and anything outside a sliding window. No Python number moves,
+    so one compiled graph (or one CUDA graph) serves every step. The caller advances `cache.pos`.
+    Requires every buffer to exist already (a prefill allocates them)."""
+
+    static = True
+
+    def __init__(self, cache: KVCache, pos: torch.Tensor):
+        self.cache, self.pos_t, self.pad = cache, pos, cache.pad
+        self.keys = torch.arange(cache.max_len, device=pos.device)
+
+    def positions(self, T: int) -> torch.Tensor:
+        return (self.pos_t - self.pad)[:, None].clamp(min=0)
+
+    def attn_mask(self, T: int, window: int | None = None) -> torch.Tensor:
+        k = self.keys[None, :]
+        mask = (k >= self.pad[:, None]) & (k <= self.pos_t)
+        if window is not None:
+            mask &= self.pos_t - k <= window
+        return mask[:, None, None, :]                                        # (B, 1, 1, max_len)
+
+    def update(self, layer_idx, name: str, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        buf = self.cache.layers[layer_idx][name][0]
+        buf.index_copy_(seq_dim, self.pos_t.view(1), x.to(buf.dtype))
+        return buf
+
+    def previous(self, seen: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        """The slot before `pos` of a buffer returned by update (smear's previous embedding)."""
+        return seen.index_select(seq_dim, (self.pos_t - 1).view(1))
+
+    def advance(self, T: int) -> None:
+        pass
