@@ -304,6 +304,12 @@ def cmd_train_chat(args):
          resume, t0)
 
 
+def cmd_train_rl(args):
+    """Reinforcement learning on verifiable rewards (train/rl.py): rollouts graded by the eval graders."""
+    from picochat.train.rl import train_rl
+    train_rl(args)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def cmd_sample(args):
@@ -465,6 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seq-len", type=_positive_int, default=None, help="max tokens per row (default: the model's context)")
         _add_train_flags(p, stage)
         p.set_defaults(func=cmd_train_chat, steps=200 if stage == "mid" else 150)
+
+    p = train.add_parser("rl", help="reinforcement learning on verifiable rewards: the model's own replies, "
+                         "graded by the eval graders (docs/rl.md)")
+    p.add_argument("--model", default="sft/d4", help="chat checkpoint to start from (default sft/d4)")
+    p.add_argument("--tasks", default="arithmetic", help="comma-separated NAME[=WEIGHT] with a reward: arithmetic, "
+                   "spelling (offline), gsm8k, aime, humaneval (default arithmetic)")
+    p.add_argument("--data-file", action="append", metavar="[TASK=]FILE.jsonl", help="a task's problems from "
+                   "JSONL (fields as for `picochat eval`); repeatable as TASK=PATH")
+    p.add_argument("--samples-per-prompt", type=_positive_int, default=8, help="K replies per prompt; the "
+                   "advantage is a reply's reward minus its K-group's mean (>= 2, default 8)")
+    p.add_argument("--prompts-per-step", type=_positive_int, default=8, help="P prompts per optimizer step, all "
+                   "processes together; P x K rows are generated in one batch (default 8)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="reply budget in tokens (default 64)")
+    p.add_argument("--temperature", type=_nonneg_float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=_nonneg_int, default=0, help="top-k of the rollouts; 0 = off (default 0)")
+    p.add_argument("--kl-coef", type=_nonneg_float, default=0.0, help="weight of a per-token KL penalty to the "
+                   "starting checkpoint (loads it a second time); 0 = no reference model (default 0)")
+    p.add_argument("--task-size", type=_positive_int, default=5000, help="training problems per task (default 5000)")
+    p.add_argument("--eval-limit", type=_nonneg_int, default=100, help="held-out arithmetic/spelling problems "
+                   "graded greedily before, at --eval-every and after training; 0 = none (default 100)")
+    _add_train_flags(p, "rl")
+    p.set_defaults(func=cmd_train_rl, steps=60, device_batch_size=None, matrix_lr=0.002, embedding_lr=0.02,
+                   unembedding_lr=0.0004, eval_every=0, log_every=1)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("--model", default="base/d4", help="checkpoint tag (default base/d4)")

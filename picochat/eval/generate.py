@@ -26,9 +26,11 @@ def _append(parts: list[dict], kind: str, text: str) -> None:
 
 def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, *, temperature: float = 0.0,
                      top_k: int | None = None, seeds: list[int] | None = None, tools: bool = True,
-                     stop_texts: tuple[str, ...] = ()) -> list[Reply]:
+                     stop_texts: tuple[str, ...] = (), traces: list | None = None) -> list[Reply]:
     """One Reply per prompt. tools=False (base models): plain continuation, stopped at <|bos|>
-    or at the first of `stop_texts` (cut off the reply's text)."""
+    or at the first of `stop_texts` (cut off the reply's text).
+    traces: a list to extend with one (ids, sampled) per prompt: the whole token sequence (prompt,
+    reply, forced tool outputs) and per token whether the model sampled it (RL trains on those)."""
     sp = tok.encode_special
     py_start, py_end, out_start, out_end = (sp(n) for n in ("<|python_start|>", "<|python_end|>",
                                                             "<|output_start|>", "<|output_end|>"))
@@ -38,6 +40,7 @@ def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, *, 
     seeds = list(seeds) if seeds is not None else [0] * B
     replies = [Reply() for _ in range(B)]
     ids = [list(p) for p in prompts]
+    sampled = [[False] * len(p) for p in prompts]
     calls = [0] * B
     active = list(range(B))
     rnd = 0
@@ -55,6 +58,7 @@ def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, *, 
             r = replies[i]
             r.tokens += len(out)
             ids[i] = ids[i] + out  # a new list: the engine may keep the prompt it was given
+            sampled[i] += [True] * len(out)
             hit = out[-1] if out and out[-1] in stops else None
             body = out[:-1] if hit is not None else out
             if tools and py_start in body:  # text, then a tool call
@@ -67,13 +71,17 @@ def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, *, 
                     result = run_tool(code)
                     _append(r.parts, "python_output", result)
                     calls[i] += 1
-                    ids[i] = ids[i] + [out_start] + tok.encode(result) + [out_end]
+                    forced = [out_start] + tok.encode(result) + [out_end]
+                    ids[i] = ids[i] + forced
+                    sampled[i] += [False] * len(forced)
                     active.append(i)
                     continue
                 _append(r.parts, "python", tok.decode(code_ids))
             else:
                 _append(r.parts, "text", tok.decode(body))
             r.finish_reason = "stop" if hit is not None else "length"
+    if traces is not None:
+        traces.extend(zip(ids, sampled))
     if not tools and stop_texts:
         for r in replies:
             text = r.text

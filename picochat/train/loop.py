@@ -1,8 +1,11 @@
-"""ONE training loop for base, mid and SFT: accumulation, schedule, compile, checkpointing, DDP.
+"""ONE training loop for base, mid, SFT and RL: accumulation, schedule, compile, checkpointing, DDP.
 
 The stages differ only in the model they start from and the batches they feed: every stage
 hands this loop a model, a loader factory (state -> iterator of (x, y) with y == -1 where no
-loss is wanted) and optional validation batches. Resume is exact: weights, optimizer moments,
+loss is wanted) and optional validation batches. RL (train/rl.py) is the same loop with three
+hooks: its loader generates and grades rollouts and yields batches of per-token weights, a
+`loss_fn` turns such a batch into the policy-gradient loss, and an `eval_fn` adds held-out
+metrics at eval points; the loader's `step_metrics()` (rewards, rollout speed) join the history. Resume is exact: weights, optimizer moments,
 loader position, step and metric history all come back from the checkpoint.
 
 Performance knobs (docs/performance.md has the measurements): `compile` (torch.compile modes,
@@ -109,9 +112,12 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
                  device: torch.device, dist_info: DistInfo, val_batches: Callable[[], Iterable] | None = None,
                  token_bytes: torch.Tensor | None = None, resume: ckpt_mod.Checkpoint | None = None,
                  stop_after: int | None = None, base_meta: dict | None = None, wandb_project: str | None = None,
-                 write_checkpoints: bool = True, tokenizer=None) -> dict:
+                 write_checkpoints: bool = True, tokenizer=None, loss_fn: Callable | None = None,
+                 eval_fn: Callable[[], dict] | None = None) -> dict:
     """Train `model` in place for settings.steps optimizer steps; returns a summary dict.
 
+    loss_fn(train_model, batch) -> scalar loss (default: train_model(*batch), the cross-entropy of (x, y)).
+    eval_fn() -> {metric: value}, logged with val bpb at every eval point (every rank calls it).
     wandb_project: log the run history to Weights & Biases (optional dependency, off by default).
     write_checkpoints=False: save nothing (benchmarks); the history is in the returned summary.
     tokenizer: stored with every checkpoint (checkpoint.load_tokenizer reads it back)."""
@@ -131,7 +137,7 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
     try:
         return _train(model, settings, loader, grad_accum, optimizers, step, history, train_time, device,
                       dist_info, val_batches, token_bytes, resume, stop_after, base_meta, wandb_project,
-                      write_checkpoints, tokenizer)
+                      write_checkpoints, tokenizer, loss_fn, eval_fn)
     finally:
         close = getattr(loader, "close", None)
         if close is not None:  # stop background workers, also when training fails
@@ -140,7 +146,7 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
 
 def _train(model, settings, loader, grad_accum, optimizers, step, history, train_time, device, dist_info,
            val_batches, token_bytes, resume, stop_after, base_meta, wandb_project, write_checkpoints,
-           tokenizer) -> dict:
+           tokenizer, loss_fn=None, eval_fn=None) -> dict:
     cfg: GPTConfig = model.config
     session_time = data_wait = 0.0
     train_model = compile_model(model, settings.compile, device)
@@ -153,10 +159,14 @@ def _train(model, settings, loader, grad_accum, optimizers, step, history, train
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
     val_bpb = None
 
-    def do_eval() -> float | None:
-        if val_batches is None or token_bytes is None:
-            return None
-        return evaluate_bpb(model, val_batches(), token_bytes, max_batches=settings.eval_batches)
+    def do_eval() -> dict:
+        """One history entry's metrics: val bpb (None without val data) and eval_fn's."""
+        out = {"val_bpb": None}
+        if val_batches is not None and token_bytes is not None:
+            out["val_bpb"] = evaluate_bpb(model, val_batches(), token_bytes, max_batches=settings.eval_batches)
+        if eval_fn is not None:
+            out.update(eval_fn())
+        return out
 
     def save(at_step: int) -> None:
         if not write_checkpoints:
@@ -185,8 +195,8 @@ def _train(model, settings, loader, grad_accum, optimizers, step, history, train
     smooth = None
     while step < end:
         if settings.eval_every and step % settings.eval_every == 0 and step > 0:
-            val_bpb = do_eval()
-            history.append({"step": step, "val_bpb": val_bpb})
+            history.append({"step": step, **do_eval()})
+            val_bpb = history[-1]["val_bpb"]
             if log:
                 log(history[-1])
         t0 = time.perf_counter()
@@ -196,14 +206,14 @@ def _train(model, settings, loader, grad_accum, optimizers, step, history, train
         wait = 0.0
         for micro in range(grad_accum):
             tw = time.perf_counter()
-            x, y = next(loader)
+            batch = next(loader)
             wait += time.perf_counter() - tw
             if mark_step:
                 torch.compiler.cudagraph_mark_step_begin()
             sync = micro == grad_accum - 1 or not dist_info.enabled
             ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, autocast_ctx(device):
-                loss = train_model(x, y) / grad_accum
+                loss = (loss_fn(train_model, batch) if loss_fn else train_model(*batch)) / grad_accum
                 loss.backward()
             total += loss.detach()
         for opt in optimizers:
@@ -222,8 +232,11 @@ def _train(model, settings, loader, grad_accum, optimizers, step, history, train
         step += 1
         smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
         if step % settings.log_every == 0 or step == end:
-            history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens_per_step / dt,
-                            "time": train_time, "data_wait": wait / dt})
+            # RL's loader reports what the step did (rewards, rollout speed, the tokens it really trained)
+            metrics = dict(loader.step_metrics()) if hasattr(loader, "step_metrics") else {}
+            tokens = metrics.pop("tokens", tokens_per_step)
+            history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens / dt,
+                            "time": train_time, "data_wait": wait / dt, **metrics})
             if log:
                 log(history[-1])
         bar.update(1)
@@ -232,8 +245,8 @@ def _train(model, settings, loader, grad_accum, optimizers, step, history, train
             save(step)
     bar.close()
     if step >= settings.steps:
-        val_bpb = do_eval()
-        history.append({"step": step, "val_bpb": val_bpb})
+        history.append({"step": step, **do_eval()})
+        val_bpb = history[-1]["val_bpb"]
     if log:
         log(history[-1])
     save(step)

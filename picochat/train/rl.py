@@ -1,0 +1,316 @@
+"""`picochat train rl`: on-policy reinforcement learning on verifiable rewards (GRPO-like REINFORCE).
+
+Each optimizer step
+1. draws P prompts from the tasks' training problems (a deterministic function of the step, so
+   resume is exact) and samples K replies per prompt in ONE batched engine call: P x K rows,
+   each with its own seed, finished rows compacted; calculator calls run inside the rollouts
+   exactly as in chat (eval/generate.py's tool rounds);
+2. grades every reply with its task's own grader (rewards.py: the grade `picochat eval` gives);
+3. advantage = reward - mean reward of the prompt's K samples (no std division, no critic);
+4. loss = -sum over sampled tokens of advantage x log p(token) / (sampled tokens in the global
+   batch): token-level normalisation, so long and short replies weigh per token alike. Tokens
+   the model did not sample (prompt, tool outputs, padding) carry no loss. --kl-coef C adds
+   C x KL(policy || starting checkpoint) per token (the k3 estimator), off by default.
+
+It is one more stage of the one loop (loop.py): RolloutLoader is its loader (rollout batches of
+per-token weights; its state is the number of rollouts done), `policy_loss` its loss hook and the
+held-out monitor its eval hook. Under torchrun the P prompts are sharded by rank; the weights are
+normalised by the global token count so DDP's gradient average gives the same update as one
+process with the same global batch (tests/test_rl.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from picochat.common import PicochatError, autocast_ctx, print0
+from picochat.data.tasks.base import TaskMixture, stable_hash
+from picochat.eval.generate import generate_replies
+from picochat.inference.engine import Engine
+from picochat.train.rewards import Tally, calculator_agreement, heldout_metrics, load_reward_tasks
+
+HELDOUT_TASKS = ("arithmetic", "spelling")  # offline test problems: the held-out monitor needs no network
+
+
+@dataclass
+class RLOptions:
+    tasks: list[str]                  # "name=weight" specs
+    samples: int = 8                  # K replies per prompt
+    prompts: int = 8                  # P prompts per optimizer step (global)
+    max_new_tokens: int = 64          # reply budget (tool outputs not counted)
+    temperature: float = 1.0          # 1.0: the samples follow the policy whose log-probs are trained
+    top_k: int = 0                    # 0 = off (top-k also makes the samples off-policy)
+    kl_coef: float = 0.0              # KL(policy || starting checkpoint) per token; 0 = no reference model
+    task_size: int = 5000             # training problems per procedural task
+    data_files: dict | None = None    # task -> JSONL of problems (eval's --data-file fields)
+    eval_limit: int = 100             # held-out problems per offline task at eval points; 0 = none
+
+    def validate(self, world_size: int = 1) -> None:
+        if self.samples < 2:
+            raise PicochatError(f"--samples-per-prompt must be >= 2, got {self.samples}: the advantage compares "
+                                f"a reply with the other samples of its prompt")
+        if self.prompts < 1 or self.prompts % world_size:
+            raise PicochatError(f"--prompts-per-step {self.prompts} must be a positive multiple of the "
+                                f"{world_size} processes (prompts are sharded by rank)")
+        if self.max_new_tokens < 1:
+            raise PicochatError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class RLBatch:
+    x: torch.Tensor                   # (b, L) input ids
+    y: torch.Tensor                   # (b, L) next tokens; -1 where the model did not sample it
+    weight: torch.Tensor              # (b, L) advantage x normalisation per target (0 where y == -1)
+    ref_logp: torch.Tensor | None = None  # (b, L) the reference model's log p(y), for the KL term
+    kl_weight: float = 0.0            # kl_coef x normalisation
+
+
+def group_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """rewards (n*k,), consecutive groups of k samples of one prompt -> reward minus its group mean."""
+    r = rewards.view(-1, k)
+    return (r - r.mean(dim=1, keepdim=True)).view(-1)
+
+
+def policy_loss(model, batch: RLBatch) -> torch.Tensor:
+    """sum of weight x (-log p(y)) over sampled tokens, + kl_weight x the k3 estimate of
+    KL(policy || reference) (exp(d) - d - 1 with d = log p_ref - log p: >= 0, unbiased)."""
+    nll = model(batch.x, batch.y, loss_reduction="none").view_as(batch.y)  # 0 where y == -1
+    loss = (batch.weight * nll).sum()
+    if batch.ref_logp is not None and batch.kl_weight:
+        d = torch.where(batch.y >= 0, batch.ref_logp + nll, 0.0)
+        loss = loss + batch.kl_weight * (d.exp() - d - 1).sum()
+    return loss
+
+
+def rollout_batches(traces: list[tuple[list[int], list[bool]]], advantages: torch.Tensor, rows: int,
+                    scale: float, device, pad_id: int = 0) -> list[RLBatch]:
+    """Rows (ids, sampled-mask) -> micro-batches of `rows` rows, right-padded to their longest row;
+    weight = advantage x scale on the tokens the model sampled."""
+    out = []
+    for a in range(0, len(traces), rows):
+        chunk = traces[a:a + rows]
+        L = max(len(ids) for ids, _ in chunk) - 1
+        x = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+        y = torch.full((len(chunk), L), -1, dtype=torch.long)
+        for i, (ids, sampled) in enumerate(chunk):
+            n = len(ids) - 1
+            x[i, :n] = torch.tensor(ids[:-1])
+            y[i, :n] = torch.where(torch.tensor(sampled[1:]), torch.tensor(ids[1:]), -1)
+        w = (y >= 0) * (advantages[a:a + rows, None].float() * scale)
+        out.append(RLBatch(x.to(device), y.to(device), w.to(device)))
+    return out
+
+
+def row_seed(seed: int, rollout: int, prompt: int, sample: int) -> int:
+    """Sample `sample` of global prompt `prompt` in rollout `rollout`: the same under any sharding."""
+    return stable_hash(f"rl/{seed}/{rollout}/{prompt}/{sample}") % 2**31
+
+
+class RolloutLoader:
+    """The RL stage's loader: each optimizer step's grad_accum micro-batches come from one rollout.
+    State: {"rollouts": n}, the rollouts generated so far (a step consumes exactly one)."""
+
+    def __init__(self, model, tok, tasks, weights, opts: RLOptions, rank: int, world: int, grad_accum: int,
+                 device, state: dict | None = None, seed: int = 0, ref_model=None, log_every: int = 1):
+        self.model, self.tok, self.tasks, self.opts = model, tok, tasks, opts
+        self.rank, self.world, self.grad_accum, self.device = rank, world, grad_accum, device
+        self.engine = Engine(model, tok)
+        self.mixture = TaskMixture(tasks, weights, seed=seed)  # only its (seed, i) -> (task, item) draw
+        self.seed, self.ref_model, self.log_every = seed, ref_model, log_every
+        self.rollouts = int((state or {}).get("rollouts", 0))
+        self._queue: list[RLBatch] = []
+        self._metrics: dict = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> RLBatch:
+        if not self._queue:
+            self._queue = self._rollout()
+        return self._queue.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts}
+
+    def step_metrics(self) -> dict:
+        return self._metrics
+
+    def _rollout(self) -> list[RLBatch]:
+        o, P, K = self.opts, self.opts.prompts, self.opts.samples
+        mine = list(range(self.rank, P, self.world))
+        picks, prompts, seeds = [], [], []
+        for p in mine:
+            t, j = self.mixture.pick(self.rollouts * P + p)
+            ex = self.tasks[t].examples[j]
+            ids = self.tok.render_for_completion({"messages": self.tasks[t].chat_prompt(ex)})
+            picks.append((self.tasks[t], ex))
+            prompts += [ids] * K
+            seeds += [row_seed(self.seed, self.rollouts, p, k) for k in range(K)]
+        self.model.eval()
+        t0 = time.perf_counter()
+        traces: list = []
+        replies = generate_replies(self.engine, self.tok, prompts, o.max_new_tokens, temperature=o.temperature,
+                                   top_k=o.top_k or None, seeds=seeds, traces=traces)
+        gen_s = time.perf_counter() - t0
+        self.model.train()
+        rewards = torch.tensor([task.reward(ex, r.text) for g, (task, ex) in enumerate(picks)
+                                for r in replies[g * K:(g + 1) * K]])
+        adv = group_advantages(rewards, K)
+        tally = self._tally(picks, replies, rewards, adv, gen_s)
+        v = tally.reduce(self.device)
+        n_tokens = max(1.0, v["tokens"])
+        # DDP averages gradients over ranks and the loop divides by grad_accum: undo both so the
+        # update is sum(adv x grad log p) / (sampled tokens in the global batch)
+        scale = self.grad_accum * self.world / n_tokens
+        rows = len(traces) // self.grad_accum
+        batches = rollout_batches(traces, adv, rows, scale, self.device, self.tok.pad_token_id)
+        if self.ref_model is not None and o.kl_coef:
+            with torch.no_grad(), autocast_ctx(self.device):
+                for b in batches:
+                    b.ref_logp = -self.ref_model(b.x, b.y, loss_reduction="none").view_as(b.y).float()
+                    b.kl_weight = o.kl_coef * scale
+        self._metrics = self._summarise(v, n_tokens)
+        self.rollouts += 1
+        if self.rollouts % self.log_every == 0:
+            m = self._metrics
+            tasks = " ".join(f"{t.name} {m[f'pass_{t.name}']:.2f}" for t in self.tasks if f"pass_{t.name}" in m)
+            agree = f", calc agree {m['calc_agree']:.2f}" if "calc_agree" in m else ""
+            print0(f"rl rollout {self.rollouts}: reward {m['reward']:.3f} ({tasks}), reply {m['response_len']:.1f} "
+                   f"tokens{agree}, {m['live_groups']:.0%} groups with signal, rollout {m['rollout_tok_per_s']:,.0f} "
+                   f"tok/s")
+        return batches
+
+    def _tally(self, picks, replies, rewards, adv, gen_s) -> Tally:
+        K = self.opts.samples
+        tally = Tally(["tokens", "rows", "reward", "groups", "live", "calls", "agree", "tok_rate"]
+                      + [f"{t.name}/{x}" for t in self.tasks for x in ("n", "ok")])
+        gen_tokens = sum(r.tokens for r in replies)
+        tally.add("tokens", gen_tokens)
+        tally.add("tok_rate", gen_tokens / max(gen_s, 1e-9))  # summed over ranks: the job's rollout rate
+        tally.add("rows", len(replies))
+        tally.add("reward", rewards.sum())
+        for g, (task, _) in enumerate(picks):
+            tally.add("groups", 1)
+            tally.add("live", bool(adv[g * K:(g + 1) * K].abs().sum() > 0))
+            tally.add(f"{task.name}/n", K)
+            tally.add(f"{task.name}/ok", rewards[g * K:(g + 1) * K].sum())
+        for r in replies:
+            agree = calculator_agreement(r)
+            if agree is not None:
+                tally.add("calls", 1)
+                tally.add("agree", agree)
+        return tally
+
+    def _summarise(self, v: dict, n_tokens: float) -> dict:
+        m = {"tokens": n_tokens, "reward": v["reward"] / max(1.0, v["rows"]),
+             "response_len": v["tokens"] / max(1.0, v["rows"]), "rollout_tok_per_s": v["tok_rate"],
+             "live_groups": v["live"] / max(1.0, v["groups"])}
+        for t in self.tasks:
+            if v[f"{t.name}/n"]:
+                m[f"pass_{t.name}"] = v[f"{t.name}/ok"] / v[f"{t.name}/n"]
+        if v["calls"]:
+            m["calc_agree"] = v["agree"] / v["calls"]
+        return m
+
+
+def options_from_args(args) -> RLOptions:
+    """RLOptions from `picochat train rl` flags, checked before any model or data is loaded."""
+    from picochat.eval.cli import parse_data_files
+    from picochat.train.rewards import check_reward_tasks, parse_task_specs
+    specs = parse_task_specs(args.tasks)
+    names = [n for n, _ in specs]
+    check_reward_tasks(names)
+    if args.total_batch_size != -1:
+        raise PicochatError("train rl sizes its batch by --prompts-per-step x --samples-per-prompt; "
+                            "drop --total-batch-size (use --device-batch-size for micro-batches)")
+    return RLOptions(tasks=[f"{n}={w:g}" for n, w in specs], samples=args.samples_per_prompt,
+                     prompts=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, kl_coef=args.kl_coef, task_size=args.task_size,
+                     data_files=parse_data_files(args.data_file, names), eval_limit=args.eval_limit)
+
+
+def train_rl(args) -> dict:
+    """The `picochat train rl` command: set up (fresh or --resume), run the loop, report."""
+    from picochat import checkpoint as ck
+    from picochat.cli import _resume_settings, _settings
+    from picochat.common import init_distributed, pick_device
+    from picochat.data.tasks.registry import parse_weighted
+    from picochat.eval.tasks import make_eval_task
+    from picochat.train.loop import run_training
+
+    t0 = time.time()
+    device = pick_device(args.device)
+    info = init_distributed(device)
+    resume = None
+    if args.resume:
+        if not args.tag:
+            raise PicochatError("--resume needs --tag (the run to continue)")
+        resume = ck.read_checkpoint(args.tag)
+        settings = _resume_settings(resume, args)
+        opts = RLOptions(**settings.extra["rl"])
+        model, _ = ck.load_model(args.tag, device=device)
+        tok = ck.load_tokenizer(args.tag)
+    else:
+        opts = options_from_args(args)
+        opts.validate(info.world_size)
+        tag = args.tag or "rl/" + args.model.split("/")[-1]
+        if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
+            raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
+        model, source = ck.load_model(args.model, device=device)
+        if source.meta.get("stage") == "base":
+            raise PicochatError(f"{args.model} is a base model: RL needs a chat model that answers in the chat "
+                                f"format (train mid and sft on it first, then train rl --model sft/...)")
+        tok = ck.load_tokenizer(args.model)
+        rows = opts.prompts * opts.samples // info.world_size
+        args.device_batch_size = args.device_batch_size or rows
+        if rows % args.device_batch_size:
+            raise PicochatError(f"--device-batch-size {args.device_batch_size} must divide the {rows} rollout rows "
+                                f"per process (prompts-per-step x samples-per-prompt / processes)")
+        args.total_batch_size = opts.prompts * opts.samples * opts.max_new_tokens
+        settings = _settings(args, "rl", tag, opts.max_new_tokens,
+                             {"source": args.model, "source_step": source.step, "rl": asdict(opts)})
+    opts.validate(info.world_size)
+    if settings.compile != "off":
+        raise PicochatError("train rl runs uncompiled: rollout rows change length every step")
+    grad_accum = settings.validate(info.world_size)
+    specs = [parse_weighted(s) for s in opts.tasks]
+    tasks = load_reward_tasks([n for n, _ in specs], opts.data_files or {}, opts.task_size)
+    ref_model = ck.load_model(settings.extra["source"], device=device)[0] if opts.kl_coef else None
+    heldout = [make_eval_task(n, limit=opts.eval_limit) for n, _ in specs if n in HELDOUT_TASKS] \
+        if opts.eval_limit else []
+    monitor = Engine(model, tok)
+
+    def eval_fn() -> dict:
+        if not heldout:
+            return {}
+        model.eval()
+        try:
+            return heldout_metrics(monitor, tok, heldout, info.rank, info.world_size)
+        finally:
+            model.train()
+
+    if resume is None and heldout:
+        settings.extra["heldout_before"] = eval_fn()
+        print0(f"held-out before RL ({args.model}): {_fmt(settings.extra['heldout_before'])}")
+
+    def make_loader(state):
+        return RolloutLoader(model, tok, tasks, [w for _, w in specs], opts, info.rank, info.world_size, grad_accum,
+                             device, state, seed=settings.seed, ref_model=ref_model, log_every=settings.log_every)
+
+    summary = run_training(model, settings, make_loader, device, info, resume=resume, stop_after=args.stop_after,
+                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb, tokenizer=tok,
+                           loss_fn=policy_loss, eval_fn=eval_fn)
+    after = {k: v for k, v in summary["history"][-1].items() if k.startswith("heldout_")}
+    if info.is_master:
+        if after and summary["step"] >= settings.steps:
+            print(f"held-out after RL ({settings.tag}): {_fmt(after)}")
+        print(f"wall time {time.time() - t0:.1f}s, {100 * summary['data_wait_share']:.0f}% of step time in rollouts")
+    if info.enabled:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k.removeprefix('heldout_')} {100 * v:.1f}%" for k, v in metrics.items())
