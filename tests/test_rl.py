@@ -214,10 +214,10 @@ def home(tmp_path_factory):
     return env, data
 
 
-def rl_args(data, *extra):
-    return ["train", "rl", "--model", "sft/t", "--tasks", "gsm8k", "--data-file", data, "--prompts-per-step", "4",
-            "--samples-per-prompt", "8", "--max-new-tokens", "12", "--temperature", "1.5", "--eval-limit", "0",
-            "--matrix-lr", "0.02", "--device", "cpu", *extra]
+def rl_args(data, *extra, tasks="gsm8k"):
+    return ["train", "rl", "--model", "sft/t", "--tasks", tasks, "--data-file", f"gsm8k={data}",
+            "--prompts-per-step", "4", "--samples-per-prompt", "8", "--max-new-tokens", "12", "--temperature", "1.5",
+            "--eval-limit", "0", "--matrix-lr", "0.02", "--device", "cpu", *extra]
 
 
 def cli(args, env):
@@ -247,7 +247,8 @@ def test_resume_after_stop_after_continues_exactly(home):
     keys = ("loss", "reward", "response_len", "pass_gsm8k", "live_groups")
     hist = lambda c: [h[k] for h in c.state["history"] if "reward" in h for k in keys]  # noqa: E731
     assert hist(c_split) == pytest.approx(hist(c_full), abs=1e-6)
-    assert any(h["reward"] > 0 for h in c_full.state["history"] if "reward" in h) and c_full.state["loader"] == {"rollouts": 4}
+    assert any(h["reward"] > 0 for h in c_full.state["history"] if "reward" in h)
+    assert c_full.state["loader"] == {"rollouts": 4}
     assert (c_full.path / "tokenizer.json").exists()
 
 
@@ -281,3 +282,16 @@ def test_bad_input_gives_one_clear_line(home, capsys):
         assert main(["train", "rl", "--model", "sft/t", "--tasks", "arithmetic", "--device", "cpu", *args]) == 1
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(lines) == 1 and pattern in lines[0], (args, lines)
+
+
+def test_report_card_plots_rl_runs(home):
+    """The report card shows an RL run's held-out table and its per-step plot."""
+    from picochat.cli import main
+    env, data = home
+    cli(rl_args(data, "--steps", "2", "--tag", "rl/report", "--eval-limit", "4", tasks="gsm8k,arithmetic"), env)
+    assert main(["report"]) == 0
+    out = ck.home() / "report"
+    md = (out / "report.md").read_text()
+    assert "## Reinforcement learning" in md and "](rl.png)" in md
+    assert "| `rl/report` | sft/t | arithmetic |" in md
+    assert (out / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@
     $PICOCHAT_HOME/report/loss.png       training loss per stage (one line per checkpoint tag)
     $PICOCHAT_HOME/report/val_bpb.png    validation bits per byte per stage
     $PICOCHAT_HOME/report/evals.png      accuracy bars per task and model
+    $PICOCHAT_HOME/report/rl.png         RL runs: reward and pass rates, reply length, rollout tokens/s
 
 Everything is read from what the other commands already wrote: data/*/meta.json, the tokenizer,
 checkpoints' meta.json (stage, params, tokens, val bpb, train time) and state.json (the run
@@ -25,7 +26,10 @@ import torch
 
 from picochat.common import atomic_path, home, tokenizer_dir, write_text_atomic
 
-STAGES = ("base", "mid", "sft")
+STAGES = ("base", "mid", "sft", "rl")
+RL_PANELS = (("reward", "reward / pass rate", ("reward", "pass_")), ("reply length", "tokens", ("response_len",)),
+             ("rollout speed", "tokens/s", ("rollout_tok_per_s",)), ("calculator", "final answer == result",
+                                                                     ("calc_agree",)))
 
 
 # --------------------------------------------------------------------------- gathering
@@ -115,7 +119,8 @@ def runs() -> list[dict]:
                     "train_time": c.meta.get("train_time"), "val_bpb": c.meta.get("val_bpb"),
                     "source": settings.get("extra", {}).get("source"), "world_size": c.meta.get("world_size"),
                     "device": c.meta.get("device"), "config": c.config.to_dict(),
-                    "history": c.state.get("history", []), "evals": evals})
+                    "history": c.state.get("history", []), "evals": evals,
+                    "heldout_before": settings.get("extra", {}).get("heldout_before")})
     return out
 
 
@@ -172,6 +177,53 @@ def plot_curves(all_runs: list[dict], key: str, ylabel: str, path: Path) -> bool
     _save(fig, path)
     plt.close(fig)
     return True
+
+
+def plot_rl(all_runs: list[dict], path: Path) -> bool:
+    """One row of panels per RL run's history (`picochat train rl` logs these keys per step)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rl = [r for r in all_runs if r["stage"] == "rl" and any("reward" in h for h in r["history"])]
+    if not rl:
+        return False
+    fig, axes = plt.subplots(1, len(RL_PANELS), figsize=(4.2 * len(RL_PANELS), 3.2), squeeze=False)
+    for ax, (title, ylabel, prefixes) in zip(axes[0], RL_PANELS):
+        for r in rl:
+            keys = sorted({k for h in r["history"] for k in h if k.startswith(prefixes)})
+            for k in keys:
+                pts = [(h["step"], h[k]) for h in r["history"] if h.get(k) is not None]
+                ax.plot(*zip(*pts), label=f"{r['tag']} {k}" if len(keys) > 1 or len(rl) > 1 else r["tag"])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def rl_lines(all_runs: list[dict], plotted: bool) -> list[str]:
+    """The RL section: held-out metrics before (the starting checkpoint) and after each RL run."""
+    rl = [r for r in all_runs if r["stage"] == "rl"]
+    if not rl:
+        return []
+    L = ["## Reinforcement learning", ""]
+    rows = []
+    for r in rl:
+        after = next((h for h in reversed(r["history"]) if any(k.startswith("heldout_") for k in h)), {})
+        before = r.get("heldout_before") or {}
+        for k in sorted(set(before) | {k for k in after if k.startswith("heldout_")}):
+            rows.append([f"`{r['tag']}`", _fmt(r["source"]), k.removeprefix("heldout_"),
+                         f"{100 * before[k]:.1f}%" if k in before else "–",
+                         f"{100 * after[k]:.1f}%" if k in after else "–"])
+    if rows:
+        L += _table(["run", "from", "held-out (greedy)", "before", "after"], rows) + [""]
+    if plotted:
+        L += ["![RL](rl.png)", ""]
+    return L
 
 
 def plot_evals(rows: list[dict], path: Path) -> bool:
@@ -283,6 +335,7 @@ def render(root: Path, dollars_per_hour: float, plots: dict[str, bool]) -> str:
     else:
         L += ["No checkpoints yet (`picochat train base`).", ""]
 
+    L += rl_lines(all_runs, plots.get("rl", False))
     L += ["## Evaluations", ""]
     if evals:
         L += _table(["model", "as", "task", "metric", "value", "n", "chance"], [
@@ -326,6 +379,7 @@ def write_report(out_dir: str | Path | None = None, dollars_per_hour: float = 0.
         made["loss"] = plot_curves(all_runs, "loss", "training loss", out / "loss.png")
         made["val_bpb"] = plot_curves(all_runs, "val_bpb", "val bits per byte", out / "val_bpb.png")
         made["evals"] = plot_evals(eval_rows(all_runs), out / "evals.png")
+        made["rl"] = plot_rl(all_runs, out / "rl.png")
     path = out / "report.md"
     write_text_atomic(path, render(root, dollars_per_hour, made))
     return path
