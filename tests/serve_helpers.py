@@ -130,15 +130,9 @@ def wait_until(pred, timeout: float = 20.0, every: float = 0.05) -> bool:
     return pred()
 
 
+
+
 # module-scoped fixtures shared by the serve test files (imported there by name)
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

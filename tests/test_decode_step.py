@@ -10,15 +10,11 @@ from picochat.inference.engine import Engine
 from picochat.model.config import GPTConfig, config_from_depth
 from picochat.model.gpt import GPT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_model(cfg: GPTConfig, seed=0) -> GPT:

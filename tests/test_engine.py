@@ -9,17 +9,11 @@ from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads spinning for a busy core make them ~10x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_model(seed=0, vocab=VOCAB, depth=2, std=0.3, attention="mha", n_kv_head=None):

@@ -16,6 +16,8 @@ from picochat.model.kv_cache import KVCache
 from picochat.model.mla import MultiHeadLatentAttention, set_mla_mode
 from picochat.train.optim import build_optimizers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 300
 # fp32: observed max |diff| ~1e-5 on logits of magnitude ~9 (summation order only)
 TOL32 = 1e-4
@@ -24,12 +26,6 @@ TOL32 = 1e-4
 TOL16 = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def mla_model(seed=0, q_lora_rank=0, depth=2, vocab=VOCAB, n_embd=64):

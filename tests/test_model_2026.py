@@ -16,15 +16,11 @@ from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 from picochat.train.optim import build_optimizers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 250  # padded to 256 rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def config(**kw) -> GPTConfig:

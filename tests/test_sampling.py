@@ -8,16 +8,7 @@ import torch
 from picochat.inference.sampling import (SamplingParams, draw_uniforms, probs_from_logits, sample_from_probs,
                                          sample_next, validate_sampling)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads spinning for a busy core make them ~10x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def chi2_pvalue(stat: float, df: int) -> float:
     """Upper tail of the chi-square distribution (regularised upper incomplete gamma)."""

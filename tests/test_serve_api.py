@@ -9,7 +9,9 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import one_thread, model, tok  # noqa: F401  (shared module fixtures)
+from serve_helpers import model, tok  # noqa: F401  (shared module fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from serve_helpers import (CONTEXT, ScriptedModel, alone_chat, alone_text, serve,
                            wait_until)
 

@@ -12,7 +12,9 @@ import torch
 from picochat.inference.engine import Engine
 from picochat.inference.scheduler import Scheduler
 from picochat.model.kv_cache import KVCache
-from serve_helpers import one_thread, model, tok  # noqa: F401  (shared module fixtures)
+from serve_helpers import model, tok  # noqa: F401  (shared module fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from serve_helpers import alone_chat, random_model, serve, wait_until
 
 WORDS = "fox dog quick lazy hello world today fine thank you brown jumps over".split()

@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_helpers import one_thread, model, tok  # noqa: F401  (shared module fixtures)
+from serve_helpers import model, tok  # noqa: F401  (shared module fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from serve_helpers import serve
 
 KEY = "fuzz-key"

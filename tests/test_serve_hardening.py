@@ -12,7 +12,9 @@ import openai
 import pytest
 
 from picochat.serve.cli import _listen, resolve_api_key
-from serve_helpers import one_thread, model, tok  # noqa: F401  (shared module fixtures)
+from serve_helpers import model, tok  # noqa: F401  (shared module fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from serve_helpers import ScriptedModel, serve, wait_until
 
 MSGS = [{"role": "user", "content": "What is 2 + 2?"}]

@@ -11,15 +11,9 @@ from picochat.inference.speculative import GammaController, generate_speculative
 from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads spinning for a busy core make them ~10x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def random_model(seed, depth=2, vocab=256, std=0.3, n_embd=64, seq_len=64):
