@@ -3,6 +3,8 @@
     python benchmarks/batched_generation.py                       # random-weight d4 (runs anywhere)
     python benchmarks/batched_generation.py --model base/d4       # a checkpoint tag
     python benchmarks/batched_generation.py --compare             # also without the CPU tuning, same run
+    python benchmarks/batched_generation.py --prefill-chunks 1    # one padded prefill (before chunking)
+    python benchmarks/batched_generation.py --tuning onednn --batch-sizes 1,32 --reps 5   # one CPU knob alone
 
 For each batch size B the same B prompts (random ids, lengths uniform in [4, 64]) are generated
 (a) one at a time ("serial": B calls of Engine.generate([p])) and (b) as one batch, each for
@@ -20,6 +22,7 @@ import time
 
 import torch
 
+from picochat.inference.cpu import pack_linears, retain_freed_memory
 from picochat.inference.engine import Engine
 from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT
@@ -62,8 +65,18 @@ def main(argv=None):
     ap.add_argument("--compare", action="store_true",
                     help="first run the whole table with Engine(cpu_tuning=False) (MKL matmuls, glibc's "
                          "default allocator behaviour), then with the default tuning, in this one process")
+    ap.add_argument("--prefill-chunks", type=int, default=4,
+                    help="Engine.prefill_chunks: mixed-length prompts prefilled in up to this many length-sorted "
+                         "chunks; 1 = one prefill padded to the longest prompt (default 4, the Engine's)")
+    ap.add_argument("--tuning", choices=["both", "none", "onednn", "allocator"], default=None,
+                    help="run the table with only this CPU tuning: both (the default Engine), none "
+                         "(cpu_tuning=False), onednn (packed Linear layers only), allocator (glibc keeps freed "
+                         "memory only); one setting per process, since the allocator setting is process-wide. "
+                         "Decode step ms = 1000 x batch / 'decode tok/s'")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.tuning and args.compare:
+        ap.error("--tuning and --compare are exclusive")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_or_random(args.model, args.depth)
@@ -77,11 +90,24 @@ def main(argv=None):
     runs, identical = {}, True
     # untuned first: the allocator setting is process-wide and cannot be taken back
     for tuned in ([False, True] if args.compare else [True]):
-        engine = Engine(model, cpu_tuning=tuned)
+        engine = Engine(model, cpu_tuning=tuned if args.tuning is None else args.tuning == "both")
+        engine.prefill_chunks = args.prefill_chunks
+        if args.tuning == "onednn":
+            pack_linears(model)
+        elif args.tuning == "allocator":
+            retain_freed_memory()
         engine.generate(prompts_all[:2], 8, **kw)  # warm-up (allocator, first-call overheads)
         name = "cpu_tuning" if tuned else "untuned"
-        print(f"\n{name}: " + ("oneDNN-packed large weights, allocator keeps freed memory (cpu.py)" if tuned
-                               else "Engine(cpu_tuning=False): MKL for every matmul, default allocator"))
+        desc = ("oneDNN-packed large weights, allocator keeps freed memory (cpu.py)" if tuned
+                else "Engine(cpu_tuning=False): MKL for every matmul, default allocator")
+        if args.tuning:
+            desc = {"both": desc, "none": "Engine(cpu_tuning=False): MKL for every matmul, default allocator",
+                    "onednn": "oneDNN-packed large weights only, default allocator",
+                    "allocator": "MKL for every matmul, allocator keeps freed memory only"}[args.tuning]
+            desc += f" (--tuning {args.tuning})"
+        if args.prefill_chunks != 4:
+            desc += f", prefill in up to {args.prefill_chunks} chunk(s)"
+        print(f"\n{name}: {desc}")
         print(f"{'batch':>5} {'serial tok/s':>12} {'batched tok/s':>13} {'speedup':>8} {'decode tok/s':>12} "
               f"{'prefill ms':>10} {'KV MB':>7}")
         rows = runs[name] = []
@@ -117,7 +143,9 @@ def main(argv=None):
     print(json.dumps(dict(benchmark="batched_generation", model=args.model or f"random-d{args.depth}",
                           new_tokens=args.new_tokens, threads=torch.get_num_threads(),
                           kv_bytes_per_token=engine.kv_bytes_per_token(), outputs_identical=identical,
-                          rows=runs["cpu_tuning"], **({"untuned_rows": runs["untuned"]} if args.compare else {}))))
+                          rows=runs["cpu_tuning"], **({"untuned_rows": runs["untuned"]} if args.compare else {}),
+                          **({"tuning": args.tuning} if args.tuning else {}),
+                          **({"prefill_chunks": args.prefill_chunks} if args.prefill_chunks != 4 else {}))))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     python benchmarks/speculative.py                                       # random d2 / d8 (runs anywhere)
 
 Plain = Engine.generate([prompt]) on the target; speculative = generate_speculative(target, draft,
-prompt) with adaptive γ (and, with --fixed-gamma, also a fixed γ for comparison). Rows:
+prompt) with adaptive γ (and, with --fixed-gamma 4 or 2,3,4,5, also fixed γ for comparison). Rows:
 - the given pair at each temperature;
 - "worst case": the same target with an untrained (random-weight) draft of the draft's shape,
   where speculation can only lose and adaptive γ has to fall back to plain decoding.
@@ -85,12 +85,17 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--temperatures", default="0,1")
     ap.add_argument("--gamma", type=int, default=4, help="starting γ (adaptive) (default 4)")
-    ap.add_argument("--fixed-gamma", type=int, default=0, help="also measure this fixed γ (default: skip)")
+    ap.add_argument("--fixed-gamma", default="0",
+                    help="also measure this fixed γ, or several: 2,3,4,5 (a γ sweep) (default: skip)")
     ap.add_argument("--no-worst-case", action="store_true", help="skip the untrained-draft rows")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    try:
+        fixed = [g for g in (int(x) for x in args.fixed_gamma.split(",")) if g > 0]
+    except ValueError:
+        ap.error(f"--fixed-gamma: integers, comma-separated, got {args.fixed_gamma!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_or_random(args.target, args.target_depth, seed=1)
@@ -110,7 +115,7 @@ def main(argv=None):
     results = []
     for name, d in pairs:
         for temp in [float(t) for t in args.temperatures.split(",")]:
-            modes = [("adaptive", args.gamma, True)] + ([("fixed", args.fixed_gamma, False)] if args.fixed_gamma else [])
+            modes = [("adaptive", args.gamma, True)] + [("fixed", g, False) for g in fixed]
             for mode, g, adaptive in modes:
                 r = measure(target, d, prompts, args.new_tokens, temp, args.reps, args.seed, g, adaptive)
                 r = dict(draft=name, temperature=temp, gamma=f"fixed {g}" if mode == "fixed" else "adaptive", **r)
