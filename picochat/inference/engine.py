@@ -51,8 +51,9 @@ def prefill(model, contexts: list[list[int]], max_len: int, pad_id: int = 0, dev
 
     Contexts of mixed lengths are prefilled in length-sorted chunks (`length_chunks`) and copied
     into one cache allocated once (`KVCache.place` right-aligns them), so a batch costs about the
-    tokens it holds instead of B x the longest (32 prompts of 4-64 tokens on the 2-core dev CPU:
-    215 ms -> 125 ms).
+    tokens it holds instead of B x the longest (32 prompts of 4-64 tokens, random d4, 2-core dev CPU,
+    2026-11-25: prefill 215-240 ms -> 170 ms, the batch-32 "prefill ms" of
+    `python benchmarks/batched_generation.py --prefill-chunks 1` vs without the flag; docs/inference.md).
     Every row computes exactly what it would alone either way (padding keys are masked), which
     tests/test_engine.py checks token for token."""
     device = device if device is not None else next(model.parameters()).device
