@@ -128,7 +128,8 @@ class MultiHeadLatentAttention(nn.Module):
             return self.c_proj(y.transpose(1, 2).reshape(B, T, H * self.d_v))
         # absorb: per-head latent queries; all H*T queries (row t*H + h) share one key/value "head":
         # the cache itself. Two bmm's over the cache views instead of SDPA over cat([c_kv, k_rope]):
-        # the cat would copy the whole cache every layer and step (measured 2.5x slower at 4k x 16)
+        # the cat would copy the whole cache every layer and step (2.5x slower at context 4096 x batch 16,
+        # d4: a one-off CPU micro-benchmark, 2026-11-25, docs/attention.md)
         w_uk = self.c_uk.weight.view(H, self.d_nope, self.d_c)
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope * self.scale, w_uk).reshape(B, T * H, self.d_c)
         q_rope = (q_rope * self.scale).reshape(B, T * H, self.d_rope)
