@@ -162,9 +162,9 @@ def load_model(tag: str, device: torch.device | str = "cpu", step: int | None = 
     missing = [k for k in missing if k not in ("cos", "sin")]
     if missing or unexpected:
         raise PicochatError(f"checkpoint {ckpt.path} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.reset_rotary(device)  # rotary tables are derived, not saved: rebuild on the target device
     if dtype is not None:
         model.to(dtype=dtype)
+    model.reset_rotary(device)  # derived, not saved: rebuilt on the device, and fp32 whatever the weights' dtype
     model.eval()
     return model, ckpt
 

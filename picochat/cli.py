@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from picochat.common import THREADS_HELP, PicochatError, apply_threads, number_type
+from picochat.common import THREADS_HELP, PicochatError, add_inference_flags, apply_threads, number_type
 
 
 class _Parser(argparse.ArgumentParser):
@@ -313,13 +313,13 @@ def cmd_train_rl(args):
 # ----------------------------------------------------------------------------- sampling
 
 def cmd_sample(args):
-    from picochat.common import pick_device
+    from picochat.common import pick_device, resolve_dtype
     from picochat.checkpoint import load_model, load_tokenizer
     from picochat.inference.engine import Engine
     device = pick_device(args.device)
-    model, ckpt = load_model(args.model, device=device)
+    model, ckpt = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
     tok = load_tokenizer(args.model)
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, decode_step=args.decode_step)
     prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
     for i in range(args.num_samples):
         if args.num_samples > 1:
@@ -344,16 +344,16 @@ def cmd_sample(args):
 
 def cmd_chat(args):
     """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
-    from picochat.common import pick_device
+    from picochat.common import pick_device, resolve_dtype
     from picochat.checkpoint import load_model, load_tokenizer
     from picochat.inference.chat import Reply, stream_chat
     from picochat.inference.engine import Engine
     from picochat.inference.sampling import validate_sampling
     validate_sampling(args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
-    model, _ = load_model(args.model, device=device)
+    model, _ = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
     tok = load_tokenizer(args.model)
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, decode_step=args.decode_step)
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -510,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=_positive_int, default=1, help="how many samples (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    add_inference_flags(p)
     p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.set_defaults(func=cmd_sample)
 
@@ -523,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    add_inference_flags(p)
     p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.set_defaults(func=cmd_chat)
 

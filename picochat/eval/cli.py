@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from picochat.common import THREADS_HELP, PicochatError, number_type
+from picochat.common import THREADS_HELP, PicochatError, add_inference_flags, number_type
 
 _pos = number_type(int, lambda v: v >= 1, "a positive integer")
 _nonneg_f = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
@@ -75,7 +75,7 @@ def _summary(r: dict) -> str:
 def cmd_eval(args):
     import torch
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.common import init_distributed, pick_device, write_json_atomic
+    from picochat.common import init_distributed, pick_device, resolve_dtype, write_json_atomic
     from picochat.eval import runner
     from picochat.eval.tasks import make_eval_task
     from picochat.inference.engine import Engine
@@ -89,9 +89,9 @@ def cmd_eval(args):
     try:
         # the data first: a bad file should fail before a model is loaded
         loaded = [make_eval_task(n, files.get(n), None if n == "bpb" else args.limit, args.corpus) for n in tasks]
-        model, ckpt = load_model(args.model, device=device)
+        model, ckpt = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
         tok = load_tokenizer(args.model)
-        engine = Engine(model, tok)
+        engine = Engine(model, tok, decode_step=args.decode_step)
         chat = args.kind == "chat"
         opts = runner.EvalOptions(chat=chat, batch_size=args.batch_size, max_tokens=args.max_tokens,
                                   samples=args.samples, temperature=args.temperature, top_k=args.top_k or None,
@@ -178,6 +178,7 @@ def register(sub) -> None:
         q.add_argument("--show", type=int, default=3, help="generative replies to print per task (default 3)")
         q.add_argument("--seed", type=int, default=0, help="seed of the --samples (default 0)")
         q.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+        add_inference_flags(q)
         q.add_argument("--threads", type=_pos, default=None, help=THREADS_HELP)
         q.set_defaults(func=cmd_eval)
 

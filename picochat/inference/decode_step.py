@@ -21,10 +21,9 @@ import sys
 
 import torch
 
+from picochat.common import DECODE_STEPS as MODES
 from picochat.common import PicochatError
 from picochat.model.kv_cache import KVCache, StaticStep
-
-MODES = ("auto", "eager", "compiled", "cuda-graphs")
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -42,7 +41,9 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 class DecodeStep:
     """step(tokens (B, 1), cache) -> logits (B, V) fp32, advancing the cache by one position."""
 
-    def __init__(self, model, mode: str = "eager"):
+    def __init__(self, model, mode: str = "eager", dynamic: bool | None = False):
+        """dynamic=False: one graph per batch shape (Engine: the batch is fixed for a generation);
+        None: torch.compile turns a dimension symbolic once it has seen it change (the server)."""
         self.model, self.mode = model, mode
         self._marked: set[int] = set()
         self._compiled_once = False
@@ -50,7 +51,7 @@ class DecodeStep:
             self._fn = None
         else:
             self._fn = torch.compile(self._static, mode="reduce-overhead" if mode == "cuda-graphs" else None,
-                                     fullgraph=True, dynamic=False)
+                                     fullgraph=True, dynamic=dynamic)
 
     @property
     def static(self) -> bool:

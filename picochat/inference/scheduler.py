@@ -33,6 +33,7 @@ import torch
 
 from picochat.inference.engine import Engine, prefill
 from picochat.inference.cpu import prepare_cpu_inference
+from picochat.inference.decode_step import DecodeStep, resolve_mode
 from picochat.inference.sampling import SamplingParams, draw_uniforms, sample_next, validate_sampling
 from picochat.inference.speculative import GammaController, generate_speculative_batch
 from picochat.model.kv_cache import KVCache
@@ -85,15 +86,18 @@ class _Row:
 
 class Scheduler:
     def __init__(self, model, *, draft=None, max_batch: int = 16, pad_id: int = 0, spec_max_batch: int = 1,
-                 spec_chunk: int = 16, gamma: int = 4):
+                 spec_chunk: int = 16, gamma: int = 4, decode_step: str = "eager"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.draft = model, draft
         self.device = next(model.parameters()).device
-        if self.device.type == "cpu":  # oneDNN where it pays, allocator (cpu.py)
+        # decode_step.py; the batch changes as requests come and go, so a compiled step is compiled
+        # with dynamic shapes (one graph for every batch size; CUDA graphs are recorded per size)
+        self.decode = DecodeStep(model, resolve_mode(decode_step, self.device), dynamic=None)
+        if self.device.type == "cpu":  # oneDNN where it pays (not inside a compiled step), allocator (cpu.py)
             for m in (model, draft):
                 if m is not None:
-                    prepare_cpu_inference(m)
+                    prepare_cpu_inference(m, enable=not (m is model and self.decode.static))
         self.max_batch, self.pad_id = max_batch, pad_id
         self.spec_max_batch, self.spec_chunk = spec_max_batch, spec_chunk
         self.gamma_ctrl = GammaController(gamma) if draft is not None else None
@@ -280,7 +284,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         rows = self._rows
         x = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)
-        logits = self.model.logits(self.model.hidden(x, kv_cache=self._cache)[:, -1])
+        logits = self.decode(x, self._cache)
         toks = sample_next(logits, params=self._params, uniforms=self._uniforms(rows, self._params)).tolist()
         self.stats["decode_steps"] += 1
         self.stats["row_steps"] += len(rows)

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from picochat.common import PicochatError, number_type
+from picochat.common import PicochatError, add_inference_flags, number_type
 
 _pos = number_type(int, lambda v: v >= 1, "a positive integer")
 _nonneg = number_type(int, lambda v: v >= 0, "an integer >= 0")
@@ -70,17 +70,18 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.common import pick_device
+    from picochat.common import pick_device, resolve_dtype
     from picochat.serve.app import create_app
 
     api_key = resolve_api_key(args)
     _listen(args.host, args.port).close()  # fail fast, before loading anything
     device = pick_device(args.device)
-    model, _ = load_model(args.model, device=device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, _ = load_model(args.model, device=device, dtype=dtype)
     tok = load_tokenizer(args.model)  # each checkpoint carries its own (an imported model keeps nanochat's)
     draft = None
     if args.draft:
-        draft, _ = load_model(args.draft, device=device)
+        draft, _ = load_model(args.draft, device=device, dtype=dtype)
         if draft.config.vocab_size != model.config.vocab_size or not load_tokenizer(args.draft).same_encoding(tok):
             raise PicochatError(f"--draft {args.draft} has another vocabulary than --model {args.model} "
                                 f"({draft.config.vocab_size} vs {model.config.vocab_size} tokens, or the same size "
@@ -89,7 +90,8 @@ def cmd_serve(args) -> None:
         print(f"picochat: warning: serving on {args.host} without an API key: anyone who can reach it can use it")
     app = create_app(model, tok, model_name=args.model, draft=draft, api_key=api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                     default_max_tokens=args.default_max_tokens, context_length=args.context_length)
+                     default_max_tokens=args.default_max_tokens, context_length=args.context_length,
+                     decode_step=args.decode_step)
     sock = _listen(args.host, args.port)
     print(banner(args, app, sock.getsockname()[1], device, draft is not None, api_key), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
@@ -130,6 +132,7 @@ def register(subparsers) -> None:
                    help="max prompt + completion tokens per request; up to 10x the trained context is allowed, "
                         "but quality degrades past it (default: the model's trained sequence length)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+    add_inference_flags(p)
     p.add_argument("--threads", type=_nonneg, default=0,
                    help="CPU threads used to run the model (default 0: one per core). On a machine shared with other "
                         "busy programs, 1 is often faster")
