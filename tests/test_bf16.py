@@ -23,6 +23,7 @@ from picochat.model.config import GPTConfig, config_from_depth
 from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 from picochat.model.mla import set_mla_mode
+from modelkit import random_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 256
@@ -30,21 +31,9 @@ LOGIT_TOL = 0.1
 
 
 def model(cfg: GPTConfig, seed=0, dtype=torch.bfloat16) -> GPT:
-    torch.manual_seed(seed)
-    m = GPT(cfg)
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    with torch.no_grad():  # the 2026 scalars where a trained model has them, not at random
-        if cfg.layer_scalars:
-            m.resid_lambdas.copy_(1 + 0.1 * torch.randn(cfg.n_layer))
-            m.x0_lambdas.fill_(0.3)
-        if cfg.smear:
-            m.smear_lambda.fill_(0.8)
-        if cfg.backout:
-            m.backout_lambda.fill_(0.3)
-    m.to(dtype)
+    m = random_gpt(cfg, seed).to(dtype)
     m.reset_rotary()  # as checkpoint.load_model does: fp32 tables whatever the weights
-    return m.eval()
+    return m
 
 
 CFG = config_from_depth(2, VOCAB, 64, aspect_ratio=32, head_dim=16, attention="gqa", n_kv_head=1)

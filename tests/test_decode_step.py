@@ -8,21 +8,13 @@ from picochat.common import PicochatError
 from picochat.inference.decode_step import DecodeStep, resolve_mode
 from picochat.inference.engine import Engine
 from picochat.model.config import GPTConfig, config_from_depth
-from picochat.model.gpt import GPT
+from modelkit import random_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 256
 
 
-
-
-def random_model(cfg: GPTConfig, seed=0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
 
 
 CONFIGS = {
@@ -50,7 +42,7 @@ class Uncompiled(DecodeStep):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_static_step_equals_eager(name):
-    model = random_model(CONFIGS[name])
+    model = random_gpt(CONFIGS[name])
     ps = prompts(5)
     eager = Engine(model, decode_step="eager")
     static = Engine(model, decode_step="eager")
@@ -65,7 +57,7 @@ def test_static_step_equals_eager(name):
 
 def test_compiled_step_equals_eager():
     """torch.compile of the static step (default mode; one graph for every step)."""
-    model = random_model(CONFIGS["nanochat-2026"], seed=1)
+    model = random_gpt(CONFIGS["nanochat-2026"], seed=1)
     ps = prompts(3, seed=2)
     kw = dict(temperature=0.0, stop_tokens=set())
     compiled = Engine(model, decode_step="compiled")

@@ -15,6 +15,7 @@ from picochat.model.config import GPTConfig, config_from_depth
 from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 from picochat.train.optim import build_optimizers
+from modelkit import random_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,21 +32,7 @@ def config(**kw) -> GPTConfig:
 
 
 def random_model(seed=0, **kw) -> GPT:
-    """Every weight random, and the 2026 scalars at values where each feature matters."""
-    torch.manual_seed(seed)
-    model = GPT(config(**kw))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    c = model.config
-    with torch.no_grad():
-        if c.layer_scalars:
-            model.resid_lambdas.copy_(1 + 0.1 * torch.randn(c.n_layer))
-            model.x0_lambdas.fill_(0.3)
-        if c.smear:
-            model.smear_lambda.fill_(0.8)
-        if c.backout:
-            model.backout_lambda.fill_(0.3)
-    return model.eval()
+    return random_gpt(config(**kw), seed)
 
 
 def prompts(n, lo=1, hi=30, seed=0):

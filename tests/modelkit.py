@@ -1,0 +1,22 @@
+"""Random models for the inference tests: every weight random (so greedy outputs are varied), and
+nanochat-2026 scalars (resid/x0 lambdas, smear, backout) at values where each feature matters."""
+import torch
+
+from picochat.model.config import GPTConfig
+from picochat.model.gpt import GPT
+
+
+def random_gpt(cfg: GPTConfig, seed: int = 0, std: float = 0.3) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=std)
+    with torch.no_grad():
+        if cfg.layer_scalars:
+            model.resid_lambdas.copy_(1 + 0.1 * torch.randn(cfg.n_layer))
+            model.x0_lambdas.fill_(0.3)
+        if cfg.smear:
+            model.smear_lambda.fill_(0.8)
+        if cfg.backout:
+            model.backout_lambda.fill_(0.3)
+    return model.eval()
