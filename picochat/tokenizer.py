@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import rustbpe
 import tiktoken
 
 from picochat.common import PicochatError, atomic_path, write_json_atomic
@@ -99,6 +98,7 @@ class Tokenizer:
                 seen[0] += len(t)
                 yield t
 
+        import rustbpe  # only training needs it: loading and encoding run on tiktoken alone
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(checked(), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         if seen[0] == 0:

@@ -144,6 +144,27 @@ def _print_table(results: dict, names: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- child process
 
+class RandomTokens:
+    """An endless loader of uniform random (x, y) batches: what a throughput check needs when no
+    tokenizer or corpus is at hand (a GPU machine without network)."""
+
+    def __init__(self, B: int, T: int, vocab: int, device):
+        import torch
+        self.gen = torch.Generator().manual_seed(0)
+        self.B, self.T, self.vocab, self.device = B, T, vocab, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+        ids = torch.randint(0, self.vocab, (self.B, self.T + 1), generator=self.gen).to(self.device)
+        return ids[:, :-1], ids[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {}
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -159,14 +180,16 @@ def _child(cfg: dict) -> dict:
     from picochat.train.loop import TrainSettings, effective_compile_mode, run_training
 
     device = pick_device(cfg["device"])
-    tok = Tokenizer.load(tokenizer_dir())
     B, T = cfg["B"], cfg["T"]
-    data = data_dir(cfg["data"])
+    random_data = cfg["data"] == "random"  # uniform random tokens: throughput and memory only (gpu_check)
+    tok = None if random_data else Tokenizer.load(tokenizer_dir())
+    vocab = cfg.get("vocab", 65536) if random_data else tok.vocab_size
+    data = None if random_data else data_dir(cfg["data"])
     rss0 = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    model = GPT(config_from_depth(cfg["depth"], tok.vocab_size, T)).to(device)
+    model = GPT(config_from_depth(cfg["depth"], vocab, T)).to(device)
     model.init_weights()
     steps = cfg["warmup"] + cfg["steps"]
     settings = TrainSettings(stage="bench", tag="bench", steps=steps, device_batch_size=B, seq_len=T,
@@ -175,6 +198,8 @@ def _child(cfg: dict) -> dict:
     holder = {}
 
     def make_loader(state):
+        if random_data:
+            return RandomTokens(B, T, vocab, device)
         holder["loader"] = PretrainLoader(data, tok, B, T, "train", state=state, device=device, workers=cfg["workers"])
         return holder["loader"]
 
