@@ -135,7 +135,9 @@ def decode_model(cfg, max_len: int, device, dtype, state_dict=None):
     model.init_weights()
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    return model.to(dtype).eval()
+    model.to(dtype)
+    model.reset_rotary(device)  # rotary tables stay fp32, as load_model keeps them
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- training
@@ -270,7 +272,8 @@ def run(args) -> dict:
             print(f"   {name}: val bpb {res['val_bpb']:.4f}, {res['train_tok_per_s']:,.0f} train tokens/s", flush=True)
     decode = {}
     if args.train or args.decode:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        from picochat.common import resolve_dtype
+        dtype = resolve_dtype(args.dtype, device)
         max_len = max(args.contexts) + args.decode_steps + 8
         models = {name: decode_model(cfg, max_len, device, dtype, weights.get(name)) for name, cfg in configs.items()}
         print(f"== decode ({dtype}, best of {args.decode_steps} timed steps after 2 warm-up steps, "
@@ -336,4 +339,6 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--decode-steps", type=_pos, default=10, help="timed decode steps per point; the best is "
                    "reported (default 10)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="decode timing dtype: "
+                   "auto = bf16 on a CUDA card with bf16, fp32 otherwise (default %(default)s)")
     p.set_defaults(func=cmd_bench_attention)
