@@ -49,6 +49,16 @@ def test_tool_call_output_is_fed_back(tok):
     assert ids[:len(engine.prompts[1])] == engine.prompts[1]
 
 
+def test_stray_special_tokens_are_not_text(tok):
+    sp = tok.encode_special
+    script = tok.encode("Hi") + [sp("<|output_start|>"), sp("<|user_start|>")] + tok.encode(" there") + \
+        [sp("<|assistant_end|>")]
+    reply = Reply()
+    pieces = list(stream_chat(ScriptedEngine([script]), tok, [{"role": "user", "content": "hello"}], reply=reply))
+    assert "".join(pieces) == "Hi there" and reply.text == "Hi there" and "<|" not in reply.text
+    assert reply.tokens == len(script)
+
+
 def test_hostile_tool_call_is_not_executed(tok):
     sp = tok.encode_special
     call = [sp("<|python_start|>")] + tok.encode("__import__('os')") + [sp("<|python_end|>")]

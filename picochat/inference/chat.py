@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from picochat.calculator import run_tool
+from picochat.tokenizer import SPECIAL_TOKENS
 
 
 @dataclass
@@ -47,6 +48,9 @@ def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, 
                ("<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
     ids = tok.render_for_completion({"messages": messages})
     stops = {special["<|assistant_end|>"], special["<|python_end|>"], tok.bos_token_id}
+    # a special token the model emits out of place (<|user_start|>, a stray <|output_end|>) is not text:
+    # it is kept in the token stream the model sees, never shown or stored as reply text
+    stray = {tok.encode_special(name) for name in SPECIAL_TOKENS} - stops - {special["<|python_start|>"]}
     tool_calls, mode, segment, printed = 0, "text", [], ""
     while reply.tokens < max_tokens:
         hit = None
@@ -62,6 +66,8 @@ def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, 
                 break
             if t == special["<|python_start|>"]:
                 mode, segment, printed = "python", [], ""
+                continue
+            if t in stray:
                 continue
             segment.append(t)
             text = tok.decode(segment)
