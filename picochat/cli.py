@@ -15,7 +15,8 @@ import os
 import sys
 import time
 
-from picochat.common import THREADS_HELP, PicochatError, add_inference_flags, apply_threads, number_type
+from picochat.common import (THREADS_HELP, PicochatError, add_inference_flags, apply_threads, nonneg_int, number_type,
+                             positive_int)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,8 +26,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-_positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+_positive_int, _nonneg_int = positive_int, nonneg_int
 _fraction = number_type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 _nonneg_float = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 

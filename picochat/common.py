@@ -82,6 +82,10 @@ def number_type(cast, ok, what: str):
     return parse
 
 
+positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
+nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+
+
 # --------------------------------------------------------------------------- device / dtype
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -37,7 +37,8 @@ DEFAULT_VARIANTS = "baseline,workers,grad-ckpt,compile-default,compile-reduce-ov
 
 
 def add_parser(bench) -> None:
-    from picochat.cli import _nonneg_int, _positive_int
+    from picochat.common import nonneg_int as _nonneg_int
+    from picochat.common import positive_int as _positive_int
     p = bench.add_parser("train", help="tokens/s, step time, peak memory and data-wait share per training knob",
                          description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=_positive_int, default=4, help="model depth (default 4)")

@@ -1,7 +1,7 @@
 """Causal self-attention: MHA and GQA in one class (n_kv_head < n_head gives GQA).
 
-Attention is pluggable: `build_attention(config, layer_idx)` picks the module from
-config.attention, so MLA (mla.py) slots in without touching the Block or the GPT.
+Attention is pluggable: gpt.build_attention(config, layer_idx) picks this module or MLA (mla.py)
+from config.attention; mla.py uses AttnContext and sdpa from here, and nothing here imports mla.py.
 Every variant has the same call signature: forward(x, ctx) where ctx carries rotary angles,
 the KV cache and the mask for this step.
 """
@@ -86,12 +86,3 @@ class CausalSelfAttention(nn.Module):
     def kv_values_per_token(self) -> int:
         """Numbers cached per token per layer (K and V for every kv head)."""
         return 2 * self.n_kv_head * self.head_dim
-
-
-def build_attention(config: GPTConfig, layer_idx: int) -> nn.Module:
-    if config.attention in ("mha", "gqa"):
-        return CausalSelfAttention(config, layer_idx)
-    if config.attention == "mla":
-        from picochat.model.mla import MultiHeadLatentAttention  # optional module
-        return MultiHeadLatentAttention(config, layer_idx)
-    raise ValueError(f"unknown attention type {config.attention!r}")

@@ -21,10 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from picochat.model.attention import AttnContext, build_attention, window_mask
+from picochat.model.attention import AttnContext, CausalSelfAttention, window_mask
 from picochat.model.config import GPTConfig
 from picochat.model.kv_cache import KVCache
 from picochat.model.layers import norm, rotary_table
+from picochat.model.mla import MultiHeadLatentAttention
 
 
 SMEAR_CHANNELS = 24         # the smear gate reads the first 24 channels of the embedding (nanochat)
@@ -39,6 +40,15 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+def build_attention(config: GPTConfig, layer_idx: int) -> nn.Module:
+    """The attention module config.attention names: MHA/GQA (one class; n_kv_head decides) or MLA."""
+    if config.attention in ("mha", "gqa"):
+        return CausalSelfAttention(config, layer_idx)
+    if config.attention == "mla":
+        return MultiHeadLatentAttention(config, layer_idx)
+    raise ValueError(f"unknown attention type {config.attention!r}")
 
 
 class Block(nn.Module):
