@@ -59,6 +59,8 @@ def results_path(ckpt, kind: str):
 def _summary(r: dict) -> str:
     if r["kind"] == "bpb":
         return f"bits per byte {r['bpb']:.4f} over {r['n']} rows of {r['rows_of_tokens']} tokens"
+    if r["kind"] == "core":
+        return f"{r['name']}: {r['core']:.4f} (mean centered accuracy over {len(r['tasks'])} tasks, {r['n']} rows)"
     line = f"accuracy {100 * r['accuracy']:5.1f}% ({r['correct']}/{r['n']})"
     if r["kind"] == "categorical":
         return line + f", chance {100 * r['chance']:.1f}%, by {r['mc_mode']}"
@@ -102,6 +104,9 @@ def cmd_eval(args):
                 r = runner.evaluate_generative(task, engine, tok, opts, info)
             elif task.kind == "categorical":
                 r = runner.evaluate_categorical(task, model, tok, opts, info)
+            elif task.kind == "core":
+                from picochat.eval.core import evaluate_core
+                r = evaluate_core(task, model, tok, opts, info)
             else:
                 r = runner.evaluate_bits_per_byte(task, model, tok, opts, info, limit=args.limit)
             if r is None:  # not rank 0

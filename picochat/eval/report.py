@@ -230,7 +230,7 @@ def plot_evals(rows: list[dict], path: Path) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if r["metric"] != "bpb"]
+    rows = [r for r in rows if r["metric"] not in ("bpb", "CORE")]  # not accuracies
     if not rows:
         return False
     labels = [f"{r['task']} · {r['model']}" for r in rows]
@@ -270,14 +270,33 @@ def eval_rows(all_runs: list[dict]) -> list[dict]:
             for task, res in sorted(e["results"].items()):
                 base = {"model": r["tag"], "kind": e["kind"], "task": task, "n": res.get("n"),
                         "chance": res.get("chance")}
-                if res.get("kind") == "bpb":
-                    rows.append({**base, "metric": "bpb", "value": res.get("bpb")})
+                if res.get("kind") in ("bpb", "core"):  # one number each; CORE's tasks get their own section
+                    rows.append({**base, "metric": res["kind"].replace("core", "CORE"), "value": res.get(res["kind"])})
                     continue
                 metric = "pass@1" if res.get("kind") == "generative" else "accuracy"
                 rows.append({**base, "metric": metric, "value": res.get("accuracy", 0.0)})
                 for k in sorted(x for x in res if x.startswith(("pass@", "maj@")) and x != "pass@1"):
                     rows.append({**base, "metric": k, "value": res[k], "chance": None})
     return rows
+
+
+def core_lines(all_runs: list[dict]) -> list[str]:
+    """CORE (`picochat eval base --tasks core`): the score and every task's accuracy and centered accuracy."""
+    L = []
+    for r in all_runs:
+        for e in r["evals"]:
+            res = e["results"].get("core")
+            if not isinstance(res, dict) or not isinstance(res.get("tasks"), dict):
+                continue
+            L += [f"`{r['tag']}` (step {_fmt(e['step'])}): **{res.get('name', 'CORE')} = {res.get('core', 0.0):.4f}** "
+                  f"(mean centered accuracy; source: {res.get('source', '?')}).", ""]
+            L += _table(["task", "type", "shots", "n", "accuracy", "random baseline", "centered"], [
+                [label, str(t.get("type")), _fmt(t.get("shots")), _fmt(t.get("n")), f"{100 * t['accuracy']:.1f}%",
+                 f"{100 * t['baseline']:.1f}%", f"{t['centered']:+.4f}"] for label, t in res["tasks"].items()]) + [""]
+    if L:
+        L = ["## CORE", "", "centered = (accuracy - random baseline) / (1 - random baseline); CORE = the mean over "
+             "tasks (DCLM's metric, as nanochat reports it; see docs/eval.md).", ""] + L
+    return L
 
 
 def render(root: Path, dollars_per_hour: float, plots: dict[str, bool]) -> str:
@@ -340,12 +359,13 @@ def render(root: Path, dollars_per_hour: float, plots: dict[str, bool]) -> str:
     if evals:
         L += _table(["model", "as", "task", "metric", "value", "n", "chance"], [
             [f"`{e['model']}`", e["kind"], e["task"], e["metric"],
-             f"{e['value']:.4f}" if e["metric"] == "bpb" else f"{100 * e['value']:.1f}%", _fmt(e["n"]),
+             f"{e['value']:.4f}" if e["metric"] in ("bpb", "CORE") else f"{100 * e['value']:.1f}%", _fmt(e["n"]),
              f"{100 * e['chance']:.1f}%" if e.get("chance") is not None else "–"] for e in evals]) + [""]
         if plots.get("evals"):
             L += ["![Evaluations](evals.png)", ""]
     else:
         L += ["No eval results yet (`picochat eval base|chat`).", ""]
+    L += core_lines(all_runs)
 
     L += ["## Wall times", ""]
     total_s = sum(t for _, t in times)

