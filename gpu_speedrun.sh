@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The whole pipeline at GPU scale: FineWeb-Edu -> 65k tokenizer -> d20 base (~560M params,
 # Chinchilla 20 tokens/param) -> mid -> SFT -> eval, under torchrun on 1 or 8 GPUs, bf16 autocast.
+# Evals are what users compare with nanochat: the base model's CORE (DCLM eval bundle, downloaded)
+# and val bits per byte; the chat model's ARC-E/C, MMLU, GSM8K, HumanEval, AIME 2024/2025; then
+# the report card ($PICOCHAT_HOME/report/report.md) with all of it (evals: ~30 min more, unmeasured).
 #
 #   bash gpu_speedrun.sh                 # 8 GPUs
 #   bash gpu_speedrun.sh --gpus 1        # one GPU: same data and batch (8x gradient accumulation)
@@ -11,7 +14,8 @@
 # that is ~3.5 h, plus ~1 h of data download/prep and tokenizer, mid and SFT ~20 min: ~5 h on 8xH100,
 # ~30 h on one H100. Knobs (env): DEPTH (20), BASE_STEPS (21400), DEVICE_BATCH (32 rows x 2048),
 # TOTAL_BATCH (524288 tokens), COMPILE (max-autotune-no-cudagraphs), DATA_CHARS (55e9 chars of
-# FineWeb-Edu, ~11.5B tokens), MID_STEPS (1500), SFT_STEPS (800), GRAD_CKPT (0; 1 adds --grad-checkpoint).
+# FineWeb-Edu, ~11.5B tokens), MID_STEPS (1500), SFT_STEPS (800), GRAD_CKPT (0; 1 adds --grad-checkpoint),
+# EVAL_BATCH (16 rows per scoring forward), DOLLARS_PER_HOUR (3 per GPU, for the report's cost line).
 # COMPILE: at d20 every kernel is large, so CUDA graphs (reduce-overhead) save almost nothing
 # while pinning extra memory and clashing with DDP; max-autotune's GEMM tuning is paid once
 # (minutes) against hours of training. Change it with COMPILE=... once measured.
@@ -25,7 +29,7 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS=${2:-}; shift 2 || { echo "gpu_speedrun.sh: error: --gpus needs a value" >&2; exit 2; } ;;
     --gpus=*) GPUS=${1#--gpus=}; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_speedrun.sh: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,6 +44,8 @@ MID_STEPS=${MID_STEPS:-1500}
 SFT_STEPS=${SFT_STEPS:-800}
 COMPILE=${COMPILE:-max-autotune-no-cudagraphs}
 DATA_CHARS=${DATA_CHARS:-55000000000}
+EVAL_BATCH=${EVAL_BATCH:-16}
+DOLLARS_PER_HOUR=${DOLLARS_PER_HOUR:-$((3 * GPUS))}
 EXTRA=()
 [ "${GRAD_CKPT:-0}" = 1 ] && EXTRA+=(--grad-checkpoint)
 export PICOCHAT_HOME=${PICOCHAT_HOME:-$HOME/.cache/picochat}
@@ -55,12 +61,17 @@ add picochat data prepare --source hf:HuggingFaceFW/fineweb-edu --hf-config samp
 add picochat tokenizer train --data fineweb --vocab-size 65536 --max-chars 2000000000
 add "${RUN[@]}" train base --data fineweb --depth "$DEPTH" --seq-len "$SEQ" --steps "$BASE_STEPS" \
     "${TRAIN_COMMON[@]}" --eval-every 1000 --save-every 2000 --warmdown-ratio 0.2 --overwrite
+# evals: no --device, so each torchrun rank takes cuda:LOCAL_RANK ("cuda" alone would put all on GPU 0)
+add "${RUN[@]}" eval base --model "base/d$DEPTH" --tasks core,bpb --corpus fineweb --batch-size "$EVAL_BATCH"
 add "${RUN[@]}" train mid --model "base/d$DEPTH" --tasks "smoltalk=1,mmlu=0.5,gsm8k=0.5,spelling=0.2,arithmetic=0.2,identity=0.05" \
     --task-size 200000 --seq-len "$SEQ" --steps "$MID_STEPS" "${TRAIN_COMMON[@]}" --eval-every 0 --overwrite
 add "${RUN[@]}" train sft --model "mid/d$DEPTH" --tasks "smoltalk=1,arc-easy=0.3,arc-challenge=0.3,gsm8k=0.5,spelling=0.2,arithmetic=0.2,identity=0.05" \
     --task-size 50000 --seq-len "$SEQ" --steps "$SFT_STEPS" "${TRAIN_COMMON[@]}" --eval-every 200 --overwrite
+add "${RUN[@]}" eval chat --model "sft/d$DEPTH" --tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,aime-2024,aime-2025 \
+    --batch-size "$EVAL_BATCH"
 add picochat eval chat --model "sft/d$DEPTH" --tasks spelling,arithmetic --limit 500
 add picochat chat --model "sft/d$DEPTH" -p "Why is the sky blue?" --temperature 0
+add picochat report --dollars-per-hour "$DOLLARS_PER_HOUR"
 
 echo "gpu_speedrun: $GPUS GPU(s), depth $DEPTH, $BASE_STEPS base steps x $TOTAL_BATCH tokens, compile $COMPILE"
 i=0

@@ -294,3 +294,19 @@ def test_offline_without_bundle_or_olmo_is_one_line_through_the_cli(tmp_path, mo
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "CORE needs the DCLM eval bundle" in err and "--data-file DIR" in err
     assert not (tmp_path / "home" / "eval_bundle").exists()
+
+
+# --------------------------------------------------------------------------- gpu_speedrun.sh
+
+def test_speedrun_plan_evaluates_core_and_the_chat_benchmarks_and_the_checker_knows_eval_tasks():
+    from evalkit import REPO
+    from picochat.bench.speedrun_check import check
+    script = (REPO / "gpu_speedrun.sh").read_text()
+    assert "eval base --model \"base/d$DEPTH\" --tasks core,bpb" in script and "add picochat report" in script
+    assert "--tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,aime-2024,aime-2025" in script
+    run = "torchrun --standalone --nproc_per_node=8 -m picochat.cli"
+    assert check(f"{run} eval base --model base/d20 --tasks core,bpb --corpus fineweb --batch-size 16") == ""
+    assert check(f"{run} eval chat --model sft/d20 --tasks arc-easy,aime-2024,aime-2025") == ""
+    assert "unknown task 'aime-2026'" in check(f"{run} eval chat --tasks mmlu,aime-2026")
+    assert "name the task" in check("picochat eval base --tasks core,bpb --data-file x")
+    assert check("picochat report --dollars-per-hour 24") == ""

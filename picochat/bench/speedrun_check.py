@@ -2,7 +2,8 @@
 
 Reads one shell-quoted command per line on stdin ("picochat ..." or "torchrun ... -m picochat.cli ...")
 and, for each, runs torchrun's own argument parser, picochat's parser, the training settings'
-validation (batch arithmetic against the torchrun world size, compile mode) and the task specs.
+validation (batch arithmetic against the torchrun world size, compile mode), the training task specs,
+and `eval`'s --tasks and --data-file (the same checks `picochat eval` makes before loading anything).
 Exits non-zero with the offending command on the first failure. Works on a CPU-only machine.
 """
 from __future__ import annotations
@@ -47,6 +48,12 @@ def check(line: str) -> str:
             for spec in (getattr(args, "tasks", "") or "").split(","):
                 if spec.strip() and parse_weighted(spec.strip())[0] not in OFFLINE + ONLINE:
                     return f"unknown task in --tasks: {spec}"
+        except PicochatError as e:
+            return str(e)
+    if args.command == "eval":
+        from picochat.eval.cli import parse_data_files, parse_tasks
+        try:
+            parse_data_files(args.data_file, parse_tasks(args.tasks))
         except PicochatError as e:
             return str(e)
     return ""
