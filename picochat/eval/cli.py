@@ -77,7 +77,8 @@ def _summary(r: dict) -> str:
 def cmd_eval(args):
     import torch
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.common import init_distributed, pick_device, resolve_dtype, write_json_atomic
+    from picochat.common import init_distributed, pick_device, write_json_atomic
+    from picochat.inference.decode_step import resolve_flags
     from picochat.eval import runner
     from picochat.eval.tasks import make_eval_task
     from picochat.inference.engine import Engine
@@ -87,11 +88,12 @@ def cmd_eval(args):
     if args.samples > 1 and args.temperature == 0:
         raise PicochatError("--samples > 1 needs --temperature > 0 (greedy samples would all be the same)")
     device = pick_device(args.device)
+    dtype = resolve_flags(args, device)  # before the data and the model: a bad flag fails at once
     info = init_distributed(device)
     try:
         # the data first: a bad file should fail before a model is loaded
         loaded = [make_eval_task(n, files.get(n), None if n == "bpb" else args.limit, args.corpus) for n in tasks]
-        model, ckpt = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+        model, ckpt = load_model(args.model, device=device, dtype=dtype)
         tok = load_tokenizer(args.model)
         engine = Engine(model, tok, decode_step=args.decode_step)
         chat = args.kind == "chat"
@@ -160,7 +162,8 @@ def register(sub) -> None:
         q.add_argument("--tasks", default="spelling,arithmetic",
                        help=f"comma-separated, from: {', '.join(TASKS)} (default spelling,arithmetic)")
         q.add_argument("--limit", type=_pos, default=None,
-                       help="first N examples per task; for bpb, N rows of the model's context (default: all)")
+                       help="first N examples per task; for bpb, N rows of the model's context; for core, N rows of "
+                            "each CORE task after a fixed shuffle (default: all)")
         q.add_argument("--data-file", action="append", metavar="[TASK=]FILE.jsonl",
                        help="read a task's examples from local JSONL instead of its default source (offline); "
                             "a plain path with one task, TASK=PATH (repeatable) with several. Fields per task in "
