@@ -313,11 +313,12 @@ def cmd_train_rl(args):
 # ----------------------------------------------------------------------------- sampling
 
 def cmd_sample(args):
-    from picochat.common import pick_device, resolve_dtype
+    from picochat.common import pick_device
     from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.inference.decode_step import resolve_flags
     from picochat.inference.engine import Engine
     device = pick_device(args.device)
-    model, ckpt = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    model, ckpt = load_model(args.model, device=device, dtype=resolve_flags(args, device))
     tok = load_tokenizer(args.model)
     engine = Engine(model, tok, decode_step=args.decode_step)
     prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
@@ -344,14 +345,15 @@ def cmd_sample(args):
 
 def cmd_chat(args):
     """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
-    from picochat.common import pick_device, resolve_dtype
+    from picochat.common import pick_device
     from picochat.checkpoint import load_model, load_tokenizer
     from picochat.inference.chat import Reply, stream_chat
+    from picochat.inference.decode_step import resolve_flags
     from picochat.inference.engine import Engine
     from picochat.inference.sampling import validate_sampling
     validate_sampling(args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
-    model, _ = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    model, _ = load_model(args.model, device=device, dtype=resolve_flags(args, device))
     tok = load_tokenizer(args.model)
     engine = Engine(model, tok, decode_step=args.decode_step)
     history: list[dict] = []

@@ -136,3 +136,18 @@ def test_dtype_choice_and_refusals(monkeypatch):
         resolve_dtype("bf16", cpu)
     monkeypatch.setattr("picochat.common.cpu_has_bf16", lambda: True)
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "--dtype", "fp16"], "--dtype fp16 is not supported on CPU"),
+    (["chat", "-p", "hi", "--decode-step", "cuda-graphs"], "--decode-step cuda-graphs needs a CUDA device"),
+    (["eval", "chat", "--tasks", "arithmetic", "--dtype", "fp16"], "--dtype fp16 is not supported on CPU"),
+])
+def test_cli_refuses_gpu_only_choices_on_cpu_in_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the refusals are for machines without CUDA")
+    from picochat.cli import main
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    assert main(argv + ["--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err

@@ -38,6 +38,13 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def resolve_flags(args, device: torch.device) -> torch.dtype:
+    """Check --dtype and --decode-step before anything is loaded; the dtype to load the model in."""
+    from picochat.common import resolve_dtype
+    resolve_mode(args.decode_step, device)
+    return resolve_dtype(args.dtype, device)
+
+
 class DecodeStep:
     """step(tokens (B, 1), cache) -> logits (B, V) fp32, advancing the cache by one position."""
 

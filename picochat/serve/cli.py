@@ -70,13 +70,14 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.common import pick_device, resolve_dtype
+    from picochat.common import pick_device
+    from picochat.inference.decode_step import resolve_flags
     from picochat.serve.app import create_app
 
     api_key = resolve_api_key(args)
     _listen(args.host, args.port).close()  # fail fast, before loading anything
     device = pick_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_flags(args, device)
     model, _ = load_model(args.model, device=device, dtype=dtype)
     tok = load_tokenizer(args.model)  # each checkpoint carries its own (an imported model keeps nanochat's)
     draft = None
