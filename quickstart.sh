@@ -4,6 +4,8 @@
 # Everything lands under $PICOCHAT_HOME (default ~/.cache/picochat). Per-stage wall times are
 # printed at the end and saved to $PICOCHAT_HOME/quickstart_times.tsv for the report card.
 # Scale knobs (env): DEPTH (4), BASE_STEPS (500), MID_STEPS (200), SFT_STEPS (200).
+# RL=1 adds reinforcement learning on arithmetic after SFT (RL_STEPS, default 120; docs/rl.md): about
+# 9 more minutes on 2 cores, and rl/d$DEPTH is evaluated too and chatted with instead of sft/d$DEPTH.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install.sh
@@ -13,6 +15,8 @@ DEPTH=${DEPTH:-4}
 BASE_STEPS=${BASE_STEPS:-500}
 MID_STEPS=${MID_STEPS:-200}
 SFT_STEPS=${SFT_STEPS:-200}
+RL=${RL:-0}
+RL_STEPS=${RL_STEPS:-120}
 mkdir -p "$PICOCHAT_HOME"
 TIMES="$PICOCHAT_HOME/quickstart_times.tsv"
 : > "$TIMES"
@@ -33,12 +37,19 @@ stage base      picochat train base --depth "$DEPTH" --steps "$BASE_STEPS" --seq
 stage sample    picochat sample --model "base/d$DEPTH" -p "ROMEO. " --max-tokens 120 --temperature 0.8 --top-k 40 --seed 0
 stage mid       picochat train mid --model "base/d$DEPTH" --steps "$MID_STEPS" --eval-every 0 --overwrite
 stage sft       picochat train sft --model "mid/d$DEPTH" --steps "$SFT_STEPS" --eval-every 100 --overwrite
+CHAT="sft/d$DEPTH"
+if [ "$RL" = 1 ]; then
+  stage rl      picochat train rl --model "sft/d$DEPTH" --tasks arithmetic --samples-per-prompt 16 \
+                  --steps "$RL_STEPS" --overwrite
+  CHAT="rl/d$DEPTH"
+fi
 stage eval      bash -c "picochat eval base --model base/d$DEPTH --tasks bpb,spelling,arithmetic --limit 100 && \
-                         picochat eval chat --model sft/d$DEPTH --tasks spelling,arithmetic --limit 100"
-stage chat      picochat chat --model "sft/d$DEPTH" -p "What is 123 * 45?" --temperature 0
+                         picochat eval chat --model sft/d$DEPTH --tasks spelling,arithmetic --limit 100 && \
+                         if [ $RL = 1 ]; then picochat eval chat --model rl/d$DEPTH --tasks spelling,arithmetic --limit 100; fi"
+stage chat      picochat chat --model "$CHAT" -p "What is 123 * 45?" --temperature 0
 stage report    picochat report  # report card: $PICOCHAT_HOME/report/report.md + PNG plots
 
 echo; echo "=== wall time per stage (seconds)"
 column -t "$TIMES" 2>/dev/null || cat "$TIMES"
 awk '{s+=$2} END {printf "total\t%.1f\n", s}' "$TIMES"
-echo; echo "Next, chat in your browser or serve OpenAI clients: . .venv/bin/activate && picochat serve --model sft/d$DEPTH   (then open http://127.0.0.1:8000/)"
+echo; echo "Next, chat in your browser or serve OpenAI clients: . .venv/bin/activate && picochat serve --model $CHAT   (then open http://127.0.0.1:8000/)"

@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "graded by the eval graders (docs/rl.md)",
                          description="On-policy RL: P prompts x K samples per step, reward = the task's eval grade, "
                          "advantage = reward - group mean, token-level loss. Defaults that differ from the flag "
-                         "texts below: --steps 60, learning rates 1/10 of SFT's (matrix 0.002, embedding 0.02, "
+                         "texts below: --steps 120, learning rates 1/10 of SFT's (matrix 0.002, embedding 0.02, "
                          "unembedding 0.0004), --device-batch-size = all rollout rows of a process, --log-every 1, "
                          "--eval-every 0; --total-batch-size, --compile and the loader flags do not apply.")
     p.add_argument("--model", default="sft/d4", help="chat checkpoint to start from (default sft/d4)")
@@ -486,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "spelling (offline), gsm8k, aime, humaneval (default arithmetic)")
     p.add_argument("--data-file", action="append", metavar="[TASK=]FILE.jsonl", help="a task's problems from "
                    "JSONL (fields as for `picochat eval`); repeatable as TASK=PATH")
-    p.add_argument("--samples-per-prompt", type=_positive_int, default=8, help="K replies per prompt; the "
-                   "advantage is a reply's reward minus its K-group's mean (>= 2, default 8)")
+    p.add_argument("--samples-per-prompt", type=_positive_int, default=16, help="K replies per prompt; the "
+                   "advantage is a reply's reward minus its K-group's mean (>= 2, default 16)")
     p.add_argument("--prompts-per-step", type=_positive_int, default=8, help="P prompts per optimizer step, all "
                    "processes together; P x K rows are generated in one batch (default 8)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="reply budget in tokens (default 64)")
@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=_nonneg_int, default=100, help="held-out arithmetic/spelling problems "
                    "graded greedily before, at --eval-every and after training; 0 = none (default 100)")
     _add_train_flags(p, "rl")
-    p.set_defaults(func=cmd_train_rl, steps=60, device_batch_size=None, matrix_lr=0.002, embedding_lr=0.02,
+    p.set_defaults(func=cmd_train_rl, steps=120, device_batch_size=None, matrix_lr=0.002, embedding_lr=0.02,
                    unembedding_lr=0.0004, eval_every=0, log_every=1)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")

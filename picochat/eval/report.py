@@ -27,8 +27,9 @@ import torch
 from picochat.common import atomic_path, home, tokenizer_dir, write_text_atomic
 
 STAGES = ("base", "mid", "sft", "rl")
+SMOOTH = 10  # steps averaged in the RL plot
 RL_PANELS = (("reward", "reward / pass rate", ("reward", "pass_")), ("reply length", "tokens", ("response_len",)),
-             ("rollout speed", "tokens/s", ("rollout_tok_per_s",)), ("calculator", "final answer == result",
+             ("rollout speed", "tokens/s", ("rollout_tok_per_s",)), ("calculator", "answer == result (share)",
                                                                      ("calc_agree",)))
 
 
@@ -191,10 +192,15 @@ def plot_rl(all_runs: list[dict], path: Path) -> bool:
     for ax, (title, ylabel, prefixes) in zip(axes[0], RL_PANELS):
         for r in rl:
             keys = sorted({k for h in r["history"] for k in h if k.startswith(prefixes)})
+            if sum(k.startswith("pass_") for k in keys) == 1:  # one task: its pass rate is the reward
+                keys = [k for k in keys if not k.startswith("pass_")]
             for k in keys:
                 pts = [(h["step"], h[k]) for h in r["history"] if h.get(k) is not None]
-                ax.plot(*zip(*pts), label=f"{r['tag']} {k}" if len(keys) > 1 or len(rl) > 1 else r["tag"])
-        ax.set_title(title)
+                # per-step values of 64-128 samples are noisy: a trailing mean over SMOOTH steps shows the trend
+                ys = [sum(y for _, y in pts[max(0, i - SMOOTH + 1):i + 1]) / (i + 1 - max(0, i - SMOOTH + 1))
+                      for i in range(len(pts))]
+                ax.plot([x for x, _ in pts], ys, label=f"{r['tag']} {k}" if len(keys) > 1 else r["tag"])
+        ax.set_title(f"{title} ({SMOOTH}-step mean)")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -37,7 +37,7 @@ HELDOUT_TASKS = ("arithmetic", "spelling")  # offline test problems: the held-ou
 @dataclass
 class RLOptions:
     tasks: list[str]                  # "name=weight" specs
-    samples: int = 8                  # K replies per prompt
+    samples: int = 16                 # K replies per prompt
     prompts: int = 8                  # P prompts per optimizer step (global)
     max_new_tokens: int = 64          # reply budget (tool outputs not counted)
     temperature: float = 1.0          # 1.0: the samples follow the policy whose log-probs are trained
