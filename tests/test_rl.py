@@ -295,3 +295,20 @@ def test_report_card_plots_rl_runs(home):
     assert "## Reinforcement learning" in md and "](rl.png)" in md
     assert "| `rl/report` | sft/t | arithmetic |" in md
     assert (out / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kl_to_the_start_is_zero_at_the_start_and_pulls_back_later(home):
+    """--kl-coef loads the starting checkpoint as reference: at step 1 policy == reference, so the KL
+    term and its gradient vanish (same loss and weights as without it); afterwards it changes the update."""
+    env, data = home
+    for tag, kl in (("rl/nokl", "0"), ("rl/kl", "1.0")):
+        cli(rl_args(data, "--steps", "3", "--warmdown-ratio", "0", "--save-every", "1", "--keep", "3", "--tag", tag,
+                    "--kl-coef", kl), env)
+    hist = {t: [h for h in weights(env, t)[1].state["history"] if "reward" in h] for t in ("rl/nokl", "rl/kl")}
+    assert hist["rl/kl"][0]["loss"] == pytest.approx(hist["rl/nokl"][0]["loss"], abs=1e-7)
+    os.environ["PICOCHAT_HOME"] = env["PICOCHAT_HOME"]
+    one = [load_file(str(ck.read_checkpoint(t, step=1).path / "model.safetensors")) for t in ("rl/nokl", "rl/kl")]
+    for k in one[0]:
+        torch.testing.assert_close(one[1][k], one[0][k], atol=1e-7, rtol=0)
+    (w_no, _), (w_kl, _) = weights(env, "rl/nokl"), weights(env, "rl/kl")
+    assert any(not torch.allclose(w_no[k], w_kl[k], atol=1e-6) for k in w_no)
