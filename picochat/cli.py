@@ -187,6 +187,17 @@ def _resume_settings(resume, args):
     return settings
 
 
+def _resume_run(args, device):
+    """--resume of a run started from another checkpoint (mid, sft, rl): the checkpoint under --tag,
+    its settings, its model and its tokenizer."""
+    from picochat import checkpoint as ck
+    if not args.tag:
+        raise PicochatError("--resume needs --tag (the run to continue)")
+    resume = ck.read_checkpoint(args.tag)
+    model, _ = ck.load_model(args.tag, device=device)
+    return resume, _resume_settings(resume, args), model, ck.load_tokenizer(args.tag)
+
+
 def _run(args, model, settings, make_loader, val_batches, tok, device, info, resume, t0: float) -> None:
     """The shared tail of every training command: run the loop, report, tear down torchrun."""
     import torch
@@ -264,12 +275,7 @@ def cmd_train_chat(args):
     info = init_distributed(device)
     resume = None
     if args.resume:
-        if not args.tag:
-            raise PicochatError("--resume needs --tag (the run to continue)")
-        resume = ck.read_checkpoint(args.tag)
-        settings = _resume_settings(resume, args)
-        model, _ = ck.load_model(args.tag, device=device)
-        tok = ck.load_tokenizer(args.tag)
+        resume, settings, model, tok = _resume_run(args, device)
     else:
         model, source = ck.load_model(args.model, device=device)
         tok = ck.load_tokenizer(args.model)  # the model's own: an imported model keeps its tokenizer

@@ -234,7 +234,7 @@ def options_from_args(args) -> RLOptions:
 def train_rl(args) -> dict:
     """The `picochat train rl` command: set up (fresh or --resume), run the loop, report."""
     from picochat import checkpoint as ck
-    from picochat.cli import _resume_settings, _settings
+    from picochat.cli import _resume_run, _settings
     from picochat.common import init_distributed, pick_device
     from picochat.data.tasks.registry import parse_weighted
     from picochat.eval.tasks import make_eval_task
@@ -245,13 +245,8 @@ def train_rl(args) -> dict:
     info = init_distributed(device)
     resume = None
     if args.resume:
-        if not args.tag:
-            raise PicochatError("--resume needs --tag (the run to continue)")
-        resume = ck.read_checkpoint(args.tag)
-        settings = _resume_settings(resume, args)
+        resume, settings, model, tok = _resume_run(args, device)
         opts = RLOptions(**settings.extra["rl"])
-        model, _ = ck.load_model(args.tag, device=device)
-        tok = ck.load_tokenizer(args.tag)
     else:
         opts = options_from_args(args)
         opts.validate(info.world_size)
