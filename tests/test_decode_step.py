@@ -63,7 +63,12 @@ def test_compiled_step_equals_eager():
     compiled = Engine(model, decode_step="compiled")
     out = compiled.generate(ps, 16, **kw)
     assert compiled.decode.mode == "compiled"  # it compiled (no fallback to eager)
-    assert out == Engine(model, decode_step="eager").generate(ps, 16, **kw)
+    eager = Engine(model, decode_step="eager")
+    assert out == eager.generate(ps, 16, **kw)
+    # another batch size and cache length: the same compiled step, still the eager tokens
+    more = prompts(5, seed=3)
+    assert compiled.generate(more, 70, **kw) == eager.generate(more, 70, **kw)
+    assert compiled.decode.mode == "compiled"
 
 
 def test_modes_and_cuda_only_refusal():

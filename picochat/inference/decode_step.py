@@ -49,8 +49,9 @@ class DecodeStep:
     """step(tokens (B, 1), cache) -> logits (B, V) fp32, advancing the cache by one position."""
 
     def __init__(self, model, mode: str = "eager", dynamic: bool | None = False):
-        """dynamic=False: one graph per batch shape (Engine: the batch is fixed for a generation);
-        None: torch.compile turns a dimension symbolic once it has seen it change (the server)."""
+        """dynamic=False: one compiled graph per batch size and cache length; None: torch.compile makes
+        a dimension symbolic once it has seen it change, so new sizes need no new compile (Engine and
+        the server use that; CUDA graphs are still recorded per size, which is cheap)."""
         self.model, self.mode = model, mode
         self._marked: set[int] = set()
         self._compiled_once = False

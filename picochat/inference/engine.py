@@ -30,6 +30,8 @@ from picochat.inference.decode_step import DecodeStep, resolve_mode
 from picochat.inference.sampling import SamplingParams, draw_uniforms, sample_next
 from picochat.model.kv_cache import KVCache
 
+STATIC_LEN_BUCKET = 64  # a compiled decode step's cache length is rounded up to a multiple of this
+
 
 def length_chunks(lengths: Sequence[int], max_chunks: int = 4, min_rows: int = 4, max_waste: float = 0.25) -> list[list[int]]:
     """Split a batch for prefill: row indices sorted by length (longest first) in up to `max_chunks`
@@ -94,7 +96,9 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.decode = DecodeStep(model, resolve_mode(decode_step, self.device))
+        # dynamic=None: after its first recompile torch.compile makes batch and cache length symbolic, so
+        # generations of other sizes (an eval's last batch, longer prompts) reuse the compiled step
+        self.decode = DecodeStep(model, resolve_mode(decode_step, self.device), dynamic=None)
         if self.device.type == "cpu":
             # oneDNN's prepacked path runs outside torch.compile only: a compiled step keeps F.linear
             prepare_cpu_inference(model, enable=cpu_tuning and not self.decode.static)
@@ -149,6 +153,8 @@ class Engine:
                              f"({self.model.cos.size(0)} positions)")
         if steps == 0:
             return
+        if self.decode.static:  # a compiled step: few distinct cache lengths, so few graphs to record
+            max_len = min(-(-max_len // STATIC_LEN_BUCKET) * STATIC_LEN_BUCKET, self.model.cos.size(0))
         dev = self.device
         flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
         if bool((flat < 0).any() or (flat >= V).any()):
