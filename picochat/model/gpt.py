@@ -160,7 +160,9 @@ class GPT(nn.Module):
             nparams -= sum(p.numel() for p in self.value_embeds.parameters())
         c = self.config
         qk_dim = c.head_dim + (c.qk_rope_head_dim if c.attention == "mla" else 0)  # MLA adds the rotary part
-        attn = 6 * c.n_layer * c.n_head * (qk_dim + c.head_dim) * c.sequence_len
+        # keys each query sees, per layer: the whole context, or at most window + 1 with sliding windows
+        context = sum(c.sequence_len if w is None else min(w + 1, c.sequence_len) for w in self.windows)
+        attn = 6 * c.n_head * (qk_dim + c.head_dim) * context
         return 6 * nparams + attn
 
     # ------------------------------------------------------------------ forward
