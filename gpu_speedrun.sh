@@ -96,6 +96,7 @@ for cmd in "${PLAN[@]}"; do
   echo; echo "=== [$i] $cmd"
   t0=$EPOCHREALTIME
   eval "$cmd"
-  awk -v n="$i" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "step %s\t%.0f s\n", n, b - a}' | tee -a "$TIMES"
+  name=$(sed -E 's/.*picochat(\.cli)? ([a-z]+)( ([a-z]+))?.*/\2 \4/; s/ +$//' <<<"$cmd")  # e.g. "train base"
+  awk -v n="[$i] $name" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%s\t%.1f\n", n, b - a}' | tee -a "$TIMES"
 done
-echo; echo "=== wall time per step"; cat "$TIMES"
+echo; echo "=== wall time per step (seconds; also in the report card)"; cat "$TIMES"

@@ -62,3 +62,14 @@ def test_report_without_plots_or_times_uses_training_time(home, tmp_path):
     assert not list((tmp_path / "r").glob("*.png")) and ".png)" not in md
     # three checkpoints x 1.5 s of training = 4.5 s = 0.00125 h, at $3600/h = $4.50
     assert "the sum of training times" in md and "**$4.50**" in md
+
+
+def test_wall_times_come_from_the_newest_pipeline_run(tmp_path):
+    import os
+    from picochat.eval.report import wall_times
+    (tmp_path / "quickstart_times.tsv").write_text("data\t4.3\nbase\t656.0\n")
+    assert wall_times(tmp_path) == [("data", 4.3), ("base", 656.0)]
+    gpu = tmp_path / "gpu_speedrun_times.tsv"
+    gpu.write_text("[1] data prepare\t3600.0\n[3] train base\t12000.5\n")
+    os.utime(gpu, (2e9, 2e9))  # newer than the quickstart's
+    assert wall_times(tmp_path) == [("[1] data prepare", 3600.0), ("[3] train base", 12000.5)]

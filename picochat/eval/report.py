@@ -125,10 +125,17 @@ def runs() -> list[dict]:
     return out
 
 
+TIMES_FILES = ("quickstart_times.tsv", "gpu_speedrun_times.tsv")  # stage <TAB> seconds, by the two pipelines
+
+
 def wall_times(root: Path) -> list[tuple[str, float]]:
+    """Per-stage wall times of the newest pipeline run in this home (CPU quickstart or GPU speedrun)."""
     rows = []
+    files = [root / name for name in TIMES_FILES if (root / name).is_file()]
+    if not files:
+        return rows
     try:
-        lines = (root / "quickstart_times.tsv").read_text().splitlines()
+        lines = max(files, key=lambda f: f.stat().st_mtime).read_text().splitlines()
     except OSError:
         return rows
     for line in lines:
@@ -381,7 +388,8 @@ def render(root: Path, dollars_per_hour: float, plots: dict[str, bool]) -> str:
         basis = "the quickstart's total wall time"
     else:
         total_s = sum(r["train_time"] or 0.0 for r in all_runs)
-        L += ["No quickstart_times.tsv (written by quickstart.sh); the cost below uses training time only.", ""]
+        L += ["No quickstart_times.tsv or gpu_speedrun_times.tsv (written by quickstart.sh / gpu_speedrun.sh); the "
+              "cost below uses training time only.", ""]
         basis = "the sum of training times"
     hours = total_s / 3600
     L += ["## Cost estimate", "",
