@@ -11,9 +11,11 @@ fi
 . .venv/bin/activate
 pip install -q "${PICOCHAT_TORCH:-torch==2.13.0}"
 pip install -q -e ".[dev,serve,safety,plot,hf-export,eval]"
-# the web UI test drives Debian's chromium through playwright (no browser download): install it
-# when missing and we can (root + apt); otherwise that one test skips and says why
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+# the web UI test drives Debian's chromium through playwright (no browser download): the test path
+# (scripts/test.sh sets PICOCHAT_TEST_BROWSER=1) installs it when missing and it can (root + apt);
+# otherwise that one test skips and says why. The quickstart installs no system packages.
+if [ "${PICOCHAT_TEST_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
     || echo "install.sh: could not install chromium; the web UI test will skip"
