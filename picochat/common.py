@@ -84,6 +84,7 @@ def number_type(cast, ok, what: str):
 
 positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+nonneg_float = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 # --------------------------------------------------------------------------- device / dtype

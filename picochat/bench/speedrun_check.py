@@ -17,7 +17,8 @@ import sys
 
 def check(line: str) -> str:
     """Return '' if the command parses, else the error message."""
-    from picochat.cli import _settings, build_parser
+    from picochat.cli import build_parser
+    from picochat.train.cli import settings_from_args
     from picochat.common import PicochatError
     from picochat.data.tasks.registry import OFFLINE, ONLINE, parse_weighted
     argv = shlex.split(line)
@@ -43,7 +44,7 @@ def check(line: str) -> str:
     if args.command == "train":
         try:
             seq_len = getattr(args, "seq_len", None) or 2048
-            settings = _settings(args, args.stage, args.tag or f"{args.stage}/check", seq_len, {})
+            settings = settings_from_args(args, args.stage, args.tag or f"{args.stage}/check", seq_len, {})
             settings.validate(world)
             for spec in (getattr(args, "tasks", "") or "").split(","):
                 if spec.strip() and parse_weighted(spec.strip())[0] not in OFFLINE + ONLINE:

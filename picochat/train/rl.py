@@ -234,7 +234,7 @@ def options_from_args(args) -> RLOptions:
 def train_rl(args) -> dict:
     """The `picochat train rl` command: set up (fresh or --resume), run the loop, report."""
     from picochat import checkpoint as ck
-    from picochat.cli import _resume_run, _settings
+    from picochat.train.cli import resume_run, settings_from_args
     from picochat.common import init_distributed, pick_device
     from picochat.data.tasks.registry import parse_weighted
     from picochat.eval.tasks import make_eval_task
@@ -245,7 +245,7 @@ def train_rl(args) -> dict:
     info = init_distributed(device)
     resume = None
     if args.resume:
-        resume, settings, model, tok = _resume_run(args, device)
+        resume, settings, model, tok = resume_run(args, device)
         opts = RLOptions(**settings.extra["rl"])
     else:
         opts = options_from_args(args)
@@ -264,7 +264,7 @@ def train_rl(args) -> dict:
             raise PicochatError(f"--device-batch-size {args.device_batch_size} must divide the {rows} rollout rows "
                                 f"per process (prompts-per-step x samples-per-prompt / processes)")
         args.total_batch_size = opts.prompts * opts.samples * opts.max_new_tokens
-        settings = _settings(args, "rl", tag, opts.max_new_tokens,
+        settings = settings_from_args(args, "rl", tag, opts.max_new_tokens,
                              {"source": args.model, "source_step": source.step, "rl": asdict(opts)})
     opts.validate(info.world_size)
     if settings.compile != "off":
