@@ -104,7 +104,7 @@ def find_files(path: Path, step: int | None) -> tuple[Path, Path, Path, int]:
     step = steps[-1] if step is None else step
     if step not in steps:
         raise PicochatError(f"{path} has no step {step}; it has steps {', '.join(map(str, steps))}")
-    model_file = next(p for p in path.iterdir() if MODEL_RE.match(p.name) and int(MODEL_RE.match(p.name).group(1)) == step)
+    model_file = next(p for p in path.iterdir() if (m := MODEL_RE.match(p.name)) and int(m.group(1)) == step)
     meta_file = path / model_file.name.replace("model_", "meta_").replace(".pt", ".json")
     if not meta_file.is_file():
         raise PicochatError(f"{path} has {model_file.name} but no {meta_file.name}")
@@ -151,14 +151,15 @@ def nanochat_config(meta: dict, state: dict[str, torch.Tensor], source: Path) ->
     if not isinstance(mc, dict) or any(type(mc.get(k)) is not int for k in need):
         raise PicochatError(f"{source} has no model_config with integer {', '.join(need)}")
     keys = set(state)
+    ve_keys = {k for k in keys if k.startswith("value_embeds.")}
     if DESIGN_2026_KEYS <= keys:
         design = "2026"
         seq = mc["sequence_len"]
-        fields = dict(value_embeds=any(k.startswith("value_embeds.") for k in keys), layer_scalars=bool(MIDDLE_KEYS & keys),
+        fields = dict(value_embeds=bool(ve_keys), layer_scalars=bool(MIDDLE_KEYS & keys),
                       smear=True, backout=True, window_pattern=str(mc.get("window_pattern", "SSSL")) or "L",
                       short_window=nanochat_short_window(seq), qk_scale=1.2, rope_base=100000.0, pad_vocab_to=64)
-    elif DESIGN_2026_KEYS & keys or MIDDLE_KEYS & keys or any(k.startswith("value_embeds.") for k in keys):
-        found = sorted((DESIGN_2026_KEYS | MIDDLE_KEYS) & keys | {k for k in keys if k.startswith("value_embeds.")})
+    elif DESIGN_2026_KEYS & keys or MIDDLE_KEYS & keys or ve_keys:
+        found = sorted((DESIGN_2026_KEYS | MIDDLE_KEYS) & keys | ve_keys)
         raise PicochatError(f"{source} is from a nanochat version between the 2025 (c6abcdf) and 2026 (a825e63+) "
                             f"designs (it has {', '.join(found[:4])} but not all of smear_gate/backout): picochat "
                             "imports those two designs only")
