@@ -3,7 +3,6 @@ torch's range, requests larger than the server's whole capacity, a non-streaming
 up while tokens flow, a body that never arrives, HEAD and OPTIONS, special-token strings in
 replies, calculator calls reported apart from the content, and the CLI's port, key and banner."""
 import json
-import select
 import socket
 import time
 
@@ -101,14 +100,10 @@ def test_non_streaming_client_that_hangs_up_is_cancelled_while_tokens_flow(tok):
 # ---------------------------------------------------------------- 4. a body that never arrives
 
 
-def _raw(port: int, head: bytes, drip: list[bytes] = (), pause: float = 0.0, timeout: float = 10) -> bytes:
+def _raw(port: int, head: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, return everything the server sends until it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
         c.sendall(head)
-        for b in drip:
-            time.sleep(pause)
-            if select.select([c], [], [], 0)[0]:   # answered: stop sending
-                break
-            c.sendall(b)
         out = b""
         while chunk := c.recv(65536):
             out += chunk
@@ -122,9 +117,19 @@ def test_a_body_shorter_than_its_content_length_gets_408_not_a_hang(server):
     out = _raw(server.port, head)   # the server answers and closes: recv returns b""
     assert out.startswith(b"HTTP/1.1 408"), out
     assert b'"code": "request_timeout"' in out.replace(b'":"', b'": "') and time.monotonic() - t0 < 5
-    # dripping bytes does not extend the deadline: the whole body has body_timeout_s
-    out = _raw(server.port, head.replace(b"100", b"40"), drip=[b" "] * 20, pause=0.1)
+    # dripping bytes does not extend the deadline: the whole body has body_timeout_s (0.5 s). Drip for
+    # 0.44 s and stop (writing past the deadline would race the server's close into a TCP reset): a
+    # deadline per read would answer ~0.5 s after the last byte, the body deadline ~0.06 s after it
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as c:
+        c.sendall(head.replace(b"100", b"40"))
+        for _ in range(4):
+            time.sleep(0.11)
+            c.sendall(b" ")
+        last = time.monotonic()
+        out = c.recv(65536)
+        waited = time.monotonic() - last
     assert out.startswith(b"HTTP/1.1 408"), out
+    assert waited < 0.3, f"answered {waited:.2f} s after the last byte: dripping extended the deadline"
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
