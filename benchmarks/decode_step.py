@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from picochat.common import pick_device, resolve_dtype
+from picochat.device import pick_device, resolve_dtype
 from picochat.inference.engine import Engine
 from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT

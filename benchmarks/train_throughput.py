@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from picochat.common import autocast_ctx, pick_device
+from picochat.device import autocast_ctx, pick_device
 from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT
 from picochat.train.optim import build_optimizers

@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
-from picochat.common import (THREADS_HELP, PicochatError, add_inference_flags, apply_threads, nonneg_float, nonneg_int,
-                             number_type, positive_int)
+from picochat.common import THREADS_HELP, PicochatError, apply_threads, nonneg_float, nonneg_int, number_type, positive_int
+from picochat.device import add_inference_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +54,8 @@ def cmd_data_distill(args):
     from tqdm import tqdm
 
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.common import data_dir, pick_device
+    from picochat.common import data_dir
+    from picochat.device import pick_device
     from picochat.data.corpus import iter_documents, prepare
     from picochat.inference.distill import distill_samples
     out = data_dir(args.name)
@@ -106,7 +107,7 @@ def cmd_tokenizer_eval(args):
 # ----------------------------------------------------------------------------- sampling
 
 def cmd_sample(args):
-    from picochat.common import pick_device
+    from picochat.device import pick_device
     from picochat.checkpoint import load_model, load_tokenizer
     from picochat.inference.decode_step import resolve_flags
     from picochat.inference.engine import Engine
@@ -138,7 +139,7 @@ def cmd_sample(args):
 
 def cmd_chat(args):
     """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
-    from picochat.common import pick_device
+    from picochat.device import pick_device
     from picochat.checkpoint import load_model, load_tokenizer
     from picochat.inference.chat import Reply, stream_chat
     from picochat.inference.decode_step import resolve_flags

@@ -1,6 +1,7 @@
-"""Shared plumbing: where artifacts live, which device/dtype to use, torchrun setup, atomic writes.
+"""Shared plumbing: where artifacts live, errors, atomic writes, number flags, rank-0 printing.
 
-Everything here is small and dependency-free on purpose: every other module imports it.
+Everything here is small and dependency-free on purpose (no torch: device/dtype/distributed setup is
+in device.py): every other module imports it, the HTTP-only safety pipeline included.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 
 class PicochatError(Exception):
@@ -87,79 +87,6 @@ nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 nonneg_float = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
-# --------------------------------------------------------------------------- device / dtype
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(requested)
-    except RuntimeError as e:
-        raise PicochatError(f"unknown device {requested!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PicochatError("--device cuda requested but CUDA is not available on this machine")
-    return dev
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DECODE_STEPS = ("auto", "eager", "compiled", "cuda-graphs")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The inference dtype for --dtype NAME on `device`: auto = bf16 on a CUDA card with bf16, else
-    fp32. Refuses what would fail or crawl: fp16 on CPU, bf16 on a card or CPU without it."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if name not in DTYPES:
-        raise PicochatError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
-    if name == "fp16" and device.type == "cpu":
-        raise PicochatError("--dtype fp16 is not supported on CPU (no fp16 kernels for most ops): use fp32, or bf16 "
-                            "on a CPU with native bfloat16")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PicochatError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp16 or fp32")
-    if name == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        raise PicochatError("--dtype bf16: this CPU has no native bfloat16 (no AVX512-BF16 or AMX); bf16 would be "
-                            "emulated and several times slower than fp32: use --dtype fp32")
-    return DTYPES[name]
-
-
-def cpu_has_bf16() -> bool:
-    """Native bfloat16 arithmetic on this CPU (x86: AVX512-BF16 or AMX; ARM: assumed, as torch does)."""
-    import platform
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return True
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def add_inference_flags(p) -> None:
-    """--dtype and --decode-step, the same on every command that runs a model for inference."""
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights, activations and KV cache "
-                   "(sampling is always fp32): auto = bf16 on a CUDA card with bf16, fp32 otherwise; fp16 needs a GPU, "
-                   "bf16 on CPU needs AVX512-BF16/AMX (default %(default)s)")
-    p.add_argument("--decode-step", default="auto", choices=DECODE_STEPS, help="how each decoded token runs: eager; "
-                   "compiled (torch.compile of a static-shape step: fewer launches, minutes of compile on CPU); "
-                   "cuda-graphs (the compiled step replayed as one CUDA graph, CUDA only); auto = cuda-graphs on CUDA, "
-                   "eager elsewhere (default %(default)s)")
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (fast and stable); plain fp32 elsewhere (CPU bf16 matmuls are slow)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def autocast_ctx(device: torch.device):
-    dt = autocast_dtype(device)
-    if dt is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dt)
-
-
 # --------------------------------------------------------------------------- distributed
 
 @dataclass
@@ -178,17 +105,6 @@ def dist_info() -> DistInfo:
     if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return DistInfo(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     return DistInfo(False, 0, 0, 1)
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    info = dist_info()
-    if info.enabled and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend)
-    return info
 
 
 def print0(*args, **kwargs) -> None:
@@ -230,6 +146,5 @@ THREADS_HELP = ("CPU threads for torch (default: torch's choice, one per core). 
 def apply_threads(n: int | None) -> None:
     """torch.set_num_threads(n) when n is set (the --threads flag); None/0 keeps torch's default."""
     if n:
-        import torch
-        torch.set_num_threads(n)
+                torch.set_num_threads(n)
 

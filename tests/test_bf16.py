@@ -16,7 +16,8 @@ LOGIT_TOL, and greedy tokens may only differ after a step where the top two logi
 import pytest
 import torch
 
-from picochat.common import PicochatError, resolve_dtype
+from picochat.common import PicochatError
+from picochat.device import resolve_dtype
 from picochat.inference.engine import Engine
 from picochat.inference.speculative import generate_speculative
 from picochat.model.config import GPTConfig, config_from_depth
@@ -131,10 +132,10 @@ def test_dtype_choice_and_refusals(monkeypatch):
     assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("fp32", cpu) == torch.float32
     with pytest.raises(PicochatError, match="fp16 is not supported on CPU"):
         resolve_dtype("fp16", cpu)
-    monkeypatch.setattr("picochat.common.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("picochat.device.cpu_has_bf16", lambda: False)
     with pytest.raises(PicochatError, match="this CPU has no native bfloat16"):
         resolve_dtype("bf16", cpu)
-    monkeypatch.setattr("picochat.common.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("picochat.device.cpu_has_bf16", lambda: True)
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
 
 

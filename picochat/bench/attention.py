@@ -243,7 +243,8 @@ def plot(path: Path, rows: dict, decode: dict, contexts: list[int], batches: lis
 def run(args) -> dict:
     import sys
 
-    from picochat.common import home, pick_device, write_json_atomic, write_text_atomic
+    from picochat.common import home, write_json_atomic, write_text_atomic
+    from picochat.device import pick_device
     device = pick_device(args.device)
     tok = None
     vocab = args.vocab_size
@@ -272,7 +273,7 @@ def run(args) -> dict:
             print(f"   {name}: val bpb {res['val_bpb']:.4f}, {res['train_tok_per_s']:,.0f} train tokens/s", flush=True)
     decode = {}
     if args.train or args.decode:
-        from picochat.common import resolve_dtype
+        from picochat.device import resolve_dtype
         dtype = resolve_dtype(args.dtype, device)
         max_len = max(args.contexts) + args.decode_steps + 8
         models = {name: decode_model(cfg, max_len, device, dtype, weights.get(name)) for name, cfg in configs.items()}

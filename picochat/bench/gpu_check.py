@@ -92,7 +92,7 @@ def decode_part(p: dict) -> dict:
 
 def speculative_part(p: dict) -> dict:
     import torch
-    from picochat.common import pick_device, resolve_dtype
+    from picochat.device import pick_device, resolve_dtype
     from picochat.inference.engine import Engine
     from picochat.inference.speculative import generate_speculative
     from picochat.model.config import config_from_depth

@@ -173,7 +173,8 @@ def _rss_mb() -> float:
 
 def _child(cfg: dict) -> dict:
     import torch
-    from picochat.common import DistInfo, data_dir, pick_device, tokenizer_dir
+    from picochat.common import DistInfo, data_dir, tokenizer_dir
+    from picochat.device import pick_device
     from picochat.data.loader import PretrainLoader
     from picochat.model.config import config_from_depth
     from picochat.model.gpt import GPT

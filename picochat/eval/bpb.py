@@ -11,7 +11,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from picochat.common import autocast_ctx
+from picochat.device import autocast_ctx
 
 
 def token_byte_lengths(tokenizer, device="cpu") -> torch.Tensor:

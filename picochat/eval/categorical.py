@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from picochat.common import autocast_ctx
+from picochat.device import autocast_ctx
 from picochat.data.tasks.hf import LETTERS, multiple_choice
 
 

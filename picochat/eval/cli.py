@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from picochat.common import THREADS_HELP, PicochatError, add_inference_flags, number_type
+from picochat.common import THREADS_HELP, PicochatError, number_type
+from picochat.device import add_inference_flags
 
 _pos = number_type(int, lambda v: v >= 1, "a positive integer")
 _nonneg_f = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
@@ -77,7 +78,8 @@ def _summary(r: dict) -> str:
 def cmd_eval(args):
     import torch
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.common import init_distributed, pick_device, write_json_atomic
+    from picochat.common import write_json_atomic
+    from picochat.device import init_distributed, pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.eval import runner
     from picochat.eval.tasks import make_eval_task

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from picochat.common import PicochatError, autocast_ctx, home, read_jsonl_numbered
+from picochat.common import PicochatError, home, read_jsonl_numbered
+from picochat.device import autocast_ctx
 from picochat.eval import olmo_data
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from picochat.common import DECODE_STEPS as MODES
+from picochat.device import DECODE_STEPS as MODES
 from picochat.common import PicochatError
 from picochat.model.kv_cache import KVCache, StaticStep
 
@@ -40,7 +40,7 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
 def resolve_flags(args, device: torch.device) -> torch.dtype:
     """Check --dtype and --decode-step before anything is loaded; the dtype to load the model in."""
-    from picochat.common import resolve_dtype
+    from picochat.device import resolve_dtype
     resolve_mode(args.decode_step, device)
     return resolve_dtype(args.dtype, device)
 

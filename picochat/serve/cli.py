@@ -13,7 +13,8 @@ import os
 import socket
 import sys
 
-from picochat.common import PicochatError, add_inference_flags, number_type
+from picochat.common import PicochatError, number_type
+from picochat.device import add_inference_flags
 
 _pos = number_type(int, lambda v: v >= 1, "a positive integer")
 _nonneg = number_type(int, lambda v: v >= 0, "an integer >= 0")
@@ -70,7 +71,7 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.common import pick_device
+    from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.serve.app import create_app
 

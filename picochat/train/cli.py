@@ -130,7 +130,8 @@ def run_stage(args, model, settings, make_loader, val_batches, tok, device, info
 def cmd_train_base(args):
     import torch
     from picochat import checkpoint as ck
-    from picochat.common import data_dir, init_distributed, pick_device, tokenizer_dir
+    from picochat.common import data_dir, tokenizer_dir
+    from picochat.device import init_distributed, pick_device
     from picochat.data.corpus import list_shards
     from picochat.data.loader import PretrainLoader
     from picochat.model.config import config_from_depth
@@ -179,7 +180,7 @@ def cmd_train_base(args):
 def cmd_train_chat(args):
     """Midtraining (packed conversations, all tokens) or SFT (padded, assistant tokens only)."""
     from picochat import checkpoint as ck
-    from picochat.common import init_distributed, pick_device
+    from picochat.device import init_distributed, pick_device
     from picochat.data.chat_loader import MidLoader, SFTLoader
     from picochat.data.tasks.registry import build_mixture
 

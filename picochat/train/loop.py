@@ -28,7 +28,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from picochat import checkpoint as ckpt_mod
-from picochat.common import DistInfo, PicochatError, autocast_ctx, print0
+from picochat.common import DistInfo, PicochatError, print0
+from picochat.device import autocast_ctx
 from picochat.eval.bpb import evaluate_bpb
 from picochat.model.config import GPTConfig
 from picochat.model.gpt import GPT

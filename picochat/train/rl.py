@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from picochat.common import PicochatError, autocast_ctx, print0
+from picochat.common import PicochatError, print0
+from picochat.device import autocast_ctx
 from picochat.data.tasks.base import TaskMixture, stable_hash
 from picochat.eval.generate import generate_replies
 from picochat.inference.engine import Engine
@@ -235,7 +236,7 @@ def train_rl(args) -> dict:
     """The `picochat train rl` command: set up (fresh or --resume), run the loop, report."""
     from picochat import checkpoint as ck
     from picochat.train.cli import resume_run, settings_from_args
-    from picochat.common import init_distributed, pick_device
+    from picochat.device import init_distributed, pick_device
     from picochat.data.tasks.registry import parse_weighted
     from picochat.eval.tasks import make_eval_task
     from picochat.train.loop import run_training
