@@ -80,7 +80,7 @@ for cmd in "${PLAN[@]}"; do i=$((i + 1)); echo "  [$i] $cmd"; done
 if [ "$DRY" = 1 ]; then
   # parse every command with picochat's own parser (and torchrun's), and check the batch arithmetic
   PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-  printf '%s\n' "${PLAN[@]}" | GPUS="$GPUS" "$PY" -m picochat.bench.speedrun_check
+  printf '%s\n' "${PLAN[@]}" | GPUS="$GPUS" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" scripts/speedrun_check.py
   exit 0
 fi
 

@@ -6,7 +6,7 @@
 Parts (each a real code path of picochat, on random weights and random tokens: a GPU machine may
 have no network, corpus or tokenizer; throughput and memory do not depend on the values):
  1. training tokens/s and MFU (model FLOPs per token x tokens/s / the card's dense bf16 peak) at d12 and
-    d20, bf16 autocast, torch.compile default, through the real training loop (bench/train.py's child);
+    d20, bf16 autocast, torch.compile default, through the real training loop (benchmarks/train.py's child);
  2. grad checkpointing at d20: peak memory with / without (CUDA max allocated) and the speed cost;
  3. decode tokens/s in bf16 at batch 1/8/32, eager and with the CUDA-graph decode step; the batched
     speed-up over batch 1 and the CUDA-graph over eager ratio (benchmarks/decode_step.py);
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # dense bf16 tensor-core peak FLOP/s by card name (vendor datasheets, no sparsity)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
              "RTX 4090": 165e12, "RTX 3090": 71e12}
@@ -64,7 +64,7 @@ def run_json(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def train_part(p: dict, gpu: str) -> list[dict]:
-    from picochat.bench.train import _run_child
+    from train import _run_child  # benchmarks/train.py: this script's folder is on sys.path
     from picochat.model.config import config_from_depth
     from picochat.model.gpt import GPT
     import torch

@@ -11,7 +11,7 @@ Every variant trains the same model on the same prepared corpus through the real
 - compile caches, allocator state and loader workers never leak from one variant into the next.
 Variants run round-robin (`--repeats` rounds, medians reported), so on a shared machine the
 background load hits all of them alike. The first `--warmup` steps (compilation!) are excluded.
-Prints a table and a final JSON line.
+Prints a table and a final JSON line. `python benchmarks/train.py '<json config>'` is the child.
 """
 from __future__ import annotations
 
@@ -103,8 +103,7 @@ def run(args) -> None:
 
 
 def _run_child(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "picochat.bench.train", json.dumps(cfg)], capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, __file__, json.dumps(cfg)], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         from picochat.common import PicochatError

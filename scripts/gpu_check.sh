@@ -17,4 +17,4 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="/tmp/picochat-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec "$PY" -m picochat.bench.gpu_check "$@"
+exec "$PY" benchmarks/gpu_check.py "$@"

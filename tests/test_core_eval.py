@@ -12,7 +12,8 @@ import torch
 
 from evalkit import make_home
 from picochat.common import DistInfo, PicochatError
-from picochat.eval import core, olmo_data
+from picochat.eval import core
+from picochat.tasks import olmo_data
 from picochat.eval.core import LM, MC, SCHEMA, CoreTask
 
 SINGLE = DistInfo(enabled=False, rank=0, local_rank=0, world_size=1)
@@ -99,7 +100,7 @@ def test_centered_accuracy_and_core_by_hand(monkeypatch):
     monkeypatch.setattr(core, "score_rows", lambda t, idx, *a, **k: [verdicts[t.label][i] for i in idx])
     tasks = [CoreTask("a", MC, 0, " ", 0.25, [{}] * 4), CoreTask("b", LM, 0, " ", 0.0, [{}] * 2)]
     from picochat.eval.runner import EvalOptions
-    from picochat.eval.tasks import EvalTask
+    from picochat.tasks import EvalTask
     r = core.evaluate_core(EvalTask("core", "core", tasks, "hand"), None, None, EvalOptions(chat=False), SINGLE)
     assert r["tasks"]["a"]["accuracy"] == 0.5 and r["tasks"]["a"]["centered"] == pytest.approx(1 / 3)
     assert r["tasks"]["b"]["centered"] == pytest.approx(0.5)
@@ -143,7 +144,7 @@ def right_prompts(task: CoreTask, tok) -> list[list[int]]:
 
 def test_an_oracle_scores_accuracy_one_and_core_one(tmp_path, tok):
     from picochat.eval.runner import EvalOptions
-    from picochat.eval.tasks import EvalTask
+    from picochat.tasks import EvalTask
     tasks = core.load_bundle(write_bundle(tmp_path / "b"))
     oracle = Oracle([s for t in tasks for s in right_prompts(t, tok)], tok.vocab_size)
     r = core.evaluate_core(EvalTask("core", "core", tasks, "fake"), oracle, tok, EvalOptions(chat=False, batch_size=3),
@@ -298,9 +299,10 @@ def test_offline_without_bundle_or_olmo_is_one_line_through_the_cli(tmp_path, mo
 
 # --------------------------------------------------------------------------- gpu_speedrun.sh
 
-def test_speedrun_plan_evaluates_core_and_the_chat_benchmarks_and_the_checker_knows_eval_tasks():
+def test_speedrun_plan_evaluates_core_and_the_chat_benchmarks_and_the_checker_knows_eval_tasks(monkeypatch):
     from evalkit import REPO
-    from picochat.bench.speedrun_check import check
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from speedrun_check import check
     script = (REPO / "gpu_speedrun.sh").read_text()
     assert "eval base --model \"base/d$DEPTH\" --tasks core,bpb" in script and "add picochat report" in script
     assert "--tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,aime-2024,aime-2025" in script

@@ -1,1 +1,1 @@
-"""Measurements users run on their own machine: `picochat bench attention|train`."""
+"""`picochat bench attention|train`: the command side only; the benchmarks live in benchmarks/ (its README)."""
