@@ -42,7 +42,7 @@ def build_app(args):
         tok = Tokenizer.load(tokenizer_dir())
         model = load_model(args.model)[0]
     else:
-        from picochat.data.corpus import embedded_works
+        from picochat.data.sources import embedded_works
         from picochat.model.config import config_from_depth
         from picochat.model.gpt import GPT
         from picochat.tokenizer import Tokenizer

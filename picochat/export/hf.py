@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from picochat import checkpoint as ck
-from picochat.common import PicochatError, home, tokenizer_dir, write_json_atomic
+from picochat.common import PicochatError, home, replace_dir, tokenizer_dir, write_json_atomic
 from picochat.export import DEFAULT_ATOL, DTYPE_NAMES
 from picochat.export import hf_tokenizer as hft
 from picochat.model.config import GPTConfig
@@ -290,7 +290,7 @@ def export_hf(tag: str, out, step: int | None = None, dtype: str = "checkpoint",
         write_json_atomic(tmp / "picochat_export.json", {"tag": tag, "step": ckpt.step, "meta": ckpt.meta,
                                                          "picochat_config": config.to_dict(), "check": check})
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 directories
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -300,24 +300,6 @@ def export_hf(tag: str, out, step: int | None = None, dtype: str = "checkpoint",
 def _report_card() -> Path | None:
     p = home() / "report" / "report.md"
     return p if p.is_file() else None
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out (only with --force) is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None and old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old is not None:
-        old.unlink()
 
 
 # --------------------------------------------------------------------------- import
