@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from picochat.safety.cli import main, register
+from picochat.cli import main
+from picochat.safety.cli import register
 
 
 def _stage_parsers():

@@ -73,7 +73,7 @@ def test_report_of_a_run_has_eval_costs_rejected_scores_and_a_cross_table(tmp_pa
     from fake_openai import KEY_ENV, FakeOpenAI, make_questions, write_config, write_questions
 
     from picochat.safety import config as C
-    from picochat.safety.cli import main
+    from picochat.cli import main
     from picochat.safety.evaluate import run_eval
     from picochat.safety.filter import run_filter
     from picochat.safety.respond import run_respond

@@ -35,7 +35,7 @@ pytest.importorskip("openai")
 def _kill_midway(cfg_path: str, stage: str, out: Path, at_least: int = 8) -> list[str]:
     """Run `safety <stage>` in a subprocess, SIGKILL it once `out` has `at_least` records; return their ids."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "picochat.safety.cli", "safety", stage, "--config", cfg_path],
+    proc = subprocess.Popen([sys.executable, "-m", "picochat.cli", "safety", stage, "--config", cfg_path],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while time.time() < deadline and proc.poll() is None:

@@ -9,14 +9,13 @@
     picochat safety eval      --config safety.toml     refusal / over-refusal of a served model
     picochat safety run       --config safety.toml     all of the above from one config file
 
-The main CLI wires this in with `picochat.safety.cli.register(subparsers)`; until then
-`python -m picochat.safety.cli safety <stage> ...` runs it standalone. Each command is a thin
-function over the stage modules; user-fixable errors are PicochatError (one line, exit 1).
+The main CLI wires this in with `register(subparsers)`. Each command is a thin function over the
+stage modules; user-fixable errors are PicochatError (one line, exit 1).
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import importlib
 from pathlib import Path
 
 from picochat.common import PicochatError, number_type
@@ -26,6 +25,14 @@ _pos = number_type(int, lambda v: v >= 1, "a positive integer")
 _nonneg = number_type(int, lambda v: v >= 0, "an integer >= 0")
 _unit = number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _nonneg_f = number_type(float, lambda v: v >= 0, "a number >= 0")
+
+
+def _path(v: str) -> str:
+    return str(Path(v).expanduser().resolve())
+
+
+def _names(v: str) -> list:
+    return [s.strip() for s in v.split(",") if s.strip()]
 
 
 def _min_score(s: str):
@@ -49,31 +56,11 @@ def _config(args, required: bool = True):
         cfg.cache_dir = Path(args.cache_dir).expanduser().resolve()
     if getattr(args, "no_preflight", False):
         cfg.preflight = False
-    # stage flags override the file; None means "not given"
-    mapping = {
-        "seed_bank": (cfg.questions, "seed_bank", lambda v: str(Path(v).expanduser().resolve())),
-        "num_seeds": (cfg.questions, "num_seeds", None), "per_seed": (cfg.questions, "per_seed", None),
-        "test_fraction": (cfg.questions, "test_fraction", None),
-        "dedup_threshold": (cfg.questions, "dedup_threshold", None),
-        "iterations": (cfg.optimize, "iterations", None), "opt_size": (cfg.optimize, "opt_size", None),
-        "heldout_size": (cfg.optimize, "heldout_size", None), "min_gain": (cfg.optimize, "min_gain", None),
-        "initial_prompt": (cfg.optimize, "initial_prompt", lambda v: str(Path(v).expanduser().resolve())),
-        "prompt": (cfg.respond, "prompt", lambda v: str(Path(v).expanduser().resolve())),
-        "multi_turn_fraction": (cfg.respond, "multi_turn_fraction", None),
-        "max_user_turns": (cfg.respond, "max_user_turns", None), "respond_limit": (cfg.respond, "limit", None),
-        "splits": (cfg.respond, "splits", lambda v: [s.strip() for s in v.split(",") if s.strip()]),
-        "input": (cfg.filter, "input", lambda v: str(Path(v).expanduser().resolve())),
-        "near_dup_threshold": (cfg.filter, "near_dup_threshold", None),
-        "judge": (cfg.eval, "judge", None), "eval_limit": (cfg.eval, "limit", None),
-        "questions": (cfg.eval, "questions", lambda v: str(Path(v).expanduser().resolve())),
-        "benign": (cfg.eval, "benign", lambda v: str(Path(v).expanduser().resolve())),
-        "system_prompt": (cfg.eval, "system_prompt", lambda v: str(Path(v).expanduser().resolve())),
-        "name": (cfg.eval, "name", None),
-    }
-    for flag, (obj, attr, conv) in mapping.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(obj, attr, conv(v) if conv else v)
+    # stage flags override the file (their dest is "cfg.<section>.<field>"); None means "not given"
+    for dest, v in vars(args).items():
+        if dest.startswith("cfg.") and v is not None:
+            _, section, key = dest.split(".")
+            setattr(getattr(cfg, section), key, v)
     if getattr(args, "min_score", None):
         cfg.filter.min_scores = dict(cfg.filter.min_scores, **dict(args.min_score))
     if getattr(args, "no_require_pass", False):
@@ -99,24 +86,19 @@ async def _noop():
     return None
 
 
-def cmd_questions(args):
-    from picochat.safety.redteam import run_questions
-    run_questions(_config(args))
+# the stage modules' entry points, each run(cfg); imported on use (the stage modules pull in the HTTP client)
+RUNNERS = {"questions": ("redteam", "run_questions"), "optimize": ("optimize", "run_optimize"),
+           "respond": ("respond", "run_respond"), "filter": ("filter", "run_filter"), "eval": ("evaluate", "run_eval")}
 
 
-def cmd_optimize(args):
-    from picochat.safety.optimize import run_optimize
-    run_optimize(_config(args))
+def _runner(stage: str):
+    module, name = RUNNERS[stage]
+    return getattr(importlib.import_module(f"picochat.safety.{module}"), name)
 
 
-def cmd_respond(args):
-    from picochat.safety.respond import run_respond
-    run_respond(_config(args))
-
-
-def cmd_filter(args):
-    from picochat.safety.filter import run_filter
-    run_filter(_config(args))
+def cmd_stage(args):
+    """`picochat safety questions|optimize|respond|filter|eval`: one stage from the config."""
+    _runner(args.safety_stage)(_config(args))
 
 
 def cmd_report(args):
@@ -138,23 +120,13 @@ def cmd_report(args):
     run_report(src, out, rejected=rejected, run_dir=run_dir)
 
 
-def cmd_eval(args):
-    from picochat.safety.evaluate import run_eval
-    run_eval(_config(args))
-
-
 STAGES = ("questions", "optimize", "respond", "filter", "report", "eval")
 # the default order of `safety run`: the report comes last so it includes the eval results and their cost
 RUN_ORDER = ("questions", "optimize", "respond", "filter", "eval", "report")
 
 
 def cmd_run(args):
-    from picochat.safety.evaluate import run_eval
-    from picochat.safety.filter import run_filter
-    from picochat.safety.optimize import run_optimize
-    from picochat.safety.redteam import run_questions
     from picochat.safety.report import run_report
-    from picochat.safety.respond import run_respond
     cfg = _config(args)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else \
         [s for s in RUN_ORDER if s != "eval" or cfg.eval.enabled or args.with_eval]
@@ -172,13 +144,13 @@ def cmd_run(args):
         from picochat.safety.stage import run_stage
         run_stage(cfg, "preflight", roles, lambda llm: _noop())
         cfg.preflight = False  # done once for all stages
-    steps = {"questions": run_questions, "optimize": run_optimize, "respond": run_respond, "filter": run_filter,
-             "eval": run_eval,
-             "report": lambda c: run_report(c.out_dir / "filter" / "kept.jsonl", c.out_dir / "report",
-                                            rejected=c.out_dir / "filter" / "rejected.jsonl", run_dir=c.out_dir)}
     for s in stages:
         print(f"== safety {s}", flush=True)
-        steps[s](cfg)
+        if s == "report":
+            run_report(cfg.out_dir / "filter" / "kept.jsonl", cfg.out_dir / "report",
+                       rejected=cfg.out_dir / "filter" / "rejected.jsonl", run_dir=cfg.out_dir)
+        else:
+            _runner(s)(cfg)
     print(f"safety run: done ({', '.join(stages)}) -> {cfg.out_dir}", flush=True)
 
 
@@ -195,6 +167,52 @@ def _common(p, config_required: bool = True):
                        help="skip the endpoint check (models.list) that normally runs before any work")
 
 
+# each stage's flags that override one field of the stage's config section (safety/config.py), with the
+# help's default read from that field: (field, type, metavar, help, what an empty default means)
+STAGE_FLAGS = {
+    "questions": (
+        ("seed_bank", _path, "FILE", "seed bank JSON", "the one shipped with picochat"),
+        ("num_seeds", _pos, "N", "root seeds to use, spread evenly over domains", None),
+        ("per_seed", _pos, "N", "questions per root seed, one attack strategy each", None),
+        ("test_fraction", _unit, "F", "share of root seeds held out per domain", None),
+        ("dedup_threshold", _unit, "F", "shingle Jaccard above which questions are near-duplicates", None)),
+    "optimize": (
+        ("iterations", _nonneg, "N", "optimizer iterations", None),
+        ("opt_size", _pos, "N", "questions the optimizer learns from", None),
+        ("heldout_size", _pos, "N", "held-out questions that decide adoption", None),
+        ("min_gain", _nonneg_f, "F", "held-out mean gain a candidate needs to be adopted", None),
+        ("initial_prompt", _path, "FILE", "prompt body to start from", "built-in v0")),
+    "respond": (
+        ("prompt", _path, "FILE", "full system prompt to use", "<out>/optimize/best_prompt.txt"),
+        ("multi_turn_fraction", _unit, "F", "share of questions that become multi-turn", None),
+        ("max_user_turns", number_type(int, lambda v: v >= 2, "an integer >= 2"), "N",
+         "user turns in a multi-turn conversation: 2..N", None),
+        ("limit", _nonneg, "N", "answer at most N questions; 0 = all", None),
+        ("splits", _names, "SPLITS", "comma-separated question splits to answer", None)),
+    "filter": (
+        ("input", _path, "FILE", "conversation JSONL to filter", "<out>/respond/conversations.jsonl"),
+        ("near_dup_threshold", _unit, "F", "Jaccard above which conversations are near-duplicates", None)),
+    "eval": (
+        ("judge", None, "{llm,offline}", "label replies with the judge role (llm) or the offline keyword/regex "
+                                         "classifier", None),
+        ("questions", _path, "FILE", "attack questions JSONL; split 'test' is used", "<out>/questions/questions.jsonl"),
+        ("benign", _path, "FILE", "benign look-alike prompts JSON", "shipped benign_lookalikes.json"),
+        ("system_prompt", _path, "FILE", "system prompt sent to the target", "none"),
+        ("limit", _nonneg, "N", "at most N attack and N benign prompts; 0 = all", None),
+        ("name", None, "NAME", "results directory name under <out>/eval/", "<model>-<hash>")),
+}
+
+
+def _stage_flags(p, stage: str) -> None:
+    from picochat.safety.config import SafetyConfig
+    section = getattr(SafetyConfig(), stage)
+    for key, kind, metavar, what, empty in STAGE_FLAGS[stage]:
+        default = getattr(section, key)
+        shown = empty or (",".join(default) if isinstance(default, list) else default)
+        p.add_argument("--" + key.replace("_", "-"), dest=f"cfg.{stage}.{key}", type=kind, metavar=metavar,
+                       choices=("llm", "offline") if key == "judge" else None, help=f"{what} (default {shown})")
+
+
 def register(subparsers) -> None:
     """Add the `safety` command and its stages to the main CLI's subparsers."""
     sp = subparsers.add_parser("safety", help="safety SFT data: red team, prompt optimization, blue team, filter, "
@@ -203,88 +221,32 @@ def register(subparsers) -> None:
                                epilog="Config file format, outputs and examples: docs/safety.md")
     st = sp.add_subparsers(dest="safety_stage", required=True, parser_class=type(sp))
 
-    p = st.add_parser("check", help="preflight every role in the config (URL, key, model) and exit")
-    _common(p)
-    p.set_defaults(func=cmd_check)
+    parsers = {}
+    for name, what in (
+            ("check", "preflight every role in the config (URL, key, model) and exit"),
+            ("questions", "red team: seed bank -> adversarial questions, balanced, deduped, split"),
+            ("optimize", "APE loop: improve the blue system prompt, adopt only held-out gains"),
+            ("respond", "blue team: single- and multi-turn SFT conversations with the best prompt"),
+            ("filter", "judge every assistant turn; write kept and rejected (with reasons)"),
+            ("report", "data-quality report (Markdown + PNG) of any conversation JSONL"),
+            ("eval", "refusal rate on held-out attacks + over-refusal on benign look-alikes of a served model"),
+            ("run", "run the stages in order from one config file")):
+        p = parsers[name] = st.add_parser(name, help=what)
+        if name == "report":
+            p.add_argument("input", nargs="?", help="conversation JSONL (default <out>/filter/kept.jsonl of --config)")
+        _common(p, config_required=name != "report")
+        if name in STAGE_FLAGS:
+            _stage_flags(p, name)
+        p.set_defaults(func={"check": cmd_check, "report": cmd_report, "run": cmd_run}.get(name, cmd_stage))
 
-    p = st.add_parser("questions", help="red team: seed bank -> adversarial questions, balanced, deduped, split")
-    _common(p)
-    p.add_argument("--seed-bank", metavar="FILE", help="seed bank JSON (default: the one shipped with picochat)")
-    p.add_argument("--num-seeds", type=_pos, metavar="N", help="root seeds to use, spread evenly over domains (default 50)")
-    p.add_argument("--per-seed", type=_pos, metavar="N", help="questions per root seed, one attack strategy each (default 7)")
-    p.add_argument("--test-fraction", type=_unit, metavar="F", help="share of root seeds held out per domain (default 0.2)")
-    p.add_argument("--dedup-threshold", type=_unit, metavar="F", help="shingle Jaccard above which questions are near-duplicates (default 0.7)")
-    p.set_defaults(func=cmd_questions)
-
-    p = st.add_parser("optimize", help="APE loop: improve the blue system prompt, adopt only held-out gains")
-    _common(p)
-    p.add_argument("--iterations", type=_nonneg, metavar="N", help="optimizer iterations (default 3)")
-    p.add_argument("--opt-size", type=_pos, metavar="N", help="questions the optimizer learns from (default 100)")
-    p.add_argument("--heldout-size", type=_pos, metavar="N", help="held-out questions that decide adoption (default 50)")
-    p.add_argument("--min-gain", type=_nonneg_f, metavar="F", help="held-out mean gain a candidate needs to be adopted (default 0)")
-    p.add_argument("--initial-prompt", metavar="FILE", help="prompt body to start from (default: built-in v0)")
-    p.set_defaults(func=cmd_optimize)
-
-    p = st.add_parser("respond", help="blue team: single- and multi-turn SFT conversations with the best prompt")
-    _common(p)
-    p.add_argument("--prompt", metavar="FILE", help="full system prompt to use (default <out>/optimize/best_prompt.txt)")
-    p.add_argument("--multi-turn-fraction", type=_unit, metavar="F", help="share of questions that become multi-turn (default 0.3)")
-    p.add_argument("--max-user-turns", type=number_type(int, lambda v: v >= 2, "an integer >= 2"), metavar="N",
-                   help="user turns in a multi-turn conversation: 2..N (default 3)")
-    p.add_argument("--limit", dest="respond_limit", type=_nonneg, metavar="N", help="answer at most N questions (default 0 = all)")
-    p.add_argument("--splits", help="comma-separated question splits to answer (default train)")
-    p.set_defaults(func=cmd_respond)
-
-    p = st.add_parser("filter", help="judge every assistant turn; write kept and rejected (with reasons)")
-    _common(p)
-    p.add_argument("--input", metavar="FILE", help="conversation JSONL to filter (default <out>/respond/conversations.jsonl)")
+    p = parsers["filter"]
     p.add_argument("--min-score", metavar="DIM=N", type=_min_score, action="append",
                    help="minimum score for a dimension, repeatable (e.g. --min-score safety_integrity=5)")
-    p.add_argument("--near-dup-threshold", type=_unit, metavar="F", help="Jaccard above which conversations are near-duplicates (default 0.85)")
     p.add_argument("--no-require-pass", action="store_true", help="do not require the judge verdict 'pass' on every turn")
-    p.set_defaults(func=cmd_filter)
-
-    p = st.add_parser("report", help="data-quality report (Markdown + PNG) of any conversation JSONL")
-    p.add_argument("input", nargs="?", help="conversation JSONL (default <out>/filter/kept.jsonl of --config)")
-    _common(p, config_required=False)
+    p = parsers["report"]
     p.add_argument("--rejected", metavar="FILE", help="rejected.jsonl whose reasons to tabulate")
     p.add_argument("--run-dir", metavar="DIR", help="a safety run directory whose failure/retry counts to include")
-    p.set_defaults(func=cmd_report)
-
-    p = st.add_parser("eval", help="refusal rate on held-out attacks + over-refusal on benign look-alikes of a served model")
-    _common(p)
-    p.add_argument("--judge", choices=("llm", "offline"), help="label replies with the judge role or the offline "
-                   "keyword/regex classifier (default llm)")
-    p.add_argument("--questions", metavar="FILE", help="attack questions JSONL; split 'test' is used (default <out>/questions/questions.jsonl)")
-    p.add_argument("--benign", metavar="FILE", help="benign look-alike prompts JSON (default: shipped benign_lookalikes.json)")
-    p.add_argument("--system-prompt", metavar="FILE", help="system prompt sent to the target (default: none)")
-    p.add_argument("--limit", dest="eval_limit", type=_nonneg, metavar="N", help="at most N attack and N benign prompts (default all)")
-    p.add_argument("--name", help="results directory name under <out>/eval/ (default <model>-<hash>)")
-    p.set_defaults(func=cmd_eval)
-
-    p = st.add_parser("run", help="run the stages in order from one config file")
-    _common(p)
+    p = parsers["run"]
     p.add_argument("--stages", help=f"comma-separated subset, in order (default {','.join(STAGES[:-1])}, plus eval "
                    "before report when [eval] enabled = true)")
     p.add_argument("--with-eval", action="store_true", help="also run the eval stage")
-    p.set_defaults(func=cmd_run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: `python -m picochat.safety.cli safety <stage> ...`."""
-    parser = argparse.ArgumentParser(prog="picochat")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except PicochatError as e:
-        print(f"picochat: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("picochat: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from picochat.common import PicochatError, home
 
@@ -154,43 +154,32 @@ class SafetyConfig:
         return self.roles[name]
 
 
-def _check_type(where: str, key: str, value, default):
-    """Coerce/validate one value against the type of its default (the dataclass is the schema)."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise PicochatError(f"{where}.{key} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PicochatError(f"{where}.{key} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PicochatError(f"{where}.{key} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise PicochatError(f"{where}.{key} must be a string, got {value!r}")
-        return value
-    if isinstance(default, list):
-        if not isinstance(value, list):
-            raise PicochatError(f"{where}.{key} must be a list, got {value!r}")
-        return value
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise PicochatError(f"{where}.{key} must be a table/object, got {value!r}")
-        return value
-    return value
+# what a TOML/JSON value must be for a field of each type (the dataclasses above are the schema)
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+          dict: "a table/object"}
+
+
+def _check_type(where: str, key: str, value, kind: type):
+    """Validate one value against its field's type; ints are accepted (and converted) for floats,
+    but a bool is never a number."""
+    accepted = (int, float) if kind is float else kind
+    if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+        raise PicochatError(f"{where}.{key} must be {_KINDS[kind]}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _unknown(what: str, allowed, key: str) -> PicochatError:
+    hint = "; API keys belong in environment variables (set api_key_env)" if "key" in key.lower() else ""
+    return PicochatError(f"unknown {what} (allowed: {', '.join(allowed)}){hint}")
 
 
 def _fill(cls, where: str, data: dict, base=None):
     obj = dataclasses.replace(base) if base is not None else cls()
-    names = {f.name for f in dataclasses.fields(cls)} - {"name"}
+    kinds = {k: v for k, v in get_type_hints(cls).items() if k != "name"}
     for key, value in data.items():
-        if key not in names:
-            hint = "; API keys belong in environment variables (set api_key_env)" if "key" in key.lower() else ""
-            raise PicochatError(f"unknown key {where}.{key} (allowed: {', '.join(sorted(names))}){hint}")
-        setattr(obj, key, _check_type(where, key, value, getattr(obj, key)))
+        if key not in kinds:
+            raise _unknown(f"key {where}.{key}", sorted(kinds), key)
+        setattr(obj, key, _check_type(where, key, value, kinds[key]))
     return obj
 
 
@@ -204,19 +193,12 @@ def _validate_role(r: RoleConfig) -> None:
         # someone pasted the key itself: say so without echoing it anywhere
         raise PicochatError(f"{w}.api_key_env must be the NAME of an environment variable holding the key, "
                             f"not the key itself")
-    for k in ("max_tokens", "concurrency"):
-        if getattr(r, k) < 1:
-            raise PicochatError(f"{w}.{k} must be >= 1")
-    for k in ("max_retries",):
-        if getattr(r, k) < 0:
-            raise PicochatError(f"{w}.{k} must be >= 0")
-    for k in ("timeout_s", "preflight_timeout_s"):
-        if getattr(r, k) <= 0:
-            raise PicochatError(f"{w}.{k} must be > 0")
-    for k in ("backoff_base_s", "backoff_max_s", "retry_after_max_s", "price_in_per_1m", "price_out_per_1m",
-              "temperature", "resample_temperature"):
-        if getattr(r, k) < 0:
-            raise PicochatError(f"{w}.{k} must be >= 0")
+    for keys, low, rule in ((("max_tokens", "concurrency"), 1, ">="), (("timeout_s", "preflight_timeout_s"), 0, ">"),
+                            (("max_retries", "backoff_base_s", "backoff_max_s", "retry_after_max_s", "price_in_per_1m",
+                              "price_out_per_1m", "temperature", "resample_temperature"), 0, ">=")):
+        for k in keys:
+            if getattr(r, k) < low or (rule == ">" and getattr(r, k) == low):
+                raise PicochatError(f"{w}.{k} must be {rule} {low}")
     for k, v in r.params.items():
         if k not in STD_PARAMS:
             raise PicochatError(f"{w}.params.{k}: unknown parameter (params can rename or drop: "
@@ -269,48 +251,48 @@ def validate(cfg: SafetyConfig) -> None:
         _validate_role(r)
 
 
+def _roles(value) -> dict:
+    """[roles]: [roles.default] is inherited by every named role."""
+    if not isinstance(value, dict):
+        raise PicochatError("[roles] must be a table/object of role tables")
+    default = value.get("default", {})
+    if not isinstance(default, dict):
+        raise PicochatError("[roles.default] must be a table/object")
+    base = _fill(RoleConfig, "roles.default", default)
+    roles = {}
+    for name, spec in value.items():
+        if name == "default":
+            continue
+        if name not in ROLE_NAMES:
+            raise PicochatError(f"unknown role {name!r} (roles: {', '.join(ROLE_NAMES)}, plus 'default')")
+        if not isinstance(spec, dict):
+            raise PicochatError(f"[roles.{name}] must be a table/object")
+        roles[name] = dataclasses.replace(_fill(RoleConfig, f"roles.{name}", spec, base), name=name)
+    return roles
+
+
 def from_dict(data: dict, base_dir: Path | None = None) -> SafetyConfig:
     """Build and validate a SafetyConfig from parsed TOML/JSON."""
     if not isinstance(data, dict):
         raise PicochatError("the config must be a table/object at the top level")
-    cfg = SafetyConfig()
-    cfg.base_dir = Path(base_dir) if base_dir else Path.cwd()
-    sections = {"questions": QuestionsConfig, "optimize": OptimizeConfig, "respond": RespondConfig,
-                "filter": FilterConfig, "eval": EvalConfig}
+    cfg = SafetyConfig(base_dir=Path(base_dir) if base_dir else Path.cwd())
+    kinds = {k: v for k, v in get_type_hints(SafetyConfig).items() if k != "base_dir"}
     for key, value in data.items():
-        if key in sections:
+        kind = kinds.get(key)
+        if kind is None:
+            raise _unknown(f"top-level key {key!r}", kinds, key)
+        if dataclasses.is_dataclass(kind):  # a [section]
             if not isinstance(value, dict):
                 raise PicochatError(f"[{key}] must be a table/object")
-            setattr(cfg, key, _fill(sections[key], key, value))
+            setattr(cfg, key, _fill(kind, key, value))
         elif key == "roles":
-            if not isinstance(value, dict):
-                raise PicochatError("[roles] must be a table/object of role tables")
-            default = value.get("default", {})
-            if not isinstance(default, dict):
-                raise PicochatError("[roles.default] must be a table/object")
-            base = _fill(RoleConfig, "roles.default", default)
-            for name, spec in value.items():
-                if name == "default":
-                    continue
-                if name not in ROLE_NAMES:
-                    raise PicochatError(f"unknown role {name!r} (roles: {', '.join(ROLE_NAMES)}, plus 'default')")
-                if not isinstance(spec, dict):
-                    raise PicochatError(f"[roles.{name}] must be a table/object")
-                role = _fill(RoleConfig, f"roles.{name}", spec, base)
-                role.name = name
-                cfg.roles[name] = role
+            cfg.roles = _roles(value)
         elif key in ("out_dir", "cache_dir"):
             if not isinstance(value, str) or not value:
                 raise PicochatError(f"{key} must be a non-empty string path")
             setattr(cfg, key, cfg.resolve(value))
-        elif key == "preflight":
-            cfg.preflight = _check_type("", key, value, True)
-        elif key == "judge_retries":
-            cfg.judge_retries = _check_type("", key, value, 1)
         else:
-            hint = "; API keys belong in environment variables (set api_key_env)" if "key" in key.lower() else ""
-            raise PicochatError(f"unknown top-level key {key!r} (allowed: out_dir, cache_dir, preflight, "
-                                f"judge_retries, roles, {', '.join(sections)}){hint}")
+            setattr(cfg, key, _check_type("", key, value, kind))
     validate(cfg)
     return cfg
 
