@@ -49,7 +49,7 @@ def cmd_data_prepare(args):
 def cmd_tokenizer_train(args):
     from picochat.common import data_dir, tokenizer_dir
     from picochat.data.corpus import sample_texts
-    from picochat.tokenizer import train_tokenizer
+    from picochat.tokenizer_stats import train_tokenizer
     texts = sample_texts(data_dir(args.data), "train", args.max_chars)
     tok, stats = train_tokenizer(texts, args.vocab_size, tokenizer_dir())
     print(f"trained tokenizer: vocab {tok.vocab_size:,} on {sum(map(len, texts)):,} chars in "
@@ -59,7 +59,8 @@ def cmd_tokenizer_train(args):
 def cmd_tokenizer_eval(args):
     from picochat.common import data_dir, tokenizer_dir
     from picochat.data.corpus import sample_texts
-    from picochat.tokenizer import Tokenizer, evaluate_tokenizer, format_table
+    from picochat.tokenizer import Tokenizer
+    from picochat.tokenizer_stats import evaluate_tokenizer, format_table
     tok = Tokenizer.load(tokenizer_dir())
     for split in ("train", "val"):
         texts = sample_texts(data_dir(args.data), split, args.max_chars)
