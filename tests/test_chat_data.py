@@ -8,11 +8,11 @@ import pytest
 from picochat.calculator import CalculatorError, evaluate, run_tool
 from picochat.common import PicochatError
 from picochat.data.conversations import load_jsonl, validate
-from picochat.data.tasks.arithmetic import ArithmeticTask
-from picochat.data.tasks.base import ListTask, TaskMixture
-from picochat.data.tasks.identity import IdentityTask
-from picochat.data.tasks.registry import build_mixture
-from picochat.data.tasks.spelling import SpellingTask
+from picochat.tasks import build_mixture
+from picochat.tasks.arithmetic import ArithmeticTask
+from picochat.tasks.base import ListTask, TaskMixture
+from picochat.tasks.identity import IdentityTask
+from picochat.tasks.spelling import SpellingTask
 
 
 @pytest.mark.parametrize("expr,value", [

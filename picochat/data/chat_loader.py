@@ -21,7 +21,7 @@ import torch
 
 from picochat.data.loader import DEFAULT_PREFETCH, PackedLoader
 from picochat.data.workers import BackgroundLoader, Prefetcher, WorkerPool
-from picochat.data.tasks.base import Task
+from picochat.tasks.base import Task
 
 
 def MidLoader(mixture: Task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,

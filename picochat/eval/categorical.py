@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from picochat.device import autocast_ctx
-from picochat.data.tasks.hf import LETTERS, multiple_choice
+from picochat.tasks.base import LETTERS, multiple_choice
 
 
 def mc_prompts(tok, ex: dict, chat: bool, mode: str) -> tuple[list[int], list[list[int]]]:

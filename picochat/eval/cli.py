@@ -21,7 +21,7 @@ _nonneg_f = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number
 
 
 def parse_tasks(spec: str) -> list[str]:
-    from picochat.eval.tasks import TASKS
+    from picochat.tasks import TASKS
     names = [t.strip() for t in spec.split(",") if t.strip()]
     if not names:
         raise PicochatError("--tasks is empty; give a comma-separated list, e.g. --tasks aime,gsm8k")
@@ -35,7 +35,7 @@ def parse_tasks(spec: str) -> list[str]:
 
 def parse_data_files(specs: list[str] | None, tasks: list[str]) -> dict[str, str]:
     """--data-file PATH (one task) or --data-file TASK=PATH (repeatable) -> {task: path}."""
-    from picochat.eval.tasks import TASKS
+    from picochat.tasks import TASKS
     files: dict[str, str] = {}
     for spec in specs or []:
         name, sep, path = spec.partition("=")
@@ -82,7 +82,7 @@ def cmd_eval(args):
     from picochat.device import init_distributed, pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.eval import runner
-    from picochat.eval.tasks import make_eval_task
+    from picochat.tasks import make_eval_task
     from picochat.inference.engine import Engine
 
     tasks = parse_tasks(args.tasks)
@@ -144,13 +144,13 @@ def cmd_report(args):
 
 
 def _help_fields() -> str:
-    from picochat.eval.tasks import FIELDS
+    from picochat.tasks import FIELDS
     names = {"aime": "aime*", "mc": "arc-easy, arc-challenge, mmlu"}
     return "\n".join(f"  {names.get(k, k)}: {v}" for k, v in FIELDS.items())
 
 
 def register(sub) -> None:
-    from picochat.eval.tasks import TASKS
+    from picochat.tasks import TASKS
     p = sub.add_parser("eval", help="evaluate a checkpoint on tasks (accuracy, pass@k, bits per byte)")
     kinds = p.add_subparsers(dest="kind", required=True, parser_class=type(p))
     for kind, default, how in (

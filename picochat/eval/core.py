@@ -37,7 +37,7 @@ import torch
 
 from picochat.common import PicochatError, home, read_jsonl_numbered
 from picochat.device import autocast_ctx
-from picochat.eval import olmo_data
+from picochat.tasks import olmo_data
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 MC, SCHEMA, LM = "multiple_choice", "schema", "language_modeling"

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from picochat.common import DistInfo
-from picochat.eval.aime import majority_vote, pass_at_k
-from picochat.eval.tasks import EvalTask
+from picochat.tasks import EvalTask
+from picochat.tasks.aime import majority_vote, pass_at_k
 
 
 @dataclass

@@ -182,7 +182,7 @@ def cmd_train_chat(args):
     from picochat import checkpoint as ck
     from picochat.device import init_distributed, pick_device
     from picochat.data.chat_loader import MidLoader, SFTLoader
-    from picochat.data.tasks.registry import build_mixture
+    from picochat.tasks import build_mixture
 
     t0 = time.time()
     stage = args.stage

@@ -1,7 +1,7 @@
 """What RL optimises and how it is measured: each task's own grader as the reward, the
 "final answer == calculator result" check, and the held-out monitor.
 
-Rewards are not a second implementation of grading: `EvalTask.reward` (eval/tasks.py) is the
+Rewards are not a second implementation of grading: `EvalTask.reward` (tasks/base.py) is the
 grade that `picochat eval` gives the same reply, 1.0 or 0.0, so a reward going up is the eval
 score going up. RL draws its prompts from the tasks' *training* problems (`split="train"`:
 procedural arithmetic/spelling with disjoint seeds/words, GSM8K's train split), the held-out
@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from picochat.common import PicochatError, print0
-from picochat.data.tasks.registry import parse_weighted
 from picochat.eval.generate import generate_replies
-from picochat.eval.tasks import TRAIN_SPLIT, EvalTask, last_number, make_eval_task
 from picochat.inference.chat import Reply
+from picochat.tasks import GENERATIVE, TASKS, TRAIN_SPLIT, EvalTask, make_eval_task, parse_weighted
+from picochat.tasks.gsm8k import last_number
 
 
 def parse_task_specs(spec: str) -> list[tuple[str, float]]:
@@ -36,7 +36,6 @@ def parse_task_specs(spec: str) -> list[tuple[str, float]]:
 
 def check_reward_tasks(names: list[str]) -> None:
     """Fail fast (before any model or data is loaded) on a task that cannot give a reward."""
-    from picochat.eval.tasks import GENERATIVE, TASKS
     for n in names:
         if n not in TASKS:
             raise PicochatError(f"unknown task {n!r}; RL tasks (with a reward): {', '.join(GENERATIVE)}")

@@ -27,7 +27,7 @@ import torch
 
 from picochat.common import PicochatError, print0
 from picochat.device import autocast_ctx
-from picochat.data.tasks.base import TaskMixture, stable_hash
+from picochat.tasks.base import TaskMixture, stable_hash
 from picochat.eval.generate import generate_replies
 from picochat.inference.engine import Engine
 from picochat.train.rewards import Tally, calculator_agreement, heldout_metrics, load_reward_tasks
@@ -237,8 +237,7 @@ def train_rl(args) -> dict:
     from picochat import checkpoint as ck
     from picochat.train.cli import resume_run, settings_from_args
     from picochat.device import init_distributed, pick_device
-    from picochat.data.tasks.registry import parse_weighted
-    from picochat.eval.tasks import make_eval_task
+    from picochat.tasks import make_eval_task, parse_weighted
     from picochat.train.loop import run_training
 
     t0 = time.time()

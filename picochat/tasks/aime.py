@@ -1,4 +1,5 @@
-r"""AIME: exact-match grading of integer answers (0-999), prompts, data loading, pass@k, voting.
+r"""AIME (aime = aime-2024, aime-2025): exact-match grading of integer answers (0-999), prompts,
+data loading (`--data-file` JSONL, else the Hugging Face Hub), pass@k, voting.
 
 Grading rules (`extract_answer`; `grade` applies the same number parser to the reference):
 
@@ -52,9 +53,10 @@ from fractions import Fraction
 from pathlib import Path
 
 from picochat.common import PicochatError, read_jsonl_numbered
+from picochat.tasks.base import EvalTask
 
-__all__ = ["PROMPT_TEMPLATE", "format_prompt", "extract_answer", "parse_integer", "grade",
-           "load_aime", "load_aime_hf", "pass_at_k", "majority_vote"]
+KIND = "generative"
+FIELDS = '{"question": str, "answer": int 0-999 or its string} (also problem/Problem, Answer)'
 
 PROMPT_TEMPLATE = (
     "Solve the following AIME problem. Reason step by step, then give the final answer "
@@ -306,6 +308,20 @@ def load_aime_hf(year: int) -> list[dict]:
         except Exception as e:  # network, auth, schema...: try the next source
             errors.append(f"{parts[0][0]}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     raise PicochatError(f"could not load AIME {year} from the Hub ({'; '.join(errors)}); {hint}")
+
+
+def eval_task(name: str, data_file: str | None, limit: int | None, split: str, corpus: str) -> EvalTask:
+    """`data_file`'s problems, else the Hub's for the year (aime: 2024)."""
+    if data_file:
+        rows, source = load_aime(data_file), data_file
+    else:
+        year = 2025 if name == "aime-2025" else 2024
+        rows, source = load_aime_hf(year), f"hf:AIME {year}"
+    return EvalTask(
+        name, "generative", rows[:limit], source, max_tokens=1024,
+        grade=lambda ex, reply: grade(reply, ex["answer"]), extract=extract_answer,
+        chat_prompt=lambda ex: [{"role": "user", "content": format_prompt(ex["question"])}],
+        base_prompt=lambda ex: format_prompt(ex["question"]) + "\nSolution:", stop_text=())
 
 
 # --------------------------------------------------------------------------- metrics

@@ -3,14 +3,18 @@
 The assistant writes the expression inside <|python_start|>...<|python_end|>, the calculator's
 result comes back inside <|output_start|>...<|output_end|> (not supervised: the tool, not the
 model, produces it), then the assistant states the answer. The model only has to learn to copy
-the numbers into a tool call and the tool's output into its answer.
+the numbers into a tool call and the tool's output into its answer. Graded by exact match of
+what follows the reply's last "=".
 """
 from __future__ import annotations
 
 import random
 
 from picochat.calculator import run_tool
-from picochat.data.tasks.base import Task
+from picochat.tasks.base import EvalTask, Task, exact_eval_task
+
+KIND = "generative"
+FIELDS = '{"question": str, "answer": "42"} (exact match on what follows the last "=")'
 
 OPS = ["+", "-", "*"]
 TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Please calculate {a} {op} {b}"]
@@ -45,4 +49,17 @@ class ArithmeticTask(Task):
             ]}], "answer": result}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip().rstrip(".").split("=")[-1].strip() == conversation["answer"]
+        return extract(completion) == conversation["answer"]
+
+
+def extract(reply: str) -> str:
+    """The part of a reply that is compared with the result: what follows its last "="."""
+    return reply.strip().rstrip(".").strip().split("=")[-1].strip()
+
+
+def train_task(name: str, split: str, size: int) -> Task:
+    return ArithmeticTask(split, size=size)
+
+
+def eval_task(name: str, data_file: str | None, limit: int | None, split: str, corpus: str) -> EvalTask:
+    return exact_eval_task(name, data_file, limit, split, train_task, extract)

@@ -1,13 +1,14 @@
-"""Identity / persona conversations from an editable template file (picochat/data/identity.json)."""
+"""Identity / persona conversations from an editable template file (picochat/data/identity.json).
+Training data only: no eval."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from picochat.common import PicochatError
-from picochat.data.tasks.base import Task
+from picochat.tasks.base import Task
 
-DEFAULT = Path(__file__).resolve().parents[1] / "identity.json"
+DEFAULT = Path(__file__).resolve().parents[1] / "data" / "identity.json"
 
 
 class IdentityTask(Task):
@@ -33,3 +34,7 @@ class IdentityTask(Task):
     def __getitem__(self, i):
         q, a = self.pairs[i % len(self.pairs)]
         return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def train_task(name: str, split: str, size: int) -> Task:
+    return IdentityTask()

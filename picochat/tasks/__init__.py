@@ -1,0 +1,94 @@
+"""Tasks: one file per task holding everything about it, and the one registry that names them.
+
+A task module may define:
+- `train_task(name, split, size) -> Task`: its training conversations (`picochat train mid|sft
+  --tasks spelling=1,arithmetic=1`; a TaskMixture of them, see base.py);
+- `KIND` ("categorical", "generative", "bpb" or "core"), `FIELDS` (what a `--data-file` line holds,
+  shown in `picochat eval chat --help`) and `eval_task(name, data_file, limit, split, corpus) ->
+  EvalTask`: what `picochat eval` measures and, for generative tasks, `picochat train rl` rewards.
+Adding a task = its file + one line in REGISTRY. Any JSONL of conversations joins training with --data.
+"""
+from __future__ import annotations
+
+from picochat.common import PicochatError, print0
+from picochat.data.conversations import load_jsonl
+from picochat.tasks import aime, arc, arithmetic, bpb, core, gsm8k, humaneval, identity, mmlu, smoltalk, spelling
+from picochat.tasks.base import EvalTask, ListTask, Task, TaskMixture
+
+REGISTRY = {  # name -> its module; eval tasks in the order that `picochat eval --help` lists them
+    "arc-easy": arc,
+    "arc-challenge": arc,
+    "mmlu": mmlu,
+    "aime": aime,
+    "aime-2024": aime,
+    "aime-2025": aime,
+    "gsm8k": gsm8k,
+    "humaneval": humaneval,
+    "spelling": spelling,
+    "arithmetic": arithmetic,
+    "bpb": bpb,
+    "core": core,
+    "identity": identity,
+    "smoltalk": smoltalk,
+}
+TASKS = tuple(n for n, m in REGISTRY.items() if hasattr(m, "eval_task"))          # `picochat eval --tasks`
+GENERATIVE = tuple(n for n in TASKS if REGISTRY[n].KIND == "generative")           # graded: RL rewards
+TRAINABLE = tuple(n for n, m in REGISTRY.items() if hasattr(m, "train_task"))      # `picochat train --tasks`
+# generative tasks whose eval_task(split="train") reads training problems disjoint from the eval's
+TRAIN_SPLIT = tuple(n for n in GENERATIVE if n in TRAINABLE)
+# "names" -> what their --data-file lines hold; tasks with the same fields share one entry
+FIELDS = {", ".join(n for n in TASKS if REGISTRY[n].FIELDS == f): f
+          for f in dict.fromkeys(REGISTRY[n].FIELDS for n in TASKS)}
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    name, _, w = spec.partition("=")
+    try:
+        weight = float(w) if w else 1.0
+    except ValueError:
+        raise PicochatError(f"bad weight in {spec!r}: expected NAME=NUMBER") from None
+    if not weight >= 0:
+        raise PicochatError(f"weight in {spec!r} must be >= 0")
+    return name.strip(), weight
+
+
+def make_task(name: str, split: str = "train", size: int = 5000) -> Task:
+    """Training conversations of task `name` (at most `size` of them for the sized ones)."""
+    if name not in TRAINABLE:
+        raise PicochatError(f"unknown task {name!r}; choose from {', '.join(TRAINABLE)} or pass --data FILE.jsonl")
+    return REGISTRY[name].train_task(name, split, size)
+
+
+def build_mixture(task_specs: list[str], data_specs: list[str], split: str = "train", size: int = 5000,
+                  seed: int = 0) -> TaskMixture:
+    """A TaskMixture from CLI-style specs: `--tasks spelling=1,arithmetic=1` and `--data file.jsonl=2`."""
+    tasks, weights = [], []
+    for spec in task_specs:
+        name, w = parse_weighted(spec)
+        tasks.append(make_task(name, split, size))
+        weights.append(w)
+    for spec in data_specs:
+        path, w = parse_weighted(spec)
+        convs, report = load_jsonl(path)
+        print0(report.summary())
+        tasks.append(ListTask(convs, name=path))
+        weights.append(w)
+    if not tasks:
+        raise PicochatError("no training data: give --tasks and/or --data")
+    return TaskMixture(tasks, weights, seed=seed)
+
+
+def make_eval_task(name: str, data_file: str | None = None, limit: int | None = None,
+                   corpus: str = "embedded", split: str = "test") -> EvalTask:
+    """Build task `name`, from `data_file` when given (see FIELDS), keeping the first `limit` examples.
+    split="train" (RL prompts): spelling/arithmetic/gsm8k read their training split instead, disjoint
+    from the eval's; the other tasks have only their evaluation problems (TRAIN_SPLIT)."""
+    if name not in TASKS:
+        hint = "AIME is aime, aime-2024 or aime-2025" if name.startswith("aime") else f"choose from {', '.join(TASKS)}"
+        raise PicochatError(f"unknown task {name!r}; {hint}")
+    return REGISTRY[name].eval_task(name, data_file, limit, split, corpus)
+
+
+def exact_answer(name: str, text: str) -> str:
+    """The part of a reply that an exact-match task (spelling, arithmetic) compares with its answer."""
+    return REGISTRY[name].extract(text)
