@@ -16,7 +16,7 @@ from evalkit import REPO, TEXT, make_home, tiny_model
 from picochat import checkpoint as ck
 from picochat.common import DistInfo, PicochatError
 from picochat.eval.generate import generate_replies
-from picochat.eval.tasks import EvalTask, make_eval_task
+from picochat.tasks import EvalTask, make_eval_task
 from picochat.inference.chat import Reply
 from picochat.tokenizer import Tokenizer
 from picochat.train.loop import TrainSettings, run_training
