@@ -164,5 +164,6 @@ THREADS_HELP = ("CPU threads for torch (default: torch's choice, one per core). 
 def apply_threads(n: int | None) -> None:
     """torch.set_num_threads(n) when n is set (the --threads flag); None/0 keeps torch's default."""
     if n:
-                torch.set_num_threads(n)
+        import torch  # lazily: common.py stays torch-free for the HTTP-only commands
+        torch.set_num_threads(n)
 
