@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable, Iterable
 
 import torch
@@ -34,54 +34,9 @@ from picochat.eval.bpb import evaluate_bpb
 from picochat.model.config import GPTConfig
 from picochat.model.gpt import GPT
 from picochat.train.optim import apply_schedule, build_optimizers
+from picochat.train.settings import TrainSettings
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile records CUDA graphs in these
-
-
-@dataclass
-class TrainSettings:
-    stage: str                          # base | mid | sft (recorded in checkpoints and the report)
-    tag: str                            # checkpoint tag to write, e.g. base/d4
-    steps: int                          # optimizer steps
-    device_batch_size: int              # rows per micro-batch per process
-    seq_len: int                        # tokens per row
-    total_batch_size: int = -1          # tokens per optimizer step; -1 = one micro-batch per process
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    final_lr_frac: float = 0.0
-    eval_every: int = 100               # steps between val bpb evals (0 = only at the end)
-    eval_batches: int = 8
-    save_every: int = 0                 # steps between checkpoints (0 = only at the end)
-    keep: int = 2                       # checkpoints kept per tag
-    log_every: int = 10
-    compile: str = "off"
-    grad_checkpoint: bool = False
-    seed: int = 0
-    extra: dict = field(default_factory=dict)  # stage-specific facts for meta.json (data mixture, ...)
-
-    def validate(self, world_size: int = 1) -> int:
-        """Check values; return gradient-accumulation steps."""
-        for name in ("steps", "device_batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise PicochatError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.compile not in COMPILE_MODES:
-            raise PicochatError(f"--compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
-        for name in ("matrix_lr", "embedding_lr", "unembedding_lr"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise PicochatError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        per_step = self.device_batch_size * self.seq_len * world_size
-        if self.total_batch_size == -1:
-            return 1
-        if self.total_batch_size <= 0 or self.total_batch_size % per_step:
-            raise PicochatError(f"--total-batch-size {self.total_batch_size} must be a positive multiple of "
-                                f"device_batch_size x seq_len x world_size = {per_step}")
-        return self.total_batch_size // per_step
 
 
 def effective_compile_mode(mode: str, device: torch.device) -> tuple[str, str]:
@@ -114,15 +69,18 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
                  token_bytes: torch.Tensor | None = None, resume: ckpt_mod.Checkpoint | None = None,
                  stop_after: int | None = None, base_meta: dict | None = None, wandb_project: str | None = None,
                  write_checkpoints: bool = True, tokenizer=None, loss_fn: Callable | None = None,
-                 eval_fn: Callable[[], dict] | None = None) -> dict:
+                 eval_fn: Callable[[], dict] | None = None, grad_accum: int | None = None) -> dict:
     """Train `model` in place for settings.steps optimizer steps; returns a summary dict.
 
     loss_fn(train_model, batch) -> scalar loss (default: train_model(*batch), the cross-entropy of (x, y)).
     eval_fn() -> {metric: value}, logged with val bpb at every eval point (every rank calls it).
     wandb_project: log the run history to Weights & Biases (optional dependency, off by default).
     write_checkpoints=False: save nothing (benchmarks); the history is in the returned summary.
-    tokenizer: stored with every checkpoint (checkpoint.load_tokenizer reads it back)."""
-    grad_accum = settings.validate(dist_info.world_size)
+    tokenizer: stored with every checkpoint (checkpoint.load_tokenizer reads it back).
+    grad_accum: what the caller's settings.validate() returned (the CLI stages check before loading
+    anything); None = validate here."""
+    if grad_accum is None:
+        grad_accum = settings.validate(dist_info.world_size)
     model.grad_checkpoint = settings.grad_checkpoint
     optimizers = build_optimizers(model, settings.matrix_lr, settings.embedding_lr, settings.unembedding_lr,
                                   settings.weight_decay)

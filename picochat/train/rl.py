@@ -296,7 +296,7 @@ def train_rl(args) -> dict:
 
     summary = run_training(model, settings, make_loader, device, info, resume=resume, stop_after=args.stop_after,
                            base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb, tokenizer=tok,
-                           loss_fn=policy_loss, eval_fn=eval_fn)
+                           loss_fn=policy_loss, eval_fn=eval_fn, grad_accum=grad_accum)
     after = {k: v for k, v in summary["history"][-1].items() if k.startswith("heldout_")}
     if info.is_master:
         if after and summary["step"] >= settings.steps:
