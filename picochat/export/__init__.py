@@ -1,9 +1,11 @@
 """Moving picochat models to and from other ecosystems.
 
-hf.py            checkpoint <-> Hugging Face transformers `nanochat` directory (weights, config, checks)
+hf.py            checkpoint <-> Hugging Face transformers `nanochat` directory (export_hf, import_hf)
+hf_mapping.py    the config and weight-name mapping, what cannot be exported, the logits check
 hf_tokenizer.py  picochat BPE <-> `tokenizer.json` + the chat template
 card.py          the exported README model card
-cli.py           `picochat export hf` / `picochat import hf`
+nanochat.py      `picochat import nanochat`: nanochat's own checkpoints
+cli.py           `picochat export hf` / `picochat import hf|nanochat`
 
 Kept import-light (no torch here): the CLI reads these defaults when it builds its parser.
 """
