@@ -1,6 +1,7 @@
 """`picochat bench ...`: each benchmark script in the repository's benchmarks/ folder named here adds its
 own subcommand (add_parser(bench_subparsers)). benchmarks/ is the one home of every benchmark
 (benchmarks/README.md says why); a wheel install has no benchmarks/, and `picochat bench` says so."""
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def _no_benchmarks(args) -> None:
 
 def register(sub) -> None:
     bench = sub.add_parser("bench", help="measure attention variants and training speed on this machine")
-    if not BENCHMARKS.is_dir():
+    if not BENCHMARKS.is_dir():  # take any arguments, so that the error is this one, not argparse's
+        bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         bench.set_defaults(func=_no_benchmarks)
         return
     group = bench.add_subparsers(dest="bench", required=True)
