@@ -161,7 +161,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="print the plan and run every part tiny on CPU")
     ap.add_argument("--only", default="train,decode,speculative,attention,smoke",
-                    help="comma-separated parts to run (default all)")
+                    help="comma-separated parts to run (default: all, %(default)s)")
     args = ap.parse_args()
     import torch
     if not args.dry_run and not torch.cuda.is_available():

@@ -41,22 +41,22 @@ def add_parser(bench) -> None:
     from picochat.common import positive_int as _positive_int
     p = bench.add_parser("train", help="tokens/s, step time, peak memory and data-wait share per training knob",
                          description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=_positive_int, default=4, help="model depth (default 4)")
-    p.add_argument("--steps", type=_positive_int, default=60, help="measured steps per variant (default 60)")
+    p.add_argument("--depth", type=_positive_int, default=4, help="model depth (default %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=60, help="measured steps per variant (default %(default)s)")
     p.add_argument("--warmup", type=_nonneg_int, default=5, help="untimed first steps per variant, where "
-                   "compilation happens (default 5)")
-    p.add_argument("--device-batch-size", type=_positive_int, default=8, help="rows per step (default 8)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per row (default 256)")
-    p.add_argument("--data", default="embedded", help="prepared corpus name (default embedded)")
+                   "compilation happens (default %(default)s)")
+    p.add_argument("--device-batch-size", type=_positive_int, default=8, help="rows per step (default %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per row (default %(default)s)")
+    p.add_argument("--data", default="embedded", help="prepared corpus name (default %(default)s)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)} "
-                   f"(default {DEFAULT_VARIANTS}); every knob not named stays at the baseline")
+                   "(default %(default)s); every knob not named stays at the baseline")
     p.add_argument("--with", dest="common", default="", metavar="KNOBS", help="apply to every variant, e.g. "
-                   "'workers' or 'workers,grad-ckpt' (default none)")
+                   "'workers' or 'workers,grad-ckpt'; empty = none")
     p.add_argument("--loader-workers", type=_nonneg_int, default=None,
-                   help="worker count for 'workers' (default: cores - 1, at most 8)")
+                   help="worker count for 'workers' (unset: cores - 1, at most 8)")
     p.add_argument("--repeats", type=_positive_int, default=1, help="round-robin rounds over the variants; "
-                   "medians are reported (default 1)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+                   "medians are reported (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default %(default)s)")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.set_defaults(func=run)
 

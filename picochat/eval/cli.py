@@ -160,34 +160,34 @@ def register(sub) -> None:
                              formatter_class=argparse.RawDescriptionHelpFormatter,
                              description=f"Evaluate a {kind} model: {how}.\n\n--data-file: one JSON object per "
                                          f"line, fields per task:\n{_help_fields()}\n\nSee docs/eval.md.")
-        q.add_argument("--model", default=default, help=f"checkpoint tag (default {default})")
+        q.add_argument("--model", default=default, help="checkpoint tag (default %(default)s)")
         q.add_argument("--tasks", default="spelling,arithmetic",
-                       help=f"comma-separated, from: {', '.join(TASKS)} (default spelling,arithmetic)")
+                       help=f"comma-separated, from: {', '.join(TASKS)} (default %(default)s)")
         q.add_argument("--limit", type=_pos, default=None,
                        help="first N examples per task; for bpb, N rows of the model's context; for core, N rows of "
-                            "each CORE task after a fixed shuffle (default: all)")
+                            "each CORE task after a fixed shuffle; unset = all")
         q.add_argument("--data-file", action="append", metavar="[TASK=]FILE.jsonl",
                        help="read a task's examples from local JSONL instead of its default source (offline); "
                             "a plain path with one task, TASK=PATH (repeatable) with several. Fields per task in "
                             "the description above and docs/eval.md")
         q.add_argument("--samples", type=_pos, default=1,
                        help="k > 1: also sample k replies per example for pass@k and majority vote maj@k "
-                            "(pass@1 is always the greedy reply) (default 1)")
+                            "(pass@1 is always the greedy reply) (default %(default)s)")
         q.add_argument("--max-tokens", type=_pos, default=None,
-                       help="reply budget in tokens (default per task: aime 1024, gsm8k/humaneval 256, "
+                       help="reply budget in tokens (unset: per task, aime 1024, gsm8k/humaneval 256, "
                             "spelling/arithmetic 64)")
-        q.add_argument("--temperature", type=_nonneg_f, default=0.8, help="temperature of the --samples (default 0.8)")
-        q.add_argument("--top-k", type=int, default=50, help="top-k of the --samples; 0 = off (default 50)")
+        q.add_argument("--temperature", type=_nonneg_f, default=0.8, help="temperature of the --samples (default %(default)s)")
+        q.add_argument("--top-k", type=int, default=50, help="top-k of the --samples; 0 = off (default %(default)s)")
         q.add_argument("--batch-size", type=_pos, default=8,
-                       help="prompts per generation batch / rows per scoring forward (default 8)")
+                       help="prompts per generation batch / rows per scoring forward (default %(default)s)")
         q.add_argument("--mc-mode", default="auto", choices=["auto", "letters", "options"],
                        help="multiple choice by the letter's log-prob or the option text's summed log-prob "
-                            "(default auto: letters for chat, options for base)")
+                            "(default %(default)s; auto = letters for chat, options for base)")
         q.add_argument("--corpus", default="embedded",
-                       help="prepared corpus whose val split the bpb task reads (default embedded)")
-        q.add_argument("--show", type=int, default=3, help="generative replies to print per task (default 3)")
-        q.add_argument("--seed", type=int, default=0, help="seed of the --samples (default 0)")
-        q.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+                       help="prepared corpus whose val split the bpb task reads (default %(default)s)")
+        q.add_argument("--show", type=int, default=3, help="generative replies to print per task (default %(default)s)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the --samples (default %(default)s)")
+        q.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default %(default)s)")
         add_inference_flags(q)
         q.add_argument("--threads", type=_pos, default=None, help=THREADS_HELP)
         q.set_defaults(func=cmd_eval)
@@ -196,7 +196,7 @@ def register(sub) -> None:
                        description="Gather tokenizer, training (base/mid/SFT), eval results, hardware, wall "
                                    "times and a cost estimate into one Markdown file with plots.")
     r.add_argument("--dollars-per-hour", type=_nonneg_f, default=0.10,
-                   help="machine price for the cost estimate (default 0.10: a small cloud CPU VM; "
+                   help="machine price for the cost estimate (default %(default)s: a small cloud CPU VM; "
                         "an 8xH100 node is ~24)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     r.set_defaults(func=cmd_report)

@@ -54,7 +54,7 @@ def cmd_import_nanochat(args):
 
 
 def register(sub) -> None:
-    atol_help = f"max |logit difference| the round-trip check accepts, fp32 (default {DEFAULT_ATOL:g})"
+    atol_help = "max |logit difference| the round-trip check accepts, fp32 (default %(default)g)"
 
     ex = sub.add_parser("export", help="export a checkpoint to another ecosystem").add_subparsers(
         dest="target", required=True)
@@ -62,13 +62,13 @@ def register(sub) -> None:
                       description="Write config.json, model.safetensors, tokenizer files with a chat template, "
                       "generation_config.json and a README model card. transformers then reloads the "
                       "directory and its logits must match picochat's, else nothing is written.")
-    p.add_argument("--model", default="sft/d4", help="checkpoint tag to export (default sft/d4)")
-    p.add_argument("--step", type=_nonneg_int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--model", default="sft/d4", help="checkpoint tag to export (default %(default)s)")
+    p.add_argument("--step", type=_nonneg_int, default=None, help="checkpoint step (unset: the latest)")
     p.add_argument("--out", required=True, help="output directory (created; must not exist unless --force)")
     p.add_argument("--dtype", default="checkpoint", choices=["checkpoint", *DTYPE_NAMES],
-                   help="dtype of the exported weights (default checkpoint: as stored)")
+                   help="dtype of the exported weights; checkpoint = as stored (default %(default)s)")
     p.add_argument("--atol", type=_pos_float, default=DEFAULT_ATOL, help=atol_help)
-    p.add_argument("--force", action="store_true", help="replace --out if it exists (default off)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export_hf)
 
     im = sub.add_parser("import", help="import a model from another ecosystem").add_subparsers(
@@ -78,10 +78,10 @@ def register(sub) -> None:
                       "tokenizer.json) into a picochat checkpoint that carries the tokenizer, converted to "
                       "picochat's format. picochat's logits must match transformers'.")
     p.add_argument("--path", required=True, help="the Hugging Face model directory (already downloaded)")
-    p.add_argument("--tag", default=None, help="checkpoint tag to write (default hf/<directory name>)")
+    p.add_argument("--tag", default=None, help="checkpoint tag to write (unset: hf/<directory name>)")
     p.add_argument("--replace-tokenizer", action="store_true",
                    help="also make it the home's default tokenizer ($PICOCHAT_HOME/tokenizer, used by `tokenizer "
-                        "eval` and new base runs) when that one differs (default: keep the home's)")
+                        "eval` and new base runs) when that one differs (unset: keep the home's)")
     p.add_argument("--atol", type=_pos_float, default=DEFAULT_ATOL, help=atol_help)
     p.set_defaults(func=cmd_import_hf)
 
@@ -93,6 +93,6 @@ def register(sub) -> None:
     p.add_argument("--path", required=True, help="a nanochat checkpoint folder (e.g. ~/.cache/nanochat/"
                    "chatsft_checkpoints/d20, tokenizer in ../../tokenizer; or model, meta and tokenizer.pkl in one "
                    "folder as on the hub), or a Hugging Face hub repo id such as karpathy/nanochat-d32 (downloaded)")
-    p.add_argument("--step", type=_nonneg_int, default=None, help="which model_<step>.pt (default: the latest)")
-    p.add_argument("--tag", default=None, help="checkpoint tag to write (default nanochat/<folder name>)")
+    p.add_argument("--step", type=_nonneg_int, default=None, help="which model_<step>.pt (unset: the latest)")
+    p.add_argument("--tag", default=None, help="checkpoint tag to write (unset: nanochat/<folder name>)")
     p.set_defaults(func=cmd_import_nanochat)
