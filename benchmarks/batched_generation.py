@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
 from picochat.inference.cpu import pack_linears, retain_freed_memory
 from picochat.inference.engine import Engine
+from picochat.inference.sampling import Sampling
 from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT
 
@@ -83,7 +85,8 @@ def main(argv=None):
     V = model.config.vocab_size
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts_all = make_prompts(max(sizes), V, args.min_prompt, args.max_prompt, args.seed)
-    kw = dict(temperature=args.temperature, top_k=args.top_k, stop_tokens=set())
+    kw = dict(stop_tokens=set())
+    sampling = Sampling(args.temperature, args.top_k)
     print(f"model: {args.model or f'random d{args.depth}'} ({model.num_params() / 1e6:.1f}M params), "
           f"{args.new_tokens} new tokens, prompts {args.min_prompt}-{args.max_prompt}, "
           f"temperature {args.temperature}, threads {torch.get_num_threads()}")
@@ -96,7 +99,7 @@ def main(argv=None):
             pack_linears(model)
         elif args.tuning == "allocator":
             retain_freed_memory()
-        engine.generate(prompts_all[:2], 8, **kw)  # warm-up (allocator, first-call overheads)
+        engine.generate(prompts_all[:2], 8, sampling, **kw)  # warm-up (allocator, first-call overheads)
         name = "cpu_tuning" if tuned else "untuned"
         desc = ("oneDNN-packed large weights, allocator keeps freed memory (cpu.py)" if tuned
                 else "Engine(cpu_tuning=False): MKL for every matmul, default allocator")
@@ -121,10 +124,10 @@ def main(argv=None):
                 serial = []
                 for i, (p, s) in enumerate(zip(prompts, seeds)):
                     t0 = time.perf_counter()
-                    serial.append(engine.generate([p], args.new_tokens, seed=[s], **kw)[0])
+                    serial.append(engine.generate([p], args.new_tokens, replace(sampling, seed=[s]), **kw)[0])
                     best_prompt[i] = min(best_prompt[i], time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                batched = engine.generate(prompts, args.new_tokens, seed=seeds, **kw)
+                batched = engine.generate(prompts, args.new_tokens, replace(sampling, seed=seeds), **kw)
                 best_batched = min(best_batched, time.perf_counter() - t0)
                 st = engine.last_stats
             best_serial = sum(best_prompt)

@@ -18,6 +18,7 @@ import torch
 
 from picochat.device import pick_device, resolve_dtype
 from picochat.inference.engine import Engine
+from picochat.inference.sampling import Sampling
 from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT
 
@@ -30,7 +31,7 @@ def sync(device):
 def timed(engine, prompts, n, device) -> tuple[float, list[list[int]]]:
     sync(device)
     t0 = time.perf_counter()
-    out = engine.generate(prompts, n, temperature=0.0, stop_tokens=set())
+    out = engine.generate(prompts, n, Sampling(0.0), stop_tokens=set())
     sync(device)
     return time.perf_counter() - t0, out
 

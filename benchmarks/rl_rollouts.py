@@ -18,6 +18,7 @@ import time
 
 from picochat.common import apply_threads
 from picochat.eval.generate import generate_replies
+from picochat.inference.sampling import Sampling
 from picochat.train.rl import row_seed
 
 
@@ -57,7 +58,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         for rows in groups:
             replies = generate_replies(engine, tok, [prompts[i] for i in rows], args.max_new_tokens,
-                                       temperature=args.temperature, seeds=[seeds[i] for i in rows])
+                                       Sampling(args.temperature, seed=[seeds[i] for i in rows]))
             for i, r in zip(rows, replies):
                 out[i] = r
         return time.perf_counter() - t0, out

@@ -23,6 +23,7 @@ import torch
 
 from batched_generation import load_or_random, make_prompts
 from picochat.inference.engine import Engine
+from picochat.inference.sampling import Sampling
 from picochat.inference.speculative import GammaController, generate_speculative
 
 TEXTS = ["ROMEO:\nBut soft, what light through yonder window breaks?", "First Citizen:\nBefore we proceed any further,",
@@ -53,11 +54,11 @@ def measure(target, draft, prompts, new_tokens, temperature, reps, seed, gamma, 
         bp = bs = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            ref = engine.generate([p], new_tokens, temperature=temperature, seed=seed + i, stop_tokens=set())[0]
+            sampling = Sampling(temperature, seed=seed + i)
+            ref = engine.generate([p], new_tokens, sampling, stop_tokens=set())[0]
             bp = min(bp, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            out, st = generate_speculative(target, draft, p, new_tokens, temperature=temperature, seed=seed + i,
-                                           controller=ctrl)
+            out, st = generate_speculative(target, draft, p, new_tokens, sampling, controller=ctrl)
             bs = min(bs, time.perf_counter() - t0)
         same &= temperature > 0 or out == ref
         t_plain, t_spec = t_plain + bp, t_spec + bs
@@ -111,7 +112,7 @@ def main(argv=None):
           + f"; {len(prompts)} prompts ({source}), {args.new_tokens} new tokens, batch 1, threads {torch.get_num_threads()}")
     print(f"{'draft':>16} {'temp':>4} {'γ':>8} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>8} {'accept':>6} "
           f"{'alpha':>5} {'tok/fwd':>7} {'mean γ':>6} {'plain rounds':>12}")
-    generate_speculative(target, pairs[0][1], prompts[0], 8, temperature=0.0)  # warm-up
+    generate_speculative(target, pairs[0][1], prompts[0], 8, Sampling(0.0))  # warm-up
     results = []
     for name, d in pairs:
         for temp in [float(t) for t in args.temperatures.split(",")]:

@@ -50,9 +50,10 @@ def test_chat_one_shot(home):
     tok = ck.load_tokenizer("nc/v2026")
     from picochat.inference.chat import Reply, stream_chat
     from picochat.inference.engine import Engine
+    from picochat.inference.sampling import Sampling
     reply = Reply()
-    expected = "".join(stream_chat(Engine(model, tok), tok, [{"role": "user", "content": "Hello there"}], 12, 0.0,
-                                   None, None, None, reply=reply))
+    expected = "".join(stream_chat(Engine(model, tok), tok, [{"role": "user", "content": "Hello there"}], 12,
+                                   Sampling(0.0), reply=reply))
     assert r.stdout.strip() == expected.strip() and expected.strip()
 
 

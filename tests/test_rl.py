@@ -18,6 +18,7 @@ from picochat.common import DistInfo, PicochatError
 from picochat.eval.generate import generate_replies
 from picochat.tasks import EvalTask, make_eval_task
 from picochat.inference.chat import Reply
+from picochat.inference.sampling import Sampling
 from picochat.tokenizer import Tokenizer
 from picochat.train.loop import TrainSettings, run_training
 from picochat.train.rewards import calculator_agreement, check_reward_tasks
@@ -195,8 +196,8 @@ def test_toy_task_expected_reward_rises(tok):
     power = binomial_tail(n, crit, min(1.0, p0 + 0.15))
     assert power >= 0.99, power
     model.eval()
-    replies = generate_replies(loader.engine, tok, [prompts[i % 4] for i in range(n)], 1, temperature=1.0,
-                               seeds=[10**6 + i for i in range(n)])
+    replies = generate_replies(loader.engine, tok, [prompts[i % 4] for i in range(n)], 1,
+                               Sampling(1.0, seed=[10**6 + i for i in range(n)]))
     hits = sum(task.reward(None, r.text) for r in replies)
     assert hits >= crit, (hits, crit, p0, p_after)
 

@@ -9,8 +9,11 @@ on its own prompt and seed, never on the rest of the batch (up to float rounding
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from picochat.calculator import run_tool
 from picochat.inference.chat import Reply
+from picochat.inference.sampling import Sampling
 
 MAX_TOOL_CALLS = 4
 
@@ -24,11 +27,11 @@ def _append(parts: list[dict], kind: str, text: str) -> None:
         parts.append({"type": kind, "text": text})
 
 
-def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, *, temperature: float = 0.0,
-                     top_k: int | None = None, seeds: list[int] | None = None, tools: bool = True,
-                     stop_texts: tuple[str, ...] = (), traces: list | None = None) -> list[Reply]:
-    """One Reply per prompt. tools=False (base models): plain continuation, stopped at <|bos|>
-    or at the first of `stop_texts` (cut off the reply's text).
+def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, sampling: Sampling = Sampling(0.0), *,
+                     tools: bool = True, stop_texts: tuple[str, ...] = (), traces: list | None = None) -> list[Reply]:
+    """One Reply per prompt, sampled with `sampling` (greedy by default; the seed one per prompt,
+    None for 0 everywhere; each round moves it on). tools=False (base models): plain continuation,
+    stopped at <|bos|> or at the first of `stop_texts` (cut off the reply's text).
     traces: a list to extend with one (ids, sampled) per prompt: the whole token sequence (prompt,
     reply, forced tool outputs) and per token whether the model sampled it (RL trains on those)."""
     sp = tok.encode_special
@@ -37,7 +40,7 @@ def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, *, 
     stops = {tok.bos_token_id} | ({sp("<|assistant_end|>"), py_end} if tools else set())
     limit = engine.model.cos.size(0)  # rotary table: prompt + reply must fit in it
     B = len(prompts)
-    seeds = list(seeds) if seeds is not None else [0] * B
+    seeds = [0] * B if sampling.seed is None else [int(s) for s in sampling.seed]
     replies = [Reply() for _ in range(B)]
     ids = [list(p) for p in prompts]
     sampled = [[False] * len(p) for p in prompts]
@@ -50,8 +53,8 @@ def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, *, 
         todo = [(i, b) for i, b in zip(active, budgets) if b > 0]
         if not todo:
             break
-        outs = engine.generate([ids[i] for i, _ in todo], [b for _, b in todo], temperature=temperature,
-                               top_k=top_k, seed=[seeds[i] + 7919 * rnd for i, _ in todo], stop_tokens=stops)
+        outs = engine.generate([ids[i] for i, _ in todo], [b for _, b in todo], stop_tokens=stops,
+                               sampling=replace(sampling, seed=[seeds[i] + 7919 * rnd for i, _ in todo]))
         rnd += 1
         active = []
         for (i, _), out in zip(todo, outs):

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from picochat.common import DistInfo
+from picochat.inference.sampling import Sampling
 from picochat.tasks import EvalTask
 from picochat.tasks.aime import majority_vote, pass_at_k
 
@@ -56,14 +57,14 @@ def _prompt_ids(task: EvalTask, tok, ex: dict, chat: bool) -> list[int]:
     return tok.encode(task.base_prompt(ex), prepend=tok.bos_token_id)
 
 
-def _generate(task, engine, tok, prompts, max_tokens, opts, temperature, top_k, seeds, bar):
+def _generate(task, engine, tok, prompts, max_tokens, opts, sampling, bar):
     from picochat.eval.generate import generate_replies
     texts = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     for b in range(0, len(order), opts.batch_size):
         idx = order[b:b + opts.batch_size]
-        replies = generate_replies(engine, tok, [prompts[i] for i in idx], max_tokens, temperature=temperature,
-                                   top_k=top_k, seeds=[seeds[i] for i in idx], tools=opts.chat,
+        replies = generate_replies(engine, tok, [prompts[i] for i in idx], max_tokens,
+                                   replace(sampling, seed=[sampling.seed[i] for i in idx]), tools=opts.chat,
                                    stop_texts=() if opts.chat else task.stop_text)
         for i, r in zip(idx, replies):
             texts[i] = r.text
@@ -81,12 +82,12 @@ def evaluate_generative(task: EvalTask, engine, tok, opts: EvalOptions, info: Di
     k = opts.samples if opts.samples > 1 else 0
     bar = tqdm(total=len(mine) * (1 + k), desc=f"eval {task.name}", disable=not info.is_master, leave=False,
                dynamic_ncols=True)
-    greedy = _generate(task, engine, tok, prompts, max_tokens, opts, 0.0, None, [0] * len(mine), bar)
+    greedy = _generate(task, engine, tok, prompts, max_tokens, opts, Sampling(0.0, seed=[0] * len(mine)), bar)
     sampled = []
     for j in range(k):  # sample j of example i is seeded by (seed, i, j): the same under any sharding
         seeds = [opts.seed + 1_000_003 * i + 7 * j for i in mine]
-        sampled.append(_generate(task, engine, tok, prompts, max_tokens, opts, opts.temperature,
-                                 opts.top_k, seeds, bar))
+        sampled.append(_generate(task, engine, tok, prompts, max_tokens, opts,
+                                 Sampling(opts.temperature, opts.top_k, seed=seeds), bar))
     bar.close()
     records = []
     grading = tqdm(list(zip(mine, examples)), desc=f"grade {task.name}", disable=not info.is_master, leave=False,

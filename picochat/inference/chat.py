@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from picochat.calculator import run_tool
+from picochat.inference.sampling import Sampling
 from picochat.tokenizer import SPECIAL_TOKENS
 
 
@@ -38,8 +39,7 @@ def _add(parts: list[dict], kind: str, text: str) -> None:
         parts.append({"type": kind, "text": text})
 
 
-def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, temperature: float = 0.8,
-                top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
+def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, sampling: Sampling = Sampling(0.8, 50),
                 max_tool_calls: int = 4, reply: Reply | None = None) -> Iterator[str]:
     """Yield text pieces of the assistant reply as they are generated; fill `reply` as we go."""
     reply = reply if reply is not None else Reply()
@@ -54,8 +54,7 @@ def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, 
     tool_calls, mode, segment, printed = 0, "text", [], ""
     while reply.tokens < max_tokens:
         hit = None
-        for step in engine.generate_stream([ids], max_tokens - reply.tokens, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, seed=seed, stop_tokens=stops):
+        for step in engine.generate_stream([ids], max_tokens - reply.tokens, sampling=sampling, stop_tokens=stops):
             t = step[0]
             if t is None:
                 break
@@ -77,8 +76,7 @@ def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, 
                 _add(reply.parts, mode, new)
                 if mode == "text":
                     yield new
-        if seed is not None:
-            seed += 1  # a fresh segment must not replay the same random stream
+        sampling = sampling.reseeded(1)  # a fresh segment must not replay the same random stream
         if hit == special["<|python_end|>"] and mode == "python" and tool_calls < max_tool_calls:
             code = tok.decode(segment)
             result = run_tool(code)

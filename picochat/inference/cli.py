@@ -25,8 +25,14 @@ def _load(args):
     return model, load_tokenizer(args.model)
 
 
+def _sampling(args, seed=None):
+    from picochat.inference.sampling import Sampling
+    return Sampling(args.temperature, args.top_k, args.top_p, seed)
+
+
 def cmd_sample(args):
     from picochat.inference.engine import Engine
+    sampling = _sampling(args)  # bad values fail before the model loads
     model, tok = _load(args)
     engine = Engine(model, tok, decode_step=args.decode_step)
     prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
@@ -37,8 +43,7 @@ def cmd_sample(args):
         printed = ""
         sys.stdout.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
-        for step in engine.generate_stream([prompt], args.max_tokens, temperature=args.temperature,
-                                           top_k=args.top_k, top_p=args.top_p, seed=seed,
+        for step in engine.generate_stream([prompt], args.max_tokens, _sampling(args, seed),
                                            stop_tokens={tok.bos_token_id}):
             if step[0] is None or step[0] == tok.bos_token_id:
                 break
@@ -55,8 +60,7 @@ def cmd_chat(args):
     """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
     from picochat.inference.chat import Reply, stream_chat
     from picochat.inference.engine import Engine
-    from picochat.inference.sampling import validate_sampling
-    validate_sampling(args.temperature, args.top_k, args.top_p)
+    sampling = _sampling(args, args.seed)  # bad values fail before the model loads
     model, tok = _load(args)
     engine = Engine(model, tok, decode_step=args.decode_step)
     history: list[dict] = []
@@ -66,8 +70,7 @@ def cmd_chat(args):
     def turn(text: str) -> None:
         history.append({"role": "user", "content": text})
         reply = Reply()
-        for piece in stream_chat(engine, tok, history, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                                 args.seed, reply=reply):
+        for piece in stream_chat(engine, tok, history, args.max_tokens, sampling, reply=reply):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable, Iterator
 
 from picochat.inference.engine import Engine
+from picochat.inference.sampling import Sampling
 
 
 def distill_samples(target, tokenizer, docs: list[str], n_tokens: int, *, seed: int = 0, temperature: float = 1.0,
@@ -43,7 +44,7 @@ def distill_samples(target, tokenizer, docs: list[str], n_tokens: int, *, seed: 
             doc = rng.choice(docs)
             start = doc.rfind("\n", 0, rng.randrange(max(1, len(doc) - 400))) + 1  # a line start
             prefixes.append(tokenizer.encode(doc[start:start + 400])[:rng.randint(16, 48)])
-        rows = engine.generate([[bos] + p for p in prefixes], length, temperature=temps, seed=seed + i * batch,
+        rows = engine.generate([[bos] + p for p in prefixes], length, Sampling(temps, seed=seed + i * batch),
                                stop_tokens={bos})
         for prefix, row, t in zip(prefixes, rows, temps):
             yield prefix, [x for x in row if x != bos], t

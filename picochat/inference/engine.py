@@ -27,7 +27,7 @@ import torch
 
 from picochat.inference.cpu import prepare_cpu_inference
 from picochat.inference.decode_step import DecodeStep, resolve_mode
-from picochat.inference.sampling import SamplingParams, draw_uniforms, sample_next
+from picochat.inference.sampling import Sampling, check_request, sample_next
 from picochat.model.kv_cache import KVCache
 
 STATIC_LEN_BUCKET = 64  # a compiled decode step's cache length is rounded up to a multiple of this
@@ -84,6 +84,17 @@ def prefill(model, contexts: list[list[int]], max_len: int, pad_id: int = 0, dev
     return logits, cache
 
 
+def default_stop_tokens(tokenizer) -> set[int]:
+    """<|assistant_end|> and <|bos|> when the tokenizer has them (a chat turn or a document ended)."""
+    stops = set()
+    for name in ("<|assistant_end|>", "<|bos|>"):
+        try:
+            stops.add(int(tokenizer.encode_special(name)))
+        except (AttributeError, KeyError, ValueError):
+            pass
+    return stops
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, device: torch.device | str | None = None,
                  cpu_tuning: bool = True, decode_step: str = "auto"):
@@ -112,14 +123,7 @@ class Engine:
         return self.tokenizer.pad_token_id if self.tokenizer is not None else 0
 
     def default_stop_tokens(self) -> set[int]:
-        """<|assistant_end|> and <|bos|> when the tokenizer has them (a chat turn or a document ended)."""
-        stops = set()
-        for name in ("<|assistant_end|>", "<|bos|>"):
-            try:
-                stops.add(int(self.tokenizer.encode_special(name)))
-            except (AttributeError, KeyError, ValueError):
-                pass
-        return stops
+        return default_stop_tokens(self.tokenizer)
 
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes per token per row, all layers (the cache stores the model's dtype)."""
@@ -128,38 +132,27 @@ class Engine:
 
     # ------------------------------------------------------------------ core loop
 
-    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, stop_sequences):
+    def _steps(self, prompts, max_new_tokens, sampling: Sampling, stop_tokens, stop_sequences):
         """Yield (row_ids, rows, tokens, live) per decode step: the original index of every row still
         in the batch (a list, and the same as a device tensor), its new token and whether the row
         was still live before this token (device tensors)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        B = len(prompts)
-        budgets = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * B
-        if len(budgets) != B or any(isinstance(n, bool) or int(n) != n or n < 0 for n in budgets):
-            raise ValueError(f"max_new_tokens must be an integer >= 0 or one per prompt, got {max_new_tokens!r}")
-        steps = int(max(budgets))
         V = self.model.config.vocab_size
-        params = SamplingParams.make(B, temperature, top_k, top_p, self.device, V)
+        # the last sampled token is never fed back, so prompt + budget may reach one past the table
+        budgets = check_request(prompts, max_new_tokens, V, self.model.cos.size(0), fed=1)
+        B, L, steps = len(prompts), max(len(p) for p in prompts), int(max(budgets))
+        max_len = L + max(steps - 1, 0)
+        params = sampling.params(B, self.device, V)
         if stop_tokens is None:
             stop_tokens = self.default_stop_tokens()
         seqs = [torch.tensor(list(s), dtype=torch.long, device=self.device) for s in (stop_sequences or [])]
         if any(s.numel() == 0 for s in seqs):
             raise ValueError("stop sequences must not be empty")
-        L = max(len(p) for p in prompts)
-        max_len = L + max(steps - 1, 0)
-        if max_len > self.model.cos.size(0):
-            raise ValueError(f"prompt ({L}) + max_new_tokens ({steps}) exceeds the model's rotary table "
-                             f"({self.model.cos.size(0)} positions)")
         if steps == 0:
             return
         if self.decode.static:  # a compiled step: few distinct cache lengths, so few graphs to record
             max_len = min(-(-max_len // STATIC_LEN_BUCKET) * STATIC_LEN_BUCKET, self.model.cos.size(0))
         dev = self.device
-        flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
-        if bool((flat < 0).any() or (flat >= V).any()):
-            raise ValueError(f"prompt token ids must be in [0, {V})")
-        uniforms = None if params.all_greedy else draw_uniforms(B, steps, seed, dev)
+        uniforms = sampling.uniforms(B, steps, dev)
         stop = torch.tensor(sorted(int(t) for t in stop_tokens), dtype=torch.long, device=dev)
         per_row_budget = len(set(budgets)) > 1
         budget = torch.tensor(budgets, dtype=torch.long, device=dev)
@@ -204,16 +197,16 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     @torch.inference_mode()
-    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int | list[int], temperature=1.0,
-                        top_k=None, top_p=None, seed=None, stop_tokens: set[int] | None = None,
-                        stop_sequences: list[list[int]] | None = None) -> Iterator[list[int | None]]:
+    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int | list[int], sampling: Sampling | None = None,
+                        *, stop_tokens: set[int] | None = None, stop_sequences: list[list[int]] | None = None,
+                        **knobs) -> Iterator[list[int | None]]:
         """Yield, per decode step, one new token per prompt (None for rows that already finished).
 
-        temperature / top_k / top_p / seed / max_new_tokens may be scalars or per-row lists.
-        seed: row i uses a generator seeded with seed + i (or seed[i]). stop_tokens None means the
+        sampling: a Sampling (its fields may be per-row lists), or temperature=/top_k=/top_p=/seed=
+        keywords (Sampling.of); max_new_tokens may be a per-row list. stop_tokens None means the
         tokenizer's <|assistant_end|> and <|bos|>; pass an empty set to disable."""
         B = len(prompts)
-        for row_ids, _, tok, live in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+        for row_ids, _, tok, live in self._steps(prompts, max_new_tokens, Sampling.of(sampling, **knobs),
                                                  stop_tokens, stop_sequences):
             step: list[int | None] = [None] * B
             for r, x, alive in zip(row_ids, tok.tolist(), live.tolist()):
@@ -222,15 +215,15 @@ class Engine:
             yield step
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], temperature=1.0, top_k=None,
-                 top_p=None, seed=None, stop_tokens: set[int] | None = None,
-                 stop_sequences: list[list[int]] | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], sampling: Sampling | None = None,
+                 *, stop_tokens: set[int] | None = None, stop_sequences: list[list[int]] | None = None,
+                 **knobs) -> list[list[int]]:
         """Generated tokens per prompt (same arguments as generate_stream). Tokens stay on the
         device until the end: one transfer per generation, not one per step."""
         steps = int(max(max_new_tokens, default=0)) if isinstance(max_new_tokens, Sequence) else int(max_new_tokens)
         out = torch.full((len(prompts), max(steps, 0)), -1, dtype=torch.long, device=self.device)
         t = 0
-        for _, rows, tok, live in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+        for _, rows, tok, live in self._steps(prompts, max_new_tokens, Sampling.of(sampling, **knobs),
                                               stop_tokens, stop_sequences):
             out[rows, t] = torch.where(live, tok, -1)
             t += 1

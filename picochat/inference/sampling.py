@@ -1,4 +1,9 @@
-"""The one sampling function: temperature, top-k, top-p (nucleus), per row of a batch.
+"""How tokens are sampled: the per-request `Sampling` object and the one sampling function
+(temperature, top-k, top-p (nucleus), per row of a batch).
+
+`Sampling(temperature, top_k, top_p, seed)` is what every generation path takes (Engine,
+speculative decoding, the scheduler, chat, evals, RL, the server): validated once when it is made.
+`check_request` is the one check of prompts and budgets those paths share.
 
 `probs_from_logits` turns logits into the distribution actually sampled from; speculative
 decoding uses it for both the draft (q) and the target (p), so "same distribution as the target"
@@ -17,7 +22,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,6 +50,69 @@ def validate_sampling(temperature, top_k=None, top_p=None, batch_size: int | Non
     for p in _as_list(top_p, batch_size, "top_p"):
         if p is not None and (isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request samples: temperature (0 = greedy), top_k (None/0 = off), top_p (None/1 = off)
+    and seed (None = torch's global RNG). Where a batch is generated together (Engine, speculative
+    decoding) each field may also be a per-row list; an int seed gives row i the seed + i."""
+    temperature: float | Sequence[float] = 1.0
+    top_k: int | None | Sequence[int | None] = None
+    top_p: float | None | Sequence[float | None] = None
+    seed: int | None | Sequence[int] = None
+
+    def __post_init__(self):
+        validate_sampling(self.temperature, self.top_k, self.top_p)
+
+    @classmethod
+    def of(cls, sampling: "Sampling | None" = None, **knobs) -> "Sampling":
+        """`sampling`, or one made of temperature=/top_k=/top_p=/seed= keywords (the entry points
+        Engine.generate, generate_speculative and Scheduler.submit accept those as a shorthand)."""
+        if sampling is None:
+            return cls(**knobs)
+        if knobs:
+            raise TypeError(f"pass a Sampling or the keywords {sorted(knobs)}, not both")
+        return sampling
+
+    @property
+    def greedy(self) -> bool:
+        return all(float(t) == 0 for t in _as_list(self.temperature, None, "temperature"))
+
+    def params(self, batch_size: int, device, vocab_size: int) -> "SamplingParams":
+        return SamplingParams.make(batch_size, self.temperature, self.top_k, self.top_p, device, vocab_size)
+
+    def uniforms(self, batch_size: int, steps: int, device) -> torch.Tensor | None:
+        """Each row's pre-drawn uniforms (draw_uniforms), None when every row is greedy."""
+        return None if self.greedy else draw_uniforms(batch_size, steps, self.seed, device)
+
+    def reseeded(self, offset: int) -> "Sampling":
+        """seed + offset (an int seed): a later tool-call segment must not replay the same random
+        stream. Without a seed there is nothing to move."""
+        return self if self.seed is None else replace(self, seed=int(self.seed) + offset)
+
+    @classmethod
+    def rows(cls, each: "Sequence[Sampling]", seed: int | None = None) -> "Sampling":
+        """One per-row Sampling from single-row ones (the scheduler's batch of requests), with `seed`."""
+        return cls([s.temperature for s in each], [s.top_k for s in each], [s.top_p for s in each], seed)
+
+
+def check_request(prompts: Sequence[Sequence[int]], max_new_tokens, vocab_size: int, positions: int, *,
+                  fed: int = 0, growth: int = 1) -> list[int]:
+    """The prompt and budget checks every generation path shares; returns the budget per prompt.
+    max_new_tokens: an integer >= 0 or one per prompt. The longest prompt plus growth x the largest
+    budget, less `fed` (tokens sampled last and never fed back), must fit the model's `positions`."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * len(prompts)
+    if len(budgets) != len(prompts) or any(isinstance(n, bool) or int(n) != n or n < 0 for n in budgets):
+        raise ValueError(f"max_new_tokens must be an integer >= 0 or one per prompt, got {max_new_tokens!r}")
+    if any(not 0 <= int(t) < vocab_size for p in prompts for t in p):
+        raise ValueError(f"prompt tokens must be ids in [0, {vocab_size})")
+    L, steps = max(len(p) for p in prompts), int(max(budgets))
+    if max(L, L + growth * steps - fed) > positions:
+        raise ValueError(f"prompt ({L}) + max_new_tokens ({steps}) exceeds the model's {positions} positions")
+    return budgets
 
 
 @dataclass

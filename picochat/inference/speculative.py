@@ -27,12 +27,12 @@ too). When plain decoding wins it decodes plainly and re-probes speculation now 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from picochat.inference.cpu import prepare_cpu_inference
-from picochat.inference.sampling import SamplingParams, probs_from_logits, sample_from_probs, sample_next
+from picochat.inference.sampling import Sampling, check_request, probs_from_logits, sample_from_probs, sample_next
 from picochat.model.kv_cache import KVCache
 
 
@@ -82,12 +82,6 @@ class SpecStats:
     @property
     def tokens_per_target_forward(self) -> float:
         return self.tokens / self.row_forwards if self.row_forwards else 0.0
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "gammas"}
-        return dict(d, acceptance_rate=round(self.acceptance_rate, 4), alpha=round(self.alpha, 4),
-                    tokens_per_target_forward=round(self.tokens_per_target_forward, 3),
-                    mean_gamma=round(sum(self.gammas) / max(1, len(self.gammas)), 2))
 
 
 class GammaController:
@@ -164,37 +158,38 @@ def _now(device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: int, *, gamma: int = 4,
-                               max_gamma: int = 8, adaptive: bool = True, temperature=1.0, top_k=None, top_p=None,
-                               seed: int | None = None, stop_tokens=(), pad_id: int = 0,
-                               controller: GammaController | None = None) -> tuple[list[list[int]], SpecStats]:
+def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: int,
+                               sampling: Sampling | None = None, *, gamma: int = 4, max_gamma: int = 8,
+                               adaptive: bool = True, stop_tokens=(), pad_id: int = 0,
+                               controller: GammaController | None = None, **knobs) -> tuple[list[list[int]], SpecStats]:
     """Sample up to max_new_tokens per prompt from `target`, using `draft` to propose tokens.
     Returns the new tokens per prompt (a stop token is included and ends its row) and stats.
-    Sampling parameters may be per-row lists; `seed` seeds one generator for the whole batch.
+    sampling: a Sampling (or its keywords, Sampling.of) whose fields may be per-row lists, except
+    the seed: one int seeds one generator for the whole batch.
     On CPU both models' larger Linear layers are switched to prepacked oneDNN weights (cpu.py),
     which make a gamma + 1-token verification much cheaper than with MKL."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    sampling = Sampling.of(sampling, **knobs)
     V = target.config.vocab_size
     if draft.config.vocab_size != V:
         raise ValueError(f"draft and target vocabularies differ ({draft.config.vocab_size} vs {V})")
+    ctrl = controller or GammaController(gamma, max_gamma, adaptive)
+    B = len(prompts)
+    # batch 1 grows by exactly what it emits; a batch also grows by its alignment padding
+    growth = 1 if B == 1 else (ctrl.max_gamma if ctrl.adaptive else ctrl.fixed) + 1
+    check_request(prompts, max_new_tokens, V, min(target.cos.size(0), draft.cos.size(0)), growth=growth)
+    max_new_tokens = int(max_new_tokens)
     dev = next(target.parameters()).device
     if dev.type == "cpu":
         prepare_cpu_inference(target)
         prepare_cpu_inference(draft)
-    B, L = len(prompts), max(len(p) for p in prompts)
-    params = SamplingParams.make(B, temperature, top_k, top_p, dev, V)
-    ctrl = controller or GammaController(gamma, max_gamma, adaptive)
-    # batch 1 grows by exactly what it emits; a batch also grows by its alignment padding
-    cap = L + max_new_tokens if B == 1 else L + max_new_tokens * ((ctrl.max_gamma if ctrl.adaptive else ctrl.fixed) + 1)
-    if cap > min(target.cos.size(0), draft.cos.size(0)):
-        raise ValueError(f"prompt + max_new_tokens ({cap} positions) exceed the rotary tables")
+    L = max(len(p) for p in prompts)
+    params = sampling.params(B, dev, V)
+    cap = L + max_new_tokens * growth
     stats, out = SpecStats(), [[] for _ in prompts]
     if max_new_tokens == 0:
         return out, stats
-    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    seed = sampling.seed
+    gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
     pad = [L - len(p) for p in prompts]
     seq = torch.full((B, cap), pad_id, dtype=torch.long, device=dev)
     seq[:, :L] = torch.tensor([[pad_id] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long)
@@ -302,7 +297,6 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
 
 def generate_speculative(target, draft, prompt: list[int], max_new_tokens: int, **kw) -> tuple[list[int], SpecStats]:
     """Batch-1 speculative decoding (the usual use): new tokens of `prompt` and the stats.
-    Keywords as generate_speculative_batch (gamma, max_gamma, adaptive, temperature, top_k, top_p,
-    seed, stop_tokens, pad_id)."""
+    Arguments as generate_speculative_batch (sampling, gamma, max_gamma, adaptive, stop_tokens, pad_id)."""
     out, stats = generate_speculative_batch(target, draft, [list(prompt)], max_new_tokens, **kw)
     return out[0], stats

@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from picochat.inference.chat import Reply, stream_chat
-from picochat.inference.scheduler import ScheduledEngine, Scheduler
+from picochat.inference.sampling import Sampling
+from picochat.inference.scheduler import Request, Scheduler
 from picochat.tokenizer import SPECIAL_TOKENS
 
 
@@ -45,8 +46,7 @@ class StopMatcher:
         return out
 
 
-def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, temperature, top_k, top_p, seed,
-                reply: Reply) -> Iterator[str]:
+def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, sampling: Sampling, reply: Reply) -> Iterator[str]:
     """Plain text continuation (the /v1/completions counterpart of stream_chat): yield decoded
     pieces, waiting for the rest of a multi-byte character; fill `reply` (tokens, finish_reason)."""
     stops = engine.default_stop_tokens()
@@ -54,8 +54,7 @@ def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, temperature,
     out: list[int] = []
     printed = ""
     reply.finish_reason = "length"
-    for step in engine.generate_stream([ids], max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, stop_tokens=stops):
+    for step in engine.generate_stream([ids], max_tokens, sampling=sampling, stop_tokens=stops):
         t = step[0]
         if t is None:
             break
@@ -96,12 +95,49 @@ class ToolRun:
         return {"index": index, "type": "calculator", "input": self.input, "output": self.output}
 
 
+class ScheduledEngine:
+    """The `generate_stream` call shape of Engine (one prompt at a time), served by the Scheduler, so
+    inference/chat.py's stream_chat runs unchanged on top of continuous batching. One per choice;
+    `default_stops` comes from the tokenizer once, at create_app. `cancel()` (any thread) ends the
+    current and any later generation of this object."""
+
+    def __init__(self, scheduler: Scheduler, default_stops: set[int]):
+        self.scheduler, self._stops = scheduler, frozenset(default_stops)
+        self.cancelled = False
+        self._current: Request | None = None
+
+    def default_stop_tokens(self) -> set[int]:
+        """The same defaults as Engine: <|assistant_end|> and <|bos|>."""
+        return set(self._stops)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._current is not None:
+            self._current.cancel()
+
+    def generate_stream(self, prompts, max_new_tokens, sampling: Sampling | None = None, *, stop_tokens=None):
+        if len(prompts) != 1:
+            raise ValueError("ScheduledEngine generates one prompt at a time")
+        if self.cancelled:
+            return
+        req = self.scheduler.submit(prompts[0], max_new_tokens, sampling,
+                                    self._stops if stop_tokens is None else stop_tokens)
+        self._current = req
+        if self.cancelled:  # cancel() ran between the check above and _current being set
+            req.cancel()
+        try:
+            for t in req:
+                yield [t]
+        finally:
+            req.cancel()  # the consumer stopped early (stop token, stop string, client gone)
+
+
 # (engine, reply) -> iterator of text pieces (and ToolRuns)
 PieceFn = Callable[[ScheduledEngine, Reply], Iterator["str | ToolRun"]]
 _CALC = "[calculator: "
 
 
-def chat_turn(tokenizer, messages: list[dict], max_tokens: int, temperature, top_k, top_p, seed) -> PieceFn:
+def chat_turn(tokenizer, messages: list[dict], max_tokens: int, sampling: Sampling) -> PieceFn:
     """inference/chat.py's stream_chat for the API: the text pieces of the reply, without
     special-token strings, and each calculator call as a ToolRun instead of the '[calculator:
     expr = result] ' text stream_chat shows a terminal user. The result is read from the reply's
@@ -109,8 +145,7 @@ def chat_turn(tokenizer, messages: list[dict], max_tokens: int, temperature, top
     rest of that text, so both are exact whatever they contain."""
     def run(engine, reply: Reply):
         seen = (0, 0)  # (number of parts, length of the last part) after the previous piece
-        for piece in stream_chat(engine, tokenizer, messages, max_tokens, temperature, top_k, top_p, seed,
-                                 reply=reply):
+        for piece in stream_chat(engine, tokenizer, messages, max_tokens, sampling, reply=reply):
             last = reply.parts[-1] if reply.parts else None
             if last is not None and last["type"] == "python_output" and piece.startswith(_CALC):
                 output = last["text"][seen[1]:] if seen[0] == len(reply.parts) else last["text"]
@@ -120,6 +155,11 @@ def chat_turn(tokenizer, messages: list[dict], max_tokens: int, temperature, top
                 yield strip_special(piece)
             seen = (len(reply.parts), len(reply.parts[-1]["text"]) if reply.parts else 0)
     return run
+
+
+def text_turn(tokenizer, ids: list[int], max_tokens: int, sampling: Sampling) -> PieceFn:
+    """stream_text (a /v1/completions choice) as a PieceFn."""
+    return lambda engine, reply: stream_text(engine, tokenizer, ids, max_tokens, sampling, reply)
 
 
 @dataclass
@@ -137,11 +177,11 @@ class Generation:
     completion_tokens), ("error", index, exception). `on_close` runs exactly once, when every choice has ended or the
     generation was cancelled (the server's admission count is released there)."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer, pieces: list[PieceFn], stops: list[str] | None,
+    def __init__(self, scheduler: Scheduler, default_stops: set[int], pieces: list[PieceFn], stops: list[str] | None,
                  on_close: Callable[[], None] | None = None):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.engines = [ScheduledEngine(scheduler, tokenizer) for _ in pieces]
+        self.engines = [ScheduledEngine(scheduler, default_stops) for _ in pieces]
         self.results = [ChoiceResult() for _ in pieces]
         self._pending = len(pieces)
         self._on_close, self._closed = on_close, False

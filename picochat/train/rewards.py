@@ -103,7 +103,7 @@ def heldout_metrics(engine, tok, tasks: list[EvalTask], rank: int = 0, world: in
         if not mine:
             continue
         prompts = [tok.render_for_completion({"messages": task.chat_prompt(ex)}) for ex in mine]
-        replies = generate_replies(engine, tok, prompts, min(task.max_tokens, limit // 2), temperature=0.0)
+        replies = generate_replies(engine, tok, prompts, min(task.max_tokens, limit // 2))  # greedy
         for ex, r in zip(mine, replies):
             tally.add(f"{task.name}/n", 1)
             tally.add(f"{task.name}/ok", task.reward(ex, r.text))

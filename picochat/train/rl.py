@@ -30,6 +30,7 @@ from picochat.device import autocast_ctx
 from picochat.tasks.base import TaskMixture, stable_hash
 from picochat.eval.generate import generate_replies
 from picochat.inference.engine import Engine
+from picochat.inference.sampling import Sampling
 from picochat.train.rewards import Tally, calculator_agreement, heldout_metrics, load_reward_tasks
 
 HELDOUT_TASKS = ("arithmetic", "spelling")  # offline test problems: the held-out monitor needs no network
@@ -152,8 +153,8 @@ class RolloutLoader:
         self.model.eval()
         t0 = time.perf_counter()
         traces: list = []
-        replies = generate_replies(self.engine, self.tok, prompts, o.max_new_tokens, temperature=o.temperature,
-                                   top_k=o.top_k or None, seeds=seeds, traces=traces)
+        replies = generate_replies(self.engine, self.tok, prompts, o.max_new_tokens,
+                                   Sampling(o.temperature, o.top_k or None, seed=seeds), traces=traces)
         gen_s = time.perf_counter() - t0
         self.model.train()
         rewards = torch.tensor([task.reward(ex, r.text) for g, (task, ex) in enumerate(picks)
