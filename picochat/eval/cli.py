@@ -145,8 +145,7 @@ def cmd_report(args):
 
 def _help_fields() -> str:
     from picochat.tasks import FIELDS
-    names = {"aime": "aime*", "mc": "arc-easy, arc-challenge, mmlu"}
-    return "\n".join(f"  {names.get(k, k)}: {v}" for k, v in FIELDS.items())
+    return "\n".join(f"  {names}: {fields}" for names, fields in FIELDS.items())
 
 
 def register(sub) -> None:

@@ -10,27 +10,29 @@ Adding a task = its file + one line in REGISTRY. Any JSONL of conversations join
 """
 from __future__ import annotations
 
+from importlib import import_module
+
 from picochat.common import PicochatError, print0
 from picochat.data.conversations import load_jsonl
-from picochat.tasks import aime, arc, arithmetic, bpb, core, gsm8k, humaneval, identity, mmlu, smoltalk, spelling
 from picochat.tasks.base import EvalTask, ListTask, Task, TaskMixture
 
-REGISTRY = {  # name -> its module; eval tasks in the order that `picochat eval --help` lists them
-    "arc-easy": arc,
-    "arc-challenge": arc,
-    "mmlu": mmlu,
-    "aime": aime,
-    "aime-2024": aime,
-    "aime-2025": aime,
-    "gsm8k": gsm8k,
-    "humaneval": humaneval,
-    "spelling": spelling,
-    "arithmetic": arithmetic,
-    "bpb": bpb,
-    "core": core,
-    "identity": identity,
-    "smoltalk": smoltalk,
-}
+# name -> the module of this package that holds the task; eval tasks in the order `picochat eval --help` lists them
+REGISTRY = {name: import_module(f"{__name__}.{module}") for name, module in {
+    "arc-easy": "arc",
+    "arc-challenge": "arc",
+    "mmlu": "mmlu",
+    "aime": "aime",
+    "aime-2024": "aime",
+    "aime-2025": "aime",
+    "gsm8k": "gsm8k",
+    "humaneval": "humaneval",
+    "spelling": "spelling",
+    "arithmetic": "arithmetic",
+    "bpb": "bpb",
+    "core": "core",
+    "identity": "identity",
+    "smoltalk": "smoltalk",
+}.items()}
 TASKS = tuple(n for n, m in REGISTRY.items() if hasattr(m, "eval_task"))          # `picochat eval --tasks`
 GENERATIVE = tuple(n for n in TASKS if REGISTRY[n].KIND == "generative")           # graded: RL rewards
 TRAINABLE = tuple(n for n, m in REGISTRY.items() if hasattr(m, "train_task"))      # `picochat train --tasks`
