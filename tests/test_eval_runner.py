@@ -222,3 +222,30 @@ def test_base_mode_uses_plain_prompts_and_option_likelihood(env, tmp_path):
     r = json.loads(files[0].read_text())
     assert r["kind"] == "base" and r["results"]["mmlu"]["mc_mode"] == "options"
     assert r["results"]["arithmetic"]["mode"] == "base" and r["results"]["arithmetic"]["n"] == 2
+
+
+def test_tool_copy_counts_answers_that_repeat_the_calculator_result(tmp_path):
+    """`picochat eval chat` reports, of the greedy replies that got a numeric calculator result, the
+    share whose final answer is that result (the quickstart's `123 * 45 = 53535` garble counts as a miss)."""
+    from picochat.common import DistInfo
+    from picochat.eval.runner import EvalOptions, evaluate_generative
+    from picochat.tasks import make_eval_task
+    rows = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "What is 123 * 45?", "answer": "5535"},
+            {"question": "What is 1 + 1?", "answer": "2"}]
+    data = tmp_path / "arith.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = make_eval_task("arithmetic", str(data))
+    tok = Tokenizer.train([TEXT], vocab_size=300)
+    sp, end = tok.encode_special, [tok.encode_special("<|assistant_end|>")]
+
+    def call(expr):
+        return [sp("<|python_start|>")] + tok.encode(expr) + [sp("<|python_end|>")]
+
+    prompt = [tuple(tok.render_for_completion({"messages": task.chat_prompt(ex)})) for ex in task.examples]
+    engine = ScriptedEngine({prompt[0]: [call("2 + 2"), tok.encode("2 + 2 = 4") + end],       # copies: right
+                             prompt[1]: [call("123 * 45"), tok.encode("123 * 45 = 53535") + end],  # garbles
+                             prompt[2]: [tok.encode("1 + 1 = 2") + end]})                       # no call
+    out = evaluate_generative(task, engine, tok, EvalOptions(), DistInfo(False, 0, 0, 1))
+    assert [r.get("tool_copy") for r in out["examples"]] == [True, False, None]
+    assert out["tool_results"] == 2 and out["tool_copy"] == 0.5
+    assert out["correct"] == 2  # graded as before: 4 and 2 right, 53535 wrong

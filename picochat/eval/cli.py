@@ -66,6 +66,9 @@ def _summary(r: dict) -> str:
     if r["kind"] == "categorical":
         return line + f", chance {100 * r['chance']:.1f}%, by {r['mc_mode']}"
     line = f"pass@1 (greedy) {100 * r['pass@1']:5.1f}% ({r['correct']}/{r['n']})"
+    if "tool_copy" in r:
+        line += (f", answer == calculator result {100 * r['tool_copy']:.1f}% "
+                 f"(of {r['tool_results']} replies with a result)")
     k = r.get("samples")
     if k:
         line += f", pass@{k} {100 * r[f'pass@{k}']:.1f}%"

@@ -10,10 +10,12 @@ on its own prompt and seed, never on the rest of the batch (up to float rounding
 from __future__ import annotations
 
 from dataclasses import replace
+from fractions import Fraction
 
 from picochat.calculator import run_tool
 from picochat.inference.chat import Reply
 from picochat.inference.sampling import Sampling
+from picochat.tasks.gsm8k import last_number
 
 MAX_TOOL_CALLS = 4
 
@@ -93,3 +95,18 @@ def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, sam
                 r.parts = [{"type": "text", "text": text[:cut]}]
                 r.finish_reason = "stop"
     return replies
+
+
+def calculator_agreement(reply: Reply) -> bool | None:
+    """Whether the reply's final answer (the last number of its text) equals the result of its last
+    calculator call; None when it made no call with a numeric result. The quickstart's SFT model
+    fails this one in its own way: `[calculator: 123 * 45 = 5535] 123 * 45 = 53535`."""
+    outputs = [p["text"] for p in reply.parts if p["type"] == "python_output"]
+    if not outputs:
+        return None
+    try:
+        result = Fraction(outputs[-1].strip())
+    except (ValueError, ZeroDivisionError):  # "error: ..." from the calculator
+        return None
+    answer = last_number(reply.text)
+    return answer is not None and answer == result

@@ -200,6 +200,9 @@ def eval_rows(all_runs: list[dict]) -> list[dict]:
                 rows.append({**base, "metric": metric, "value": res.get("accuracy", 0.0)})
                 for k in sorted(x for x in res if x.startswith(("pass@", "maj@")) and x != "pass@1"):
                     rows.append({**base, "metric": k, "value": res[k], "chance": None})
+                if "tool_copy" in res:  # of the replies with a calculator result, the answer repeats it
+                    rows.append({**base, "metric": "answer == calculator result", "value": res["tool_copy"],
+                                 "n": res["tool_results"], "chance": None})
     return rows
 
 

@@ -57,9 +57,10 @@ def _prompt_ids(task: EvalTask, tok, ex: dict, chat: bool) -> list[int]:
     return tok.encode(task.base_prompt(ex), prepend=tok.bos_token_id)
 
 
-def _generate(task, engine, tok, prompts, max_tokens, opts, sampling, bar):
+def _generate(task, engine, tok, prompts, max_tokens, opts, sampling, bar) -> list:
+    """One Reply per prompt (text + parts, tool calls included), in prompt order."""
     from picochat.eval.generate import generate_replies
-    texts = [None] * len(prompts)
+    out = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     for b in range(0, len(order), opts.batch_size):
         idx = order[b:b + opts.batch_size]
@@ -67,9 +68,9 @@ def _generate(task, engine, tok, prompts, max_tokens, opts, sampling, bar):
                                    replace(sampling, seed=[sampling.seed[i] for i in idx]), tools=opts.chat,
                                    stop_texts=() if opts.chat else task.stop_text)
         for i, r in zip(idx, replies):
-            texts[i] = r.text
+            out[i] = r
         bar.update(len(idx))
-    return texts
+    return out
 
 
 def evaluate_generative(task: EvalTask, engine, tok, opts: EvalOptions, info: DistInfo) -> dict | None:
@@ -82,12 +83,14 @@ def evaluate_generative(task: EvalTask, engine, tok, opts: EvalOptions, info: Di
     k = opts.samples if opts.samples > 1 else 0
     bar = tqdm(total=len(mine) * (1 + k), desc=f"eval {task.name}", disable=not info.is_master, leave=False,
                dynamic_ncols=True)
-    greedy = _generate(task, engine, tok, prompts, max_tokens, opts, Sampling(0.0, seed=[0] * len(mine)), bar)
+    from picochat.eval.generate import calculator_agreement
+    greedy_replies = _generate(task, engine, tok, prompts, max_tokens, opts, Sampling(0.0, seed=[0] * len(mine)), bar)
+    greedy = [r.text for r in greedy_replies]
     sampled = []
     for j in range(k):  # sample j of example i is seeded by (seed, i, j): the same under any sharding
         seeds = [opts.seed + 1_000_003 * i + 7 * j for i in mine]
-        sampled.append(_generate(task, engine, tok, prompts, max_tokens, opts,
-                                 Sampling(opts.temperature, opts.top_k, seed=seeds), bar))
+        sampled.append([r.text for r in _generate(task, engine, tok, prompts, max_tokens, opts,
+                                                  Sampling(opts.temperature, opts.top_k, seed=seeds), bar)])
     bar.close()
     records = []
     grading = tqdm(list(zip(mine, examples)), desc=f"grade {task.name}", disable=not info.is_master, leave=False,
@@ -100,6 +103,9 @@ def evaluate_generative(task: EvalTask, engine, tok, opts: EvalOptions, info: Di
             rec["answer"] = ex["answer"]
         if "task_id" in ex:
             rec["task_id"] = ex["task_id"]
+        copied = calculator_agreement(greedy_replies[n])  # None: no calculator call with a numeric result
+        if copied is not None:
+            rec["tool_copy"] = copied
         if k:
             replies = [s[n] for s in sampled]
             ok = [bool(task.grade(ex, r)) for r in replies]
@@ -118,6 +124,9 @@ def evaluate_generative(task: EvalTask, engine, tok, opts: EvalOptions, info: Di
            "correct": sum(r["correct"] for r in records), "max_tokens": max_tokens,
            "mode": "chat" if opts.chat else "base"}
     out["accuracy"] = out["pass@1"] = out["correct"] / max(1, n)
+    calls = [r["tool_copy"] for r in records if "tool_copy" in r]
+    if calls:  # of the greedy replies that got a numeric calculator result, the share whose answer is it
+        out.update({"tool_results": len(calls), "tool_copy": sum(calls) / len(calls)})
     if k:
         out.update({"samples": k, "temperature": opts.temperature, "top_k": opts.top_k,
                     f"pass@{k}": sum(pass_at_k(k, r["samples_correct"], k) for r in records) / max(1, n),

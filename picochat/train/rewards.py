@@ -1,5 +1,5 @@
-"""What RL optimises and how it is measured: each task's own grader as the reward, the
-"final answer == calculator result" check, and the held-out monitor.
+"""What RL optimises and how it is measured: each task's own grader as the reward and the held-out
+monitor (with eval/generate.py's "final answer == calculator result" check).
 
 Rewards are not a second implementation of grading: `EvalTask.reward` (tasks/base.py) is the
 grade that `picochat eval` gives the same reply, 1.0 or 0.0, so a reward going up is the eval
@@ -9,16 +9,12 @@ monitor from the eval's test problems (the first `limit`, as `picochat eval chat
 """
 from __future__ import annotations
 
-from fractions import Fraction
-
 import torch
 import torch.distributed as dist
 
 from picochat.common import PicochatError, print0
-from picochat.eval.generate import generate_replies
-from picochat.inference.chat import Reply
+from picochat.eval.generate import calculator_agreement, generate_replies  # noqa: F401 (rl.py imports it from here)
 from picochat.tasks import GENERATIVE, TASKS, TRAIN_SPLIT, EvalTask, make_eval_task, parse_weighted
-from picochat.tasks.gsm8k import last_number
 
 
 def parse_task_specs(spec: str) -> list[tuple[str, float]]:
@@ -57,21 +53,6 @@ def load_reward_tasks(names: list[str], data_files: dict[str, str], size: int) -
             raise PicochatError(f"task {n!r} has no problems to train on ({task.source})")
         tasks.append(task)
     return tasks
-
-
-def calculator_agreement(reply: Reply) -> bool | None:
-    """Whether the reply's final answer (the last number of its text) equals the result of its last
-    calculator call; None when it made no call with a numeric result. The quickstart's SFT model
-    fails this one in its own way: `[calculator: 123 * 45 = 5535] 123 * 45 = 53535`."""
-    outputs = [p["text"] for p in reply.parts if p["type"] == "python_output"]
-    if not outputs:
-        return None
-    try:
-        result = Fraction(outputs[-1].strip())
-    except (ValueError, ZeroDivisionError):  # "error: ..." from the calculator
-        return None
-    answer = last_number(reply.text)
-    return answer is not None and answer == result
 
 
 class Tally:
