@@ -32,6 +32,27 @@ class Reply:
         return self.parts
 
 
+class Detokenizer:
+    """Token ids in, text out as it becomes final: a multi-byte character split over several tokens
+    is held back until its last byte arrives."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, t: int) -> str | None:
+        """The new text, or None while the last character is incomplete."""
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return None
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+    def rest(self) -> str:
+        """What add() held back (at the end of the stream)."""
+        return self.tok.decode(self.ids)[len(self.shown):]
+
+
 def _add(parts: list[dict], kind: str, text: str) -> None:
     if parts and parts[-1]["type"] == kind:
         parts[-1]["text"] += text
@@ -51,7 +72,7 @@ def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, 
     # a special token the model emits out of place (<|user_start|>, a stray <|output_end|>) is not text:
     # it is kept in the token stream the model sees, never shown or stored as reply text
     stray = {tok.encode_special(name) for name in SPECIAL_TOKENS} - stops - {special["<|python_start|>"]}
-    tool_calls, mode, segment, printed = 0, "text", [], ""
+    tool_calls, mode, segment = 0, "text", Detokenizer(tok)
     while reply.tokens < max_tokens:
         hit = None
         for step in engine.generate_stream([ids], max_tokens - reply.tokens, sampling=sampling, stop_tokens=stops):
@@ -64,27 +85,24 @@ def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, 
                 hit = t
                 break
             if t == special["<|python_start|>"]:
-                mode, segment, printed = "python", [], ""
+                mode, segment = "python", Detokenizer(tok)
                 continue
             if t in stray:
                 continue
-            segment.append(t)
-            text = tok.decode(segment)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                new = text[len(printed):]
-                printed = text
+            new = segment.add(t)
+            if new is not None:
                 _add(reply.parts, mode, new)
                 if mode == "text":
                     yield new
         sampling = sampling.reseeded(1)  # a fresh segment must not replay the same random stream
         if hit == special["<|python_end|>"] and mode == "python" and tool_calls < max_tool_calls:
-            code = tok.decode(segment)
+            code = tok.decode(segment.ids)
             result = run_tool(code)
             tool_calls += 1
             _add(reply.parts, "python_output", result)
             yield f"[calculator: {code} = {result}] "
             ids = ids + [special["<|output_start|>"]] + tok.encode(result) + [special["<|output_end|>"]]
-            mode, segment, printed = "text", [], ""
+            mode, segment = "text", Detokenizer(tok)
             continue
         reply.finish_reason = "stop" if hit is not None else "length"
         return

@@ -31,6 +31,7 @@ def _sampling(args, seed=None):
 
 
 def cmd_sample(args):
+    from picochat.inference.chat import Detokenizer
     from picochat.inference.engine import Engine
     sampling = _sampling(args)  # bad values fail before the model loads
     model, tok = _load(args)
@@ -39,21 +40,18 @@ def cmd_sample(args):
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        ids: list[int] = []
-        printed = ""
+        text = Detokenizer(tok)
         sys.stdout.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
         for step in engine.generate_stream([prompt], args.max_tokens, _sampling(args, seed),
                                            stop_tokens={tok.bos_token_id}):
             if step[0] is None or step[0] == tok.bos_token_id:
                 break
-            ids.append(step[0])
-            text = tok.decode(ids)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(printed):])
+            new = text.add(step[0])
+            if new is not None:
+                sys.stdout.write(new)
                 sys.stdout.flush()
-                printed = text
-        sys.stdout.write(tok.decode(ids)[len(printed):] + "\n")
+        sys.stdout.write(text.rest() + "\n")
 
 
 def cmd_chat(args):

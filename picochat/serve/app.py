@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import threading
-from functools import partial
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from picochat.inference.chat import Reply, stream_chat
+from picochat.inference.chat import Detokenizer, Reply, stream_chat
 from picochat.inference.sampling import Sampling
 from picochat.inference.scheduler import Request, Scheduler
 from picochat.tokenizer import SPECIAL_TOKENS
@@ -51,8 +51,7 @@ def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, sampling: Sa
     pieces, waiting for the rest of a multi-byte character; fill `reply` (tokens, finish_reason)."""
     stops = engine.default_stop_tokens()
     special = special_ids(tokenizer)
-    out: list[int] = []
-    printed = ""
+    text = Detokenizer(tokenizer)
     reply.finish_reason = "length"
     for step in engine.generate_stream([ids], max_tokens, sampling=sampling, stop_tokens=stops):
         t = step[0]
@@ -64,14 +63,11 @@ def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, sampling: Sa
             break
         if t in special:  # counted, never shown: '<|python_end|>' is not text
             continue
-        out.append(t)
-        text = tokenizer.decode(out)
-        if not text.endswith("\ufffd"):
-            yield text[len(printed):]
-            printed = text
-    rest = tokenizer.decode(out)[len(printed):]
-    if rest:
-        yield rest
+        new = text.add(t)
+        if new is not None:
+            yield new
+    if text.rest():
+        yield text.rest()
 
 
 def special_ids(tokenizer) -> set[int]:
