@@ -162,7 +162,7 @@ def _common(p, config_required: bool = True):
                    ("" if config_required else "; optional here"))
     p.add_argument("--out", metavar="DIR", help="output directory (overrides out_dir from the config)")
     if config_required:
-        p.add_argument("--cache-dir", metavar="DIR", help="LLM call cache (default <out>/cache; safe to share between runs)")
+        p.add_argument("--cache-dir", metavar="DIR", help="LLM call cache (unset: <out>/cache; safe to share between runs)")
         p.add_argument("--no-preflight", action="store_true",
                        help="skip the endpoint check (models.list) that normally runs before any work")
 
@@ -233,7 +233,7 @@ def register(subparsers) -> None:
             ("run", "run the stages in order from one config file")):
         p = parsers[name] = st.add_parser(name, help=what)
         if name == "report":
-            p.add_argument("input", nargs="?", help="conversation JSONL (default <out>/filter/kept.jsonl of --config)")
+            p.add_argument("input", nargs="?", help="conversation JSONL (unset: <out>/filter/kept.jsonl of --config)")
         _common(p, config_required=name != "report")
         if name in STAGE_FLAGS:
             _stage_flags(p, name)

@@ -319,16 +319,8 @@ def load(path: str | Path | None) -> SafetyConfig:
 
 def to_public_dict(cfg: SafetyConfig) -> dict[str, Any]:
     """The config as saved next to outputs: env var NAMES only, never values."""
-    def conv(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [conv(x) for x in v]
-        return v
-    d = conv(cfg)
+    d = dataclasses.asdict(cfg)
     d.pop("base_dir", None)
+    for k in ("out_dir", "cache_dir"):  # the only paths
+        d[k] = None if d[k] is None else str(d[k])
     return d

@@ -65,16 +65,16 @@ def add_train_flags(p, stage: str):
                    "in backward (torch.utils.checkpoint, non-reentrant): less activation memory, ~1 extra forward of "
                    "compute. With --resume, --compile and --grad-checkpoint apply to the rest of the run (they change "
                    "how it trains, not what); every other setting comes from the checkpoint")
-    p.add_argument("--loader-workers", type=nonneg_int, default=None, help="background processes that tokenize "
-                   "training data (0 = in the training process); unset: available cores minus one, split across "
-                   f"torchrun ranks, at most 8 (here {default_workers()})")
-    p.add_argument("--tokenizer-batch-size", type=positive_int, default=64 if stage == "base" else 32,
-                   help="documents (base) or conversations (mid) tokenized per request; does not change the "
-                        "token stream (default %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
-    p.add_argument("--prefetch", type=positive_int, default=4, help="ready batches queued ahead per process when "
-                   "--loader-workers > 0 (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default %(default)s)")
+    _flags(p, (
+        ("--loader-workers", nonneg_int, None, "background processes that tokenize training data (0 = in the "
+         "training process); unset: available cores minus one, split across torchrun ranks, at most 8 "
+         f"(here {default_workers()})"),
+        ("--tokenizer-batch-size", positive_int, 64 if stage == "base" else 32, "documents (base) or conversations "
+         "(mid) tokenized per request; does not change the token stream"),
+        ("--threads", positive_int, None, THREADS_HELP),
+        ("--prefetch", positive_int, 4, "ready batches queued ahead per process when --loader-workers > 0"),
+        ("--device", str, "auto", "auto|cpu|cuda|cuda:N|mps"),
+    ))
     p.add_argument("--wandb", metavar="PROJECT", default=None, help="log to Weights & Biases under PROJECT (off by default)")
     p.add_argument("--resume", action="store_true", help="continue the run saved under --tag exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start fresh even if --tag already has checkpoints")

@@ -236,7 +236,7 @@ def options_from_args(args) -> RLOptions:
 def train_rl(args) -> dict:
     """The `picochat train rl` command: set up (fresh or --resume), run the loop, report."""
     from picochat import checkpoint as ck
-    from picochat.train.cli import resume_run, settings_from_args
+    from picochat.train.cli import check_fresh, resume_run, settings_from_args
     from picochat.device import init_distributed, pick_device
     from picochat.tasks import make_eval_task, parse_weighted
     from picochat.train.loop import run_training
@@ -252,8 +252,7 @@ def train_rl(args) -> dict:
         opts = options_from_args(args)
         opts.validate(info.world_size)
         tag = args.tag or "rl/" + args.model.split("/")[-1]
-        if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
-            raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
+        check_fresh(tag, args)
         model, source = ck.load_model(args.model, device=device)
         if source.meta.get("stage") == "base":
             raise PicochatError(f"{args.model} is a base model: RL needs a chat model that answers in the chat "
