@@ -43,6 +43,7 @@ def test_aime_end_to_end_limit_5(env):
     assert r["correct"] == sum(e["correct"] for e in r["examples"]) and r["pass@1"] == r["correct"] / 5
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_same_results(env, tmp_path):
     mc = tmp_path / "mc.jsonl"
     mc.write_text("".join(json.dumps({"question": f"Question {i}: which word?", "choices": ["cat", "dog", "fox", "the lazy dog"],

@@ -5,11 +5,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_part():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,

@@ -253,6 +253,7 @@ def test_resume_after_stop_after_continues_exactly(home):
     assert (c_full.path / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(home):
     env, data = home
     cli(rl_args(data, "--steps", "2", "--tag", "rl/one", "--device-batch-size", "8"), env)

@@ -46,6 +46,7 @@ def kept_jsonl(monkeypatch, tmp_path):
     return cfg.out_dir / "filter" / "kept.jsonl"
 
 
+@pytest.mark.slow
 def test_train_sft_accepts_safety_output(kept_jsonl, tmp_path):
     kept = read_jsonl(kept_jsonl)
     assert len(kept) >= 5 and any(len(r["messages"]) > 2 for r in kept)  # single- and multi-turn records

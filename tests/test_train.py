@@ -52,6 +52,7 @@ def final_weights(env, tag):
     return load_file(str(c.path / "model.safetensors")), c
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(env):
     run([*TRAIN, "--steps", "8", "--tag", "base/full"], env)
     run([*TRAIN, "--steps", "8", "--tag", "base/split", "--stop-after", "4"], env)
@@ -68,6 +69,7 @@ def test_resume_continues_exactly(env):
     assert losses(c_split) == pytest.approx(losses(c_full), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_takes_new_grad_checkpoint_flag(env):
     """--resume keeps the run's settings but applies --grad-checkpoint (how it trains, not what)."""
     run([*TRAIN, "--steps", "6", "--tag", "base/ck-full"], env)
@@ -81,6 +83,7 @@ def test_resume_takes_new_grad_checkpoint_flag(env):
         torch.testing.assert_close(w_split[k], w_full[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process_with_accumulation(env):
     run([*TRAIN, "--steps", "3", "--tag", "base/accum", "--total-batch-size", "128"], env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -98,6 +101,7 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(env):
     assert c_a.state["loader"]["slots"] == c_d.state["loader"]["slots"]
 
 
+@pytest.mark.slow
 def test_sft_resume_continues_exactly(env):
     run([*TRAIN, "--steps", "2", "--tag", "base/tiny"], env)
     sft = ["train", "sft", "--model", "base/tiny", "--tasks", "arithmetic=1,identity=1", "--seq-len", "32",
@@ -121,6 +125,7 @@ def one_line_error(proc, pattern):
     assert pattern in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_gives_one_clear_line(env, tmp_path):
     empty = dict(env, PICOCHAT_HOME=str(tmp_path / "empty"))
     one_line_error(run([*TRAIN, "--steps", "1"], empty, check=False), "tokenizer")
@@ -165,6 +170,7 @@ def test_threads_flag_is_applied_before_the_command(monkeypatch):
         cli.main(["train", "base", "--threads", "0"])  # argparse: "expected a positive integer"
 
 
+@pytest.mark.slow
 def test_distill_samples_are_the_targets_own_continuations(env):
     """Greedy rows are exactly the target's greedy continuation of a corpus prefix; the CLI turns the
     samples into a prepared corpus that a draft trains on."""

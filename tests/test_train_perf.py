@@ -227,6 +227,7 @@ def reference_run(env):
     return "base/ref"
 
 
+@pytest.mark.slow
 def test_training_resume_with_workers_matches_in_process_run(env, reference_run):
     run_ok([*TRAIN, "--steps", "6", "--total-batch-size", "64", "--tag", "base/w2", "--loader-workers", "2",
             "--stop-after", "3"], env)
@@ -234,6 +235,7 @@ def test_training_resume_with_workers_matches_in_process_run(env, reference_run)
     same_run(env, reference_run, "base/w2", atol=1e-6)  # observed bit-exact
 
 
+@pytest.mark.slow
 def test_torchrun_with_workers_and_checkpointing_equals_plain_accumulation(env, reference_run):
     """DDP x 2 ranks with 2 loader workers each and --grad-checkpoint == the reference run."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",

@@ -110,12 +110,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible API (+ web chat UI) over a checkpoint",
                               description="\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nAPI reference: docs/serving.md",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sft/d4", help="checkpoint tag to serve; also the API's model id (default sft/d4)")
+    p.add_argument("--model", default="sft/d4", help="checkpoint tag to serve; also the API's model id (default %(default)s)")
     p.add_argument("--draft", default=None, metavar="TAG",
-                   help="smaller checkpoint (same tokenizer) for speculative decoding while the batch is small (default off)")
+                   help="smaller checkpoint (same tokenizer) for speculative decoding while the batch is small (unset: off)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it: set a key)")
-    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+                   help="address to bind (default %(default)s: this machine only; 0.0.0.0 exposes it: set a key)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default %(default)s)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key-file", default=None, metavar="PATH",
                      help="require 'Authorization: Bearer KEY' on every /v1 route, KEY being the first line of PATH "
@@ -124,20 +124,20 @@ def register(subparsers) -> None:
                      help="the same with KEY on the command line, where other users of the machine can see it "
                           "(prefer --api-key-file or $" + API_KEY_ENV + ")")
     p.add_argument("--max-batch", type=_pos, default=16,
-                   help="most requests decoded together in the continuous batch (default 16)")
+                   help="most requests decoded together in the continuous batch (default %(default)s)")
     p.add_argument("--max-queue", type=_nonneg, default=64,
-                   help="requests waiting beyond the batch before new ones get 503 + Retry-After (default 64)")
-    p.add_argument("--max-body-bytes", type=_pos, default=1 << 20, help="request body size limit, else 413 (default 1048576)")
+                   help="requests waiting beyond the batch before new ones get 503 + Retry-After (default %(default)s)")
+    p.add_argument("--max-body-bytes", type=_pos, default=1 << 20, help="request body size limit, else 413 (default %(default)s)")
     p.add_argument("--default-max-tokens", type=_pos, default=512,
                    help="reply length when a request sets no max_tokens (capped by the context; default 512)")
     p.add_argument("--context-length", type=_pos, default=None, metavar="N",
                    help="max prompt + completion tokens per request; up to 10x the trained context is allowed, "
                         "but quality degrades past it (default: the model's trained sequence length)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default %(default)s)")
     add_inference_flags(p)
     p.add_argument("--threads", type=_nonneg, default=0,
-                   help="CPU threads used to run the model (default 0: one per core). On a machine shared with other "
+                   help="CPU threads used to run the model (default %(default)s: one per core). On a machine shared with other "
                         "busy programs, 1 is often faster")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn log level (default info)")
+                   help="uvicorn log level (default %(default)s)")
     p.set_defaults(func=cmd_serve)
