@@ -46,9 +46,11 @@ def run(arch: str, depth: int, steps: int, args, flags: list[str]) -> dict:
            "--steps", str(steps), "--seq-len", "256", "--device-batch-size", "8", "--eval-every", str(args.eval_every),
            "--eval-batches", str(args.eval_batches), "--threads", str(args.threads), "--loader-workers", "0",
            "--tag", tag, "--overwrite"]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     from picochat import checkpoint as ck
+    t0 = time.time()
+    done = args.reuse and ck.tag_dir(tag).exists() and ck.read_checkpoint(tag, verify=False).step == steps
+    if not done:  # --reuse: a finished run of this variant (same tag and steps) is read, not trained again
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     c = ck.read_checkpoint(tag, verify=False)
     curve = [(h["step"], h["val_bpb"]) for h in c.state.get("history", []) if h.get("val_bpb") is not None]
     curve.append((c.step, c.meta["val_bpb"]))
@@ -56,7 +58,7 @@ def run(arch: str, depth: int, steps: int, args, flags: list[str]) -> dict:
     kv = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attention == "mla" else 2 * cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
     return {"arch": arch, "depth": depth, "steps": steps, "tokens": c.meta["tokens"], "params": c.meta["num_params"],
             "kv_per_layer": kv, "kv_vs_mha": round(kv / (2 * cfg.n_embd), 4),
-            "val_bpb": round(c.meta["val_bpb"], 4), "wall_s": round(time.time() - t0, 1), "curve": curve}
+            "val_bpb": round(c.meta["val_bpb"], 4), "wall_s": None if done else round(time.time() - t0, 1), "curve": curve}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -87,6 +89,8 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=8, help="val batches per eval (default 8)")
     ap.add_argument("--variants", default=ARCHS, help="NAME=TRAIN FLAGS;... the first is the reference "
                     f"(default {ARCHS!r})")
+    ap.add_argument("--reuse", action="store_true", help="read variants already trained to --steps under their "
+                    "study/ tag instead of training them again (to add a variant to a table and plot)")
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     ap.add_argument("--plot", default="docs/arch/val_bpb.png", help="where to write the curves (default docs/arch/val_bpb.png)")
@@ -103,8 +107,9 @@ def main() -> None:
     print(f"{'depth':>5}  {'variant':<{w}} {'params':>9} {'tokens':>10} {'KV/MHA':>7} {'val bpb':>8} {'vs ' + variants[0][0]:>11} {'wall s':>7}")
     for r in rows:
         ref = next(x for x in rows if x["depth"] == r["depth"] and x["arch"] == variants[0][0])
+        wall = "reused" if r["wall_s"] is None else f"{r['wall_s']:.1f}"
         print(f"{r['depth']:>5}  {r['arch']:<{w}} {r['params']:>9,} {r['tokens']:>10,} {r['kv_vs_mha']:>7.2%} {r['val_bpb']:>8.4f} "
-              f"{100 * (r['val_bpb'] / ref['val_bpb'] - 1):>+10.2f}% {r['wall_s']:>7.1f}")
+              f"{100 * (r['val_bpb'] / ref['val_bpb'] - 1):>+10.2f}% {wall:>7}")
     plot(rows, Path(args.plot))
     print(json.dumps({"rows": [{k: v for k, v in r.items() if k != "curve"} for r in rows], "plot": args.plot}))
 
