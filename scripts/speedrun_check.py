@@ -18,7 +18,7 @@ import sys
 def check(line: str) -> str:
     """Return '' if the command parses, else the error message."""
     from picochat.cli import build_parser
-    from picochat.train.cli import settings_from_args
+    from picochat.train.settings import settings_from_args
     from picochat.common import PicochatError
     from picochat.tasks import TRAINABLE, parse_weighted
     argv = shlex.split(line)

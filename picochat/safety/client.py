@@ -13,7 +13,7 @@ Every successful reply is cached on disk (cache.py) before it is returned, unles
 `accept` check rejects it (an unparseable judge reply is not an answer worth keeping). Each HTTP
 request and cache hit is appended to the usage log (usage.py) as it completes. Which request
 parameters are sent, and under which names, is the role's `params`/`extra` config
-(`request_params`). The API key is read from the environment at client creation and is never
+(`request_params`, in config.py). The API key is read from the environment at client creation and is never
 stored, logged or hashed.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from picochat.common import PicochatError
 from picochat.safety.cache import CallCache, request_key
-from picochat.safety.config import STD_PARAMS, RoleConfig, SafetyConfig
+from picochat.safety.config import RoleConfig, SafetyConfig, request_params
 from picochat.safety.usage import UsageLog, add_totals, cost_of
 
 
@@ -76,19 +76,6 @@ def api_key_for(role: RoleConfig) -> str:
                             f"(it must hold the API key for {role.base_url}; or set api_key_env = \"\" "
                             f"for an endpoint without keys)")
     return val
-
-
-def request_params(r: RoleConfig, temperature: float, max_tokens: int, seed: int | None) -> dict:
-    """The JSON body fields besides model and messages, as the role's `params` and `extra` say."""
-    std = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-    body = {}
-    for k in STD_PARAMS:
-        name = r.params.get(k, True)
-        if name is False or std[k] is None:
-            continue
-        body[k if name is True else name] = std[k]
-    body.update(r.extra)
-    return body
 
 
 def _seed(key: str) -> int:

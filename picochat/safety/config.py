@@ -324,3 +324,16 @@ def to_public_dict(cfg: SafetyConfig) -> dict[str, Any]:
     for k in ("out_dir", "cache_dir"):  # the only paths
         d[k] = None if d[k] is None else str(d[k])
     return d
+
+
+def request_params(r: RoleConfig, temperature: float, max_tokens: int, seed: int | None) -> dict:
+    """The JSON body fields besides model and messages, as the role's `params` and `extra` say."""
+    std = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    body = {}
+    for k in STD_PARAMS:
+        name = r.params.get(k, True)
+        if name is False or std[k] is None:
+            continue
+        body[k if name is True else name] = std[k]
+    body.update(r.extra)
+    return body

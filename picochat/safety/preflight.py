@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 from picochat.common import PicochatError
+from picochat.safety.config import request_params
 
 PROBE = "Preflight check: reply with the word OK."
 PROBE_TOKENS = 16  # enough for "OK"; a reasoning model may spend it thinking, which is fine (status is what counts)
@@ -86,7 +87,6 @@ async def _explained(llm, name: str, body: dict | None, awaitable):
 
 
 def _shape(r) -> str:
-    from picochat.safety.client import request_params
     return repr((r.base_url, r.api_key_env, r.model, sorted(request_params(r, r.temperature, PROBE_TOKENS, None).items())))
 
 

@@ -13,29 +13,9 @@ from __future__ import annotations
 
 import time
 
-from picochat.common import THREADS_HELP, PicochatError, nonneg_float, nonneg_int, positive_int
-from picochat.train.settings import stage_default
-
-# the flags that are TrainSettings fields: (field, type, help); each stage's default comes from
-# train/settings.py (stage_default) and the help shows it, so the two cannot drift apart
-SETTINGS_FLAGS = (
-    ("steps", positive_int, "optimizer steps"),
-    ("device_batch_size", positive_int, "rows per micro-batch per process"),
-    ("total_batch_size", int, "tokens per optimizer step; a multiple of device_batch x seq_len x processes; the "
-                              "rest is made up by gradient accumulation; -1 = one micro-batch per process"),
-    ("matrix_lr", nonneg_float, "Muon learning rate for hidden matrices"),
-    ("embedding_lr", nonneg_float, "AdamW lr for the token embedding, scaled by width"),
-    ("unembedding_lr", nonneg_float, "AdamW lr for lm_head, scaled by width"),
-    ("weight_decay", nonneg_float, "AdamW weight decay"),
-    ("warmup_ratio", nonneg_float, "fraction of steps with linear lr warmup"),
-    ("warmdown_ratio", nonneg_float, "fraction of steps with linear lr decay at the end"),
-    ("eval_every", nonneg_int, "steps between val bits-per-byte evals; 0 = only at the end"),
-    ("eval_batches", positive_int, "val batches per eval"),
-    ("save_every", nonneg_int, "steps between checkpoints; 0 = only at the end"),
-    ("log_every", positive_int, "steps between loss entries in the run history"),
-    ("keep", positive_int, "checkpoints kept per tag"),
-    ("seed", int, "seed for weight init"),
-)
+from picochat.common import THREADS_HELP, nonneg_float, nonneg_int, positive_int
+from picochat.train.settings import (SETTINGS_FLAGS, check_fresh, resume_run, resume_settings, settings_from_args,
+                                     stage_default)
 
 COMPILE_HELP = (
     "torch.compile mode: off | default (fused kernels) | reduce-overhead (default + CUDA graphs: replays the "
@@ -87,42 +67,6 @@ def loader_kwargs(args) -> dict:
     from picochat.data.workers import default_workers
     workers = default_workers() if args.loader_workers is None else args.loader_workers
     return {"workers": workers, "tokenizer_batch": args.tokenizer_batch_size, "prefetch": args.prefetch}
-
-
-def settings_from_args(args, stage: str, tag: str, seq_len: int, extra: dict):
-    from picochat.train.settings import TrainSettings
-    return TrainSettings(stage=stage, tag=tag, seq_len=seq_len, compile=args.compile or "off",
-                         grad_checkpoint=bool(args.grad_checkpoint), extra=extra,
-                         **{name: getattr(args, name) for name, _, _ in SETTINGS_FLAGS})
-
-
-def check_fresh(tag: str, args) -> None:
-    """A fresh run must not silently mix into an existing run's checkpoints."""
-    from picochat import checkpoint as ck
-    if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
-        raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
-
-
-def resume_settings(resume, args):
-    """The checkpoint's settings, except the execution knobs given again on the command line."""
-    from picochat.train.settings import TrainSettings
-    settings = TrainSettings(**resume.meta["settings"])
-    if args.compile is not None:
-        settings.compile = args.compile
-    if args.grad_checkpoint:
-        settings.grad_checkpoint = True
-    return settings
-
-
-def resume_run(args, device):
-    """--resume of a run started from another checkpoint (mid, sft, rl): the checkpoint under --tag,
-    its settings, its model and its tokenizer."""
-    from picochat import checkpoint as ck
-    if not args.tag:
-        raise PicochatError("--resume needs --tag (the run to continue)")
-    resume = ck.read_checkpoint(args.tag)
-    model, _ = ck.load_model(args.tag, device=device)
-    return resume, resume_settings(resume, args), model, ck.load_tokenizer(args.tag)
 
 
 def run_stage(args, model, settings, grad_accum, make_loader, val_batches, tok, device, info, resume, t0) -> None:

@@ -236,7 +236,7 @@ def options_from_args(args) -> RLOptions:
 def train_rl(args) -> dict:
     """The `picochat train rl` command: set up (fresh or --resume), run the loop, report."""
     from picochat import checkpoint as ck
-    from picochat.train.cli import check_fresh, resume_run, settings_from_args
+    from picochat.train.settings import check_fresh, resume_run, settings_from_args
     from picochat.device import init_distributed, pick_device
     from picochat.tasks import make_eval_task, parse_weighted
     from picochat.train.loop import run_training

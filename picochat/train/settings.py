@@ -1,5 +1,6 @@
 """The training settings: one dataclass whose defaults are the `picochat train` flags' defaults, the
-per-stage differences next to it, and the one validation (which also gives gradient accumulation).
+per-stage differences next to it, the flag table built from them, the one validation (which also gives
+gradient accumulation), and building or resuming a run's settings from the command line.
 
 Torch-free, so the CLI parser can read the defaults without loading the training loop.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, nonneg_float, nonneg_int, positive_int
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -74,3 +75,59 @@ def stage_default(stage: str, name: str):
     if name in STAGE_DEFAULTS[stage]:
         return STAGE_DEFAULTS[stage][name]
     return TrainSettings.__dataclass_fields__[name].default
+
+
+# the flags that are TrainSettings fields: (field, type, help); each stage's default comes from
+# train/settings.py (stage_default) and the help shows it, so the two cannot drift apart
+SETTINGS_FLAGS = (
+    ("steps", positive_int, "optimizer steps"),
+    ("device_batch_size", positive_int, "rows per micro-batch per process"),
+    ("total_batch_size", int, "tokens per optimizer step; a multiple of device_batch x seq_len x processes; the "
+                              "rest is made up by gradient accumulation; -1 = one micro-batch per process"),
+    ("matrix_lr", nonneg_float, "Muon learning rate for hidden matrices"),
+    ("embedding_lr", nonneg_float, "AdamW lr for the token embedding, scaled by width"),
+    ("unembedding_lr", nonneg_float, "AdamW lr for lm_head, scaled by width"),
+    ("weight_decay", nonneg_float, "AdamW weight decay"),
+    ("warmup_ratio", nonneg_float, "fraction of steps with linear lr warmup"),
+    ("warmdown_ratio", nonneg_float, "fraction of steps with linear lr decay at the end"),
+    ("eval_every", nonneg_int, "steps between val bits-per-byte evals; 0 = only at the end"),
+    ("eval_batches", positive_int, "val batches per eval"),
+    ("save_every", nonneg_int, "steps between checkpoints; 0 = only at the end"),
+    ("log_every", positive_int, "steps between loss entries in the run history"),
+    ("keep", positive_int, "checkpoints kept per tag"),
+    ("seed", int, "seed for weight init"),
+)
+
+
+def settings_from_args(args, stage: str, tag: str, seq_len: int, extra: dict):
+    return TrainSettings(stage=stage, tag=tag, seq_len=seq_len, compile=args.compile or "off",
+                         grad_checkpoint=bool(args.grad_checkpoint), extra=extra,
+                         **{name: getattr(args, name) for name, _, _ in SETTINGS_FLAGS})
+
+
+def check_fresh(tag: str, args) -> None:
+    """A fresh run must not silently mix into an existing run's checkpoints."""
+    from picochat import checkpoint as ck
+    if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
+        raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
+
+
+def resume_settings(resume, args):
+    """The checkpoint's settings, except the execution knobs given again on the command line."""
+    settings = TrainSettings(**resume.meta["settings"])
+    if args.compile is not None:
+        settings.compile = args.compile
+    if args.grad_checkpoint:
+        settings.grad_checkpoint = True
+    return settings
+
+
+def resume_run(args, device):
+    """--resume of a run started from another checkpoint (mid, sft, rl): the checkpoint under --tag,
+    its settings, its model and its tokenizer."""
+    from picochat import checkpoint as ck
+    if not args.tag:
+        raise PicochatError("--resume needs --tag (the run to continue)")
+    resume = ck.read_checkpoint(args.tag)
+    model, _ = ck.load_model(args.tag, device=device)
+    return resume, resume_settings(resume, args), model, ck.load_tokenizer(args.tag)
