@@ -148,9 +148,10 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 1024, *, 
     n_kv_head = n_head if n_kv_head is None else n_kv_head
     extra = {}
     if attention == "mla":
-        # latent n_embd/4; rotary key head_dim/4 but at most n_embd/8, so the latent cache stays
-        # <= 18.75% of MHA's bytes per token even with one head (docs/attention.md)
-        rope = max(8, min((n_embd // n_head) // 4, n_embd // 8)) // 2 * 2
+        # latent n_embd/4 (the seed's d4 table); rotary key head_dim/2 but at most n_embd/8, so the
+        # cache is <= 18.75% of MHA's bytes per token. A 64-dim rotary key is what put d8 within 2%
+        # of MHA (docs/attention.md); at d4 the cap keeps the seed's 64 + 32.
+        rope = max(8, min((n_embd // n_head) // 2, n_embd // 8)) // 2 * 2
         extra = dict(kv_lora_rank=kv_lora_rank or max(1, n_embd // 4), qk_rope_head_dim=qk_rope_head_dim or rope,
                      q_lora_rank=q_lora_rank)
     extra.update(arch_fields(arch, sequence_len))
