@@ -14,8 +14,7 @@ from __future__ import annotations
 import time
 
 from picochat.common import THREADS_HELP, nonneg_float, nonneg_int, positive_int
-from picochat.train.settings import (SETTINGS_FLAGS, check_fresh, resume_run, resume_settings, settings_from_args,
-                                     stage_default)
+from picochat.train.settings import SETTINGS_FLAGS, check_fresh, resume_run, settings_from_args, stage_default
 
 COMPILE_HELP = (
     "torch.compile mode: off | default (fused kernels) | reduce-overhead (default + CUDA graphs: replays the "
@@ -87,7 +86,6 @@ def run_stage(args, model, settings, grad_accum, make_loader, val_batches, tok, 
 
 def cmd_train_base(args):
     import torch
-    from picochat import checkpoint as ck
     from picochat.common import data_dir, tokenizer_dir
     from picochat.device import init_distributed, pick_device
     from picochat.data.corpus import list_shards
@@ -102,18 +100,13 @@ def cmd_train_base(args):
     tag = args.tag or f"base/d{args.depth}"
     resume = None
     if args.resume:
-        tok = ck.load_tokenizer(tag)
-        resume = ck.read_checkpoint(tag)
-        settings = resume_settings(resume, args)
+        resume, settings, model, tok = resume_run(args, device, tag)
     else:
         check_fresh(tag, args)
         tok = Tokenizer.load(tokenizer_dir())
         settings = settings_from_args(args, "base", tag, args.seq_len, {"data": args.data})
     grad_accum = settings.validate(info.world_size)  # the one check, before any model is built
-    if resume:
-        model, _ = ck.load_model(tag, device=device)
-        model.train()
-    else:
+    if not resume:
         config = config_from_depth(args.depth, tok.vocab_size, args.seq_len, attention=args.attention,
                                    n_kv_head=args.n_kv_head, kv_lora_rank=args.kv_lora_rank,
                                    qk_rope_head_dim=args.qk_rope_head_dim, q_lora_rank=args.q_lora_rank,
@@ -121,6 +114,7 @@ def cmd_train_base(args):
         torch.manual_seed(args.seed)
         model = GPT(config).to(device)
         model.init_weights()
+    model.train()
     B, T = settings.device_batch_size, settings.seq_len
     data = data_dir(settings.extra["data"])
     list_shards(data, "train")  # clear error if the corpus is missing
@@ -182,8 +176,7 @@ def cmd_train_chat(args):
 
 
 def cmd_train_rl(args):
-    """Reinforcement learning on verifiable rewards (train/rl.py): rollouts graded by the eval graders."""
-    from picochat.train.rl import train_rl
+    from picochat.train.rl import train_rl  # torch and the tasks load only when the command runs
     train_rl(args)
 
 

@@ -5,8 +5,9 @@ hands this loop a model, a loader factory (state -> iterator of (x, y) with y ==
 loss is wanted) and optional validation batches. RL (train/rl.py) is the same loop with three
 hooks: its loader generates and grades rollouts and yields batches of per-token weights, a
 `loss_fn` turns such a batch into the policy-gradient loss, and an `eval_fn` adds held-out
-metrics at eval points; the loader's `step_metrics()` (rewards, rollout speed) join the history. Resume is exact: weights, optimizer moments,
-loader position, step and metric history all come back from the checkpoint.
+metrics at eval points; the loader's `step_metrics()` (rewards, rollout speed) join the history.
+Resume is exact: weights, optimizer moments, loader position, step and metric history all come
+back from the checkpoint.
 
 Performance knobs (docs/performance.md has the measurements): `compile` (torch.compile modes,
 see compile_model for what each costs and the CPU fallbacks), `grad_checkpoint` (per-block
@@ -31,7 +32,6 @@ from picochat import checkpoint as ckpt_mod
 from picochat.common import DistInfo, PicochatError, print0
 from picochat.device import autocast_ctx
 from picochat.eval.bpb import evaluate_bpb
-from picochat.model.config import GPTConfig
 from picochat.model.gpt import GPT
 from picochat.train.optim import apply_schedule, build_optimizers
 from picochat.train.settings import TrainSettings
@@ -94,130 +94,119 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
         print0(f"resuming {settings.tag} from step {step}")
     loader = make_loader(loader_state)
     try:
-        return _train(model, settings, loader, grad_accum, optimizers, step, history, train_time, device,
-                      dist_info, val_batches, token_bytes, resume, stop_after, base_meta, wandb_project,
-                      write_checkpoints, tokenizer, loss_fn, eval_fn)
+        session_time = data_wait = 0.0
+        train_model = compile_model(model, settings.compile, device)
+        # CUDA graphs replay into fixed output buffers: tell the graph tree where each step begins
+        mark_step = device.type == "cuda" and settings.compile in CUDAGRAPH_MODES
+        if dist_info.enabled:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        tokens_per_step = settings.device_batch_size * settings.seq_len * dist_info.world_size * grad_accum
+        end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+        val_bpb = None
+
+        def evaluate() -> None:
+            """One history entry: val bpb (None without val data) and eval_fn's metrics."""
+            nonlocal val_bpb
+            entry = {"step": step, "val_bpb": None}
+            if val_batches is not None and token_bytes is not None:
+                entry["val_bpb"] = evaluate_bpb(model, val_batches(), token_bytes, max_batches=settings.eval_batches)
+            if eval_fn is not None:
+                entry.update(eval_fn())
+            history.append(entry)
+            val_bpb = entry["val_bpb"]
+
+        def save(at_step: int) -> None:
+            if not write_checkpoints:
+                return
+            states = [loader.state_dict()]
+            if dist_info.enabled:
+                gathered = [None] * dist_info.world_size
+                dist.all_gather_object(gathered, states[0])
+                states = gathered
+            if not dist_info.is_master:
+                return
+            from picochat.data.loader import merge_states
+            state = {"loader": merge_states(states) if "slots" in states[0] else states[0],
+                     "history": history, "train_time": train_time}
+            meta = dict(base_meta or {}, stage=settings.stage, settings=asdict(settings), val_bpb=val_bpb,
+                        tokens=at_step * tokens_per_step, train_time=train_time, num_params=model.num_params(),
+                        world_size=dist_info.world_size, device=str(device.type))
+            ckpt_mod.save_checkpoint(settings.tag, at_step, model, model.config, meta, optimizers, state,
+                                     keep=settings.keep, tokenizer=tokenizer)
+
+        log = _wandb_logger(wandb_project, settings) if dist_info.is_master else None
+        print0(f"{settings.stage}: {model.num_params():,} params, {settings.steps} steps x {tokens_per_step:,} tokens "
+               f"(grad accum {grad_accum}, world {dist_info.world_size}), tag {settings.tag}")
+        model.train()
+        bar = tqdm(total=end, initial=step, desc=settings.stage, disable=not dist_info.is_master, dynamic_ncols=True)
+        smooth = None
+        while step < end:
+            if settings.eval_every and step % settings.eval_every == 0 and step > 0:
+                evaluate()
+                if log:
+                    log(history[-1])
+            t0 = time.perf_counter()
+            mult = apply_schedule(optimizers, step, settings.steps, warmup_ratio=settings.warmup_ratio,
+                                  warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
+            total = torch.zeros((), device=device)
+            wait = 0.0
+            for micro in range(grad_accum):
+                tw = time.perf_counter()
+                batch = next(loader)
+                wait += time.perf_counter() - tw
+                if mark_step:
+                    torch.compiler.cudagraph_mark_step_begin()
+                sync = micro == grad_accum - 1 or not dist_info.enabled
+                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, autocast_ctx(device):
+                    loss = (loss_fn(train_model, batch) if loss_fn else train_model(*batch)) / grad_accum
+                    loss.backward()
+                total += loss.detach()
+            for opt in optimizers:
+                opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            if dist_info.enabled:
+                dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            loss_val = total.item()  # also a sync point, so the timing below is real
+            if not math.isfinite(loss_val):
+                raise PicochatError(f"loss became {loss_val} at step {step}; lower the learning rates")
+            dt = time.perf_counter() - t0
+            train_time += dt
+            session_time += dt
+            data_wait += wait
+            step += 1
+            smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
+            if step % settings.log_every == 0 or step == end:
+                # RL's loader reports what the step did (rewards, rollout speed, the tokens it really trained)
+                metrics = dict(loader.step_metrics()) if hasattr(loader, "step_metrics") else {}
+                tokens = metrics.pop("tokens", tokens_per_step)
+                history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens / dt,
+                                "time": train_time, "data_wait": wait / dt, **metrics})
+                if log:
+                    log(history[-1])
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            if settings.save_every and step % settings.save_every == 0 and step < end:
+                save(step)
+        bar.close()
+        if step >= settings.steps:
+            evaluate()
+        if log:
+            log(history[-1])
+        save(step)
     finally:
-        close = getattr(loader, "close", None)
-        if close is not None:  # stop background workers, also when training fails
-            close()
-
-
-def _train(model, settings, loader, grad_accum, optimizers, step, history, train_time, device, dist_info,
-           val_batches, token_bytes, resume, stop_after, base_meta, wandb_project, write_checkpoints,
-           tokenizer, loss_fn=None, eval_fn=None) -> dict:
-    cfg: GPTConfig = model.config
-    session_time = data_wait = 0.0
-    train_model = compile_model(model, settings.compile, device)
-    # CUDA graphs replay into fixed output buffers: tell the graph tree where each step begins
-    mark_step = device.type == "cuda" and settings.compile in CUDAGRAPH_MODES
-    if dist_info.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    tokens_per_step = settings.device_batch_size * settings.seq_len * dist_info.world_size * grad_accum
-    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
-    val_bpb = None
-
-    def do_eval() -> dict:
-        """One history entry's metrics: val bpb (None without val data) and eval_fn's."""
-        out = {"val_bpb": None}
-        if val_batches is not None and token_bytes is not None:
-            out["val_bpb"] = evaluate_bpb(model, val_batches(), token_bytes, max_batches=settings.eval_batches)
-        if eval_fn is not None:
-            out.update(eval_fn())
-        return out
-
-    def save(at_step: int) -> None:
-        if not write_checkpoints:
-            return
-        states = [loader.state_dict()]
-        if dist_info.enabled:
-            gathered = [None] * dist_info.world_size
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
-        if not dist_info.is_master:
-            return
-        from picochat.data.loader import merge_states
-        state = {"loader": merge_states(states) if "slots" in states[0] else states[0],
-                 "history": history, "train_time": train_time}
-        meta = dict(base_meta or {}, stage=settings.stage, settings=asdict(settings), val_bpb=val_bpb,
-                    tokens=at_step * tokens_per_step, train_time=train_time, num_params=model.num_params(),
-                    world_size=dist_info.world_size, device=str(device.type))
-        ckpt_mod.save_checkpoint(settings.tag, at_step, model, cfg, meta, optimizers, state, keep=settings.keep,
-                                 tokenizer=tokenizer)
-
-    log = _wandb_logger(wandb_project, settings) if dist_info.is_master else None
-    print0(f"{settings.stage}: {model.num_params():,} params, {settings.steps} steps x {tokens_per_step:,} tokens "
-           f"(grad accum {grad_accum}, world {dist_info.world_size}), tag {settings.tag}")
-    model.train()
-    bar = tqdm(total=end, initial=step, desc=settings.stage, disable=not dist_info.is_master, dynamic_ncols=True)
-    smooth = None
-    while step < end:
-        if settings.eval_every and step % settings.eval_every == 0 and step > 0:
-            history.append({"step": step, **do_eval()})
-            val_bpb = history[-1]["val_bpb"]
-            if log:
-                log(history[-1])
-        t0 = time.perf_counter()
-        mult = apply_schedule(optimizers, step, settings.steps, warmup_ratio=settings.warmup_ratio,
-                              warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
-        total = torch.zeros((), device=device)
-        wait = 0.0
-        for micro in range(grad_accum):
-            tw = time.perf_counter()
-            batch = next(loader)
-            wait += time.perf_counter() - tw
-            if mark_step:
-                torch.compiler.cudagraph_mark_step_begin()
-            sync = micro == grad_accum - 1 or not dist_info.enabled
-            ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx, autocast_ctx(device):
-                loss = (loss_fn(train_model, batch) if loss_fn else train_model(*batch)) / grad_accum
-                loss.backward()
-            total += loss.detach()
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        if dist_info.enabled:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        loss_val = total.item()  # also a sync point, so the timing below is real
-        if not math.isfinite(loss_val):
-            raise PicochatError(f"loss became {loss_val} at step {step}; lower the learning rates")
-        dt = time.perf_counter() - t0
-        train_time += dt
-        session_time += dt
-        data_wait += wait
-        step += 1
-        smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
-        if step % settings.log_every == 0 or step == end:
-            # RL's loader reports what the step did (rewards, rollout speed, the tokens it really trained)
-            metrics = dict(loader.step_metrics()) if hasattr(loader, "step_metrics") else {}
-            tokens = metrics.pop("tokens", tokens_per_step)
-            history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens / dt,
-                            "time": train_time, "data_wait": wait / dt, **metrics})
-            if log:
-                log(history[-1])
-        bar.update(1)
-        bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        if settings.save_every and step % settings.save_every == 0 and step < end:
-            save(step)
-    bar.close()
-    if step >= settings.steps:
-        history.append({"step": step, **do_eval()})
-        val_bpb = history[-1]["val_bpb"]
-    if log:
-        log(history[-1])
-    save(step)
-    summary = {"step": step, "loss": smooth, "val_bpb": val_bpb, "train_time": train_time,
-               "tokens": step * tokens_per_step,
-               "tok_per_s": (step - (resume.step if resume else 0)) * tokens_per_step / max(session_time, 1e-9),
-               "data_wait_share": data_wait / max(session_time, 1e-9), "history": history,
-               "optimizer_state_bytes": sum(t.numel() * t.element_size() for opt in optimizers
-                                            for st in opt.state.values() for t in st.values() if torch.is_tensor(t))}
+        if hasattr(loader, "close"):  # stop background workers, also when training fails
+            loader.close()
     if val_bpb is not None:
         print0(f"{settings.stage} done: step {step}, val bpb {val_bpb:.4f}, {train_time:.1f}s training")
-    return summary
+    return {"step": step, "loss": smooth, "val_bpb": val_bpb, "train_time": train_time,
+            "tokens": step * tokens_per_step,
+            "tok_per_s": (step - (resume.step if resume else 0)) * tokens_per_step / max(session_time, 1e-9),
+            "data_wait_share": data_wait / max(session_time, 1e-9), "history": history,
+            "optimizer_state_bytes": sum(t.numel() * t.element_size() for opt in optimizers
+                                         for st in opt.state.values() for t in st.values() if torch.is_tensor(t))}
 
 
 def _wandb_logger(project: str | None, settings: TrainSettings):

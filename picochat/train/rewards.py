@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.common import PicochatError, print0
-from picochat.eval.generate import calculator_agreement, generate_replies  # noqa: F401 (rl.py imports it from here)
+from picochat.eval.generate import calculator_agreement, generate_replies
 from picochat.tasks import GENERATIVE, TASKS, TRAIN_SPLIT, EvalTask, make_eval_task, parse_weighted
 
 
@@ -55,29 +55,30 @@ def load_reward_tasks(names: list[str], data_files: dict[str, str], size: int) -
     return tasks
 
 
-class Tally:
-    """Sums that every rank adds to and one all_reduce combines (keys fixed before the reduce)."""
+def sum_over_ranks(sums: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Per-key sums over all ranks (every rank builds the same keys in the same order; `device`: where
+    the backend reduces, CUDA for nccl)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return dict(zip(sums, t.tolist()))
+    return sums
 
-    def __init__(self, keys: list[str]):
-        self.keys = list(keys)
-        self.values = dict.fromkeys(self.keys, 0.0)
 
-    def add(self, key: str, value: float) -> None:
-        self.values[key] += float(value)
-
-    def reduce(self, device: torch.device | str = "cpu") -> dict[str, float]:
-        """The sums over all ranks (`device`: where the backend reduces, CUDA for nccl)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([self.values[k] for k in self.keys], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            self.values = dict(zip(self.keys, t.tolist()))
-        return self.values
+def add_agreement(sums: dict[str, float], replies) -> None:
+    """Count into sums["calls"] the replies with a numeric calculator result, into sums["agree"] those
+    whose final answer is it."""
+    for r in replies:
+        agree = calculator_agreement(r)
+        if agree is not None:
+            sums["calls"] += 1
+            sums["agree"] += float(agree)
 
 
 def heldout_metrics(engine, tok, tasks: list[EvalTask], rank: int = 0, world: int = 1) -> dict[str, float]:
     """Greedy pass@1 per task on its eval problems (sharded across ranks like `picochat eval`),
     graded by the task's grader, plus the calculator agreement over all replies that used it."""
-    tally = Tally([f"{t.name}/{x}" for t in tasks for x in ("n", "ok")] + ["calls", "agree"])
+    sums = dict.fromkeys([f"{t.name}/{x}" for t in tasks for x in ("n", "ok")] + ["calls", "agree"], 0.0)
     limit = engine.model.cos.size(0)
     for task in tasks:
         mine = [task.examples[i] for i in range(rank, len(task), world)]
@@ -86,13 +87,10 @@ def heldout_metrics(engine, tok, tasks: list[EvalTask], rank: int = 0, world: in
         prompts = [tok.render_for_completion({"messages": task.chat_prompt(ex)}) for ex in mine]
         replies = generate_replies(engine, tok, prompts, min(task.max_tokens, limit // 2))  # greedy
         for ex, r in zip(mine, replies):
-            tally.add(f"{task.name}/n", 1)
-            tally.add(f"{task.name}/ok", task.reward(ex, r.text))
-            agree = calculator_agreement(r)
-            if agree is not None:
-                tally.add("calls", 1)
-                tally.add("agree", agree)
-    v = tally.reduce(engine.device)
+            sums[f"{task.name}/n"] += 1
+            sums[f"{task.name}/ok"] += float(task.reward(ex, r.text))
+        add_agreement(sums, replies)
+    v = sum_over_ranks(sums, engine.device)
     out = {f"heldout_{t.name}": v[f"{t.name}/ok"] / max(1.0, v[f"{t.name}/n"]) for t in tasks}
     if v["calls"]:
         out["heldout_calc_agree"] = v["agree"] / v["calls"]

@@ -31,7 +31,7 @@ from picochat.tasks.base import TaskMixture, stable_hash
 from picochat.eval.generate import generate_replies
 from picochat.inference.engine import Engine
 from picochat.inference.sampling import Sampling
-from picochat.train.rewards import Tally, calculator_agreement, heldout_metrics, load_reward_tasks
+from picochat.train.rewards import add_agreement, heldout_metrics, load_reward_tasks, sum_over_ranks
 
 HELDOUT_TASKS = ("arithmetic", "spelling")  # offline test problems: the held-out monitor needs no network
 
@@ -160,9 +160,8 @@ class RolloutLoader:
         rewards = torch.tensor([task.reward(ex, r.text) for g, (task, ex) in enumerate(picks)
                                 for r in replies[g * K:(g + 1) * K]])
         adv = group_advantages(rewards, K)
-        tally = self._tally(picks, replies, rewards, adv, gen_s)
-        v = tally.reduce(self.device)
-        n_tokens = max(1.0, v["tokens"])
+        self._metrics = self._step_metrics(picks, replies, rewards, adv, gen_s)
+        n_tokens = self._metrics["tokens"]
         # DDP averages gradients over ranks and the loop divides by grad_accum: undo both so the
         # update is sum(adv x grad log p) / (sampled tokens in the global batch)
         scale = self.grad_accum * self.world / n_tokens
@@ -173,7 +172,6 @@ class RolloutLoader:
                 for b in batches:
                     b.ref_logp = -self.ref_model(b.x, b.y, loss_reduction="none").view_as(b.y).float()
                     b.kl_weight = o.kl_coef * scale
-        self._metrics = self._summarise(v, n_tokens)
         self.rollouts += 1
         if self.rollouts % self.log_every == 0:
             m = self._metrics
@@ -184,29 +182,23 @@ class RolloutLoader:
                    f"tok/s")
         return batches
 
-    def _tally(self, picks, replies, rewards, adv, gen_s) -> Tally:
+    def _step_metrics(self, picks, replies, rewards, adv, gen_s) -> dict:
+        """This rollout's metrics over all ranks; "tokens": the sampled tokens of the global batch."""
         K = self.opts.samples
-        tally = Tally(["tokens", "rows", "reward", "groups", "live", "calls", "agree", "tok_rate"]
-                      + [f"{t.name}/{x}" for t in self.tasks for x in ("n", "ok")])
-        gen_tokens = sum(r.tokens for r in replies)
-        tally.add("tokens", gen_tokens)
-        tally.add("tok_rate", gen_tokens / max(gen_s, 1e-9))  # summed over ranks: the job's rollout rate
-        tally.add("rows", len(replies))
-        tally.add("reward", rewards.sum())
+        s = dict.fromkeys(["tokens", "rows", "reward", "groups", "live", "calls", "agree", "tok_rate"]
+                          + [f"{t.name}/{x}" for t in self.tasks for x in ("n", "ok")], 0.0)
+        s["tokens"] += sum(r.tokens for r in replies)
+        s["tok_rate"] += s["tokens"] / max(gen_s, 1e-9)  # summed over ranks: the job's rollout rate
+        s["rows"] += len(replies)
+        s["reward"] += float(rewards.sum())
         for g, (task, _) in enumerate(picks):
-            tally.add("groups", 1)
-            tally.add("live", bool(adv[g * K:(g + 1) * K].abs().sum() > 0))
-            tally.add(f"{task.name}/n", K)
-            tally.add(f"{task.name}/ok", rewards[g * K:(g + 1) * K].sum())
-        for r in replies:
-            agree = calculator_agreement(r)
-            if agree is not None:
-                tally.add("calls", 1)
-                tally.add("agree", agree)
-        return tally
-
-    def _summarise(self, v: dict, n_tokens: float) -> dict:
-        m = {"tokens": n_tokens, "reward": v["reward"] / max(1.0, v["rows"]),
+            s["groups"] += 1
+            s["live"] += bool(adv[g * K:(g + 1) * K].abs().sum() > 0)
+            s[f"{task.name}/n"] += K
+            s[f"{task.name}/ok"] += float(rewards[g * K:(g + 1) * K].sum())
+        add_agreement(s, replies)
+        v = sum_over_ranks(s, self.device)
+        m = {"tokens": max(1.0, v["tokens"]), "reward": v["reward"] / max(1.0, v["rows"]),
              "response_len": v["tokens"] / max(1.0, v["rows"]), "rollout_tok_per_s": v["tok_rate"],
              "live_groups": v["live"] / max(1.0, v["groups"])}
         for t in self.tasks:

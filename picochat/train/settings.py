@@ -112,22 +112,18 @@ def check_fresh(tag: str, args) -> None:
         raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
 
 
-def resume_settings(resume, args):
-    """The checkpoint's settings, except the execution knobs given again on the command line."""
+def resume_run(args, device, tag: str | None = None):
+    """--resume: the checkpoint under `tag` (base: from --depth) or --tag, its settings (except the
+    execution knobs given again on the command line), its model and its tokenizer."""
+    from picochat import checkpoint as ck
+    tag = tag or args.tag
+    if not tag:
+        raise PicochatError("--resume needs --tag (the run to continue)")
+    resume = ck.read_checkpoint(tag)
     settings = TrainSettings(**resume.meta["settings"])
     if args.compile is not None:
         settings.compile = args.compile
     if args.grad_checkpoint:
         settings.grad_checkpoint = True
-    return settings
-
-
-def resume_run(args, device):
-    """--resume of a run started from another checkpoint (mid, sft, rl): the checkpoint under --tag,
-    its settings, its model and its tokenizer."""
-    from picochat import checkpoint as ck
-    if not args.tag:
-        raise PicochatError("--resume needs --tag (the run to continue)")
-    resume = ck.read_checkpoint(args.tag)
-    model, _ = ck.load_model(args.tag, device=device)
-    return resume, resume_settings(resume, args), model, ck.load_tokenizer(args.tag)
+    model, _ = ck.load_model(tag, device=device)
+    return resume, settings, model, ck.load_tokenizer(tag)
