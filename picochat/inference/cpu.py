@@ -1,29 +1,15 @@
-"""Making CPU decoding fast: oneDNN for the matmuls that gain from it, and an allocator that keeps
-freed memory instead of handing it back to the kernel after every step.
+"""Making CPU decoding fast (measured in docs/inference.md, "CPU tuning"):
 
-Both come from profiling a d4 decode step on the 2-core dev CPU (numbers in docs/inference.md):
+1. Matmuls: MKL's sgemm is slow for the few rows decoding produces on larger weights; oneDNN on a
+   weight reordered once into its blocked layout is 1.3-3.5x faster there but costs ~30 us more
+   per call. `pack_linears` switches every Linear with at least PACK_MIN_WEIGHTS weights to a
+   PackedLinear (same parameters and state_dict) that uses oneDNN from ALWAYS_WEIGHTS weights or
+   2 rows, F.linear otherwise (benchmarks/cpu_linear.py measures the rule).
+2. Allocator: glibc hands freed megabytes (batch x vocab sampling temporaries) back to the kernel
+   and page-faults them in on the next step; `retain_freed_memory()` raises its thresholds.
 
-1. Matmuls. PyTorch sends nn.Linear on CPU to MKL's sgemm, which is slow for the few rows decoding
-   produces (1 per sequence, gamma + 1 when verifying a speculation) on larger weights. oneDNN's
-   linear on a weight reordered once into its blocked layout (`_reorder_linear_weight`) was
-   1.3-3.5x faster there, but costs about 30 us more per call, so it loses on small weights and on
-   mid-size weights with a single row (benchmarks/cpu_linear.py measures both by shape and rows).
-   `pack_linears(model)` switches every Linear with at least PACK_MIN_WEIGHTS weights to a
-   PackedLinear (same parameters, same state_dict) that uses oneDNN when the weight has at least
-   ALWAYS_WEIGHTS elements or the call has 2+ rows, and F.linear otherwise.
-2. Allocator. A batch of 32 samples from (32, vocab) float tensors; glibc returns such freed
-   megabytes to the kernel at once (its trim threshold follows the mmap threshold, about 2 MB) and
-   page-faults them back in on the next step. Sampling at batch 32 took 1.9 ms a step that way and
-   0.23 ms with the thresholds raised. `retain_freed_memory()` raises them with mallopt (glibc
-   only, process-wide, once), which is what the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
-   environment variables would do; it leaves them alone when the user set those or preloads
-   another allocator.
-
-PackedLinear takes the oneDNN path only where that is safe (CPU, float32, no autograd, no
-autocast, not under torch.compile). Its packed copy follows the weight: it is rebuilt when the
-weight's storage or version counter changes (an optimizer step, load_state_dict, .to()), so a
-model can go on training after an Engine was built on it. Packing costs one more copy of those
-weights in memory.
+The packed copy follows the weight (rebuilt when its storage or version changes), so a model can
+go on training after an Engine was built on it; it costs one more copy of those weights.
 """
 from __future__ import annotations
 
@@ -84,8 +70,7 @@ class PackedLinear(nn.Linear):
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Switch every nn.Linear of `model` with at least PACK_MIN_WEIGHTS weights to PackedLinear
-    (in place; idempotent) and return the model. A no-op where oneDNN is not built in."""
+    """In place and idempotent; a no-op where oneDNN is not built in."""
     if onednn_available():
         for mod in model.modules():
             if type(mod) is nn.Linear and mod.weight.numel() >= PACK_MIN_WEIGHTS:
@@ -95,7 +80,6 @@ def pack_linears(model: nn.Module) -> nn.Module:
 
 
 def unpack_linears(model: nn.Module) -> nn.Module:
-    """Undo pack_linears (plain nn.Linear again, packed copies dropped)."""
     for mod in model.modules():
         if type(mod) is PackedLinear:
             for name in ("_packed", "_packed_key", "min_rows"):
@@ -105,10 +89,8 @@ def unpack_linears(model: nn.Module) -> nn.Module:
 
 
 def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Keep freed heap memory for reuse instead of returning it to the kernel (glibc mallopt).
-    Process-wide and applied once; returns whether the thresholds are now raised. Skipped off
-    glibc, when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set, or when LD_PRELOAD
-    brings another allocator (jemalloc, tcmalloc)."""
+    """Keep freed heap memory for reuse (glibc mallopt; process-wide, once); returns whether the
+    thresholds are raised. Skipped off glibc, or when the user set them or preloads an allocator."""
     global _malloc_tuned
     if _malloc_tuned is None:
         _malloc_tuned = False
@@ -126,8 +108,7 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 25
 
 
 def prepare_cpu_inference(model: nn.Module, enable: bool = True) -> nn.Module:
-    """Both of the above for a model about to decode on the CPU; enable=False unpacks the model's
-    layers instead (the allocator setting, process-wide, stays as it is)."""
+    """Both of the above; enable=False unpacks the layers instead (the allocator stays as it is)."""
     if not enable:
         return unpack_linears(model)
     retain_freed_memory()

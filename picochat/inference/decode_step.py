@@ -1,19 +1,15 @@
 """One decode step (B tokens in, B x V logits out) that can run without per-token launch overhead.
 
     eager         model.hidden over the KVCache as it is (the default on CPU: no compile time)
-    compiled      the same step with static shapes (model.kv_cache.StaticStep) under torch.compile:
-                  one fused graph; `--decode-step compiled` on CPU, where the compile costs minutes
-    cuda-graphs   compiled with mode="reduce-overhead": the step is captured once as a CUDA graph
-                  and replayed, so a token costs one launch (the default on CUDA)
+    compiled      the same step with static shapes (model.kv_cache.StaticStep) under torch.compile
+    cuda-graphs   compiled with mode="reduce-overhead": captured once as a CUDA graph and replayed,
+                  so a token costs one launch (the default on CUDA)
 
-Why a static step: eager decoding of a small model is Python and dispatch overhead, not arithmetic
-(a d4 step: ~150 small ops, 6.6 ms on 2 cores for 10 MFLOP). A graph can only be captured and
-replayed if nothing in it changes between steps but tensor contents: StaticStep writes each
-token's key/value at a position held in a tensor and attends over the whole preallocated cache
-with a mask, so step 1 and step 500 are the same graph. The cache buffers are marked as static
-addresses, which lets the CUDA graph write them in place. A different batch size or cache length
-is a new shape: compiled once more (the engine therefore keeps finished rows in a compiled batch
-instead of compacting it).
+Why: eager decoding of a small model is Python and dispatch overhead, not arithmetic (a d4 step:
+~150 small ops, 6.6 ms on 2 cores for 10 MFLOP). A graph can be replayed only if nothing but tensor
+contents changes between steps: StaticStep writes each key/value at a position held in a tensor
+and attends over the whole preallocated cache with a mask. A new batch size or cache length is a
+new shape, compiled once more (so the engine keeps finished rows in a compiled batch).
 """
 from __future__ import annotations
 
@@ -48,22 +44,17 @@ def resolve_flags(args, device: torch.device) -> torch.dtype:
 class DecodeStep:
     """step(tokens (B, 1), cache) -> logits (B, V) fp32, advancing the cache by one position."""
 
-    def __init__(self, model, mode: str = "eager", dynamic: bool | None = False):
-        """dynamic=False: one compiled graph per batch size and cache length; None: torch.compile makes
-        a dimension symbolic once it has seen it change, so new sizes need no new compile (Engine and
-        the server use that; CUDA graphs are still recorded per size, which is cheap)."""
+    def __init__(self, model, mode: str = "eager"):
         self.model, self.mode = model, mode
         self._marked: set[int] = set()
         self._compiled_once = False
-        if mode == "eager":
-            self._fn = None
-        else:
-            self._fn = torch.compile(self._static, mode="reduce-overhead" if mode == "cuda-graphs" else None,
-                                     fullgraph=True, dynamic=dynamic)
+        # dynamic=None: torch.compile makes a dimension symbolic once it has seen it change, so
+        # generations of other sizes reuse the compiled step (CUDA graphs are recorded per size)
+        self._fn = None if mode == "eager" else torch.compile(
+            self._static, mode="reduce-overhead" if mode == "cuda-graphs" else None, fullgraph=True, dynamic=None)
 
     @property
-    def static(self) -> bool:
-        """Whether the batch shape should stay fixed (each new shape is a new compile)."""
+    def static(self) -> bool:  # keep the batch shape fixed: each new shape is a new compile
         return self._fn is not None
 
     def _static(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -93,7 +84,7 @@ class DecodeStep:
         return logits
 
     def _mark_static(self, cache: KVCache) -> None:
-        """The cache buffers live across replays and are written in place by the graph."""
+        # the cache buffers live across replays and are written in place by the graph
         for layer in cache.layers.values():
             for buf, _ in layer.values():
                 if id(buf) not in self._marked:

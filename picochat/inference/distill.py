@@ -1,17 +1,11 @@
 """Draft distillation for speculative decoding: a corpus of what the target model says.
 
-A draft is only useful when it predicts the target's next token (the acceptance α). A small model
-trained on the same data agrees with a larger one too rarely to pay on a CPU (docs/inference.md:
-α ≈ 0.5, ~1.0x); the same small model trained on the target's own continuations (sequence-level
-distillation, as in DistillSpec) reached α 0.89 and ~2x:
-
-    picochat data distill --target base/d8 --name distill-d8      # the target continues corpus prefixes
-    picochat train base --depth 2 --data distill-d8 --tag draft/d2
-    picochat serve --model base/d8 --draft draft/d2
-
-Each document is a 16-48-token prefix from a random line of a random training document plus the
-target's continuation; `greedy_fraction` of the rows decode at temperature 0 (what a greedy
-speculative run needs the draft to predict), the rest at `temperature`.
+A draft pays only when it predicts the target's next token: a small model trained on the same data
+agrees with a larger one too rarely to pay on a CPU (α ≈ 0.5, ~1.0x); trained on the target's own
+continuations it reached α 0.89 and ~2x (docs/inference.md has the recipe). Each document is a
+16-48-token prefix from a random line of a random training document plus the target's
+continuation; `greedy_fraction` of the rows decode at temperature 0 (what a greedy speculative run
+needs the draft to predict), the rest at `temperature`.
 """
 from __future__ import annotations
 

@@ -1,22 +1,13 @@
 """Inference engine: batched prefill once, then decode token by token with one KV cache.
 
-Prompts of different lengths are left-padded with BOS to a common length; the cache's `pad`
-gives each row its own rotary positions and a mask over its padding, so every row computes
-what it would alone (tests/test_engine.py checks this token for token).
-
-Per generation the engine
-- validates the sampling parameters once (scalars or per-row lists) and pre-draws each row's
-  uniforms from its own seeded generator (sampling.py), so the decode loop makes no RNG calls
-  and a row's samples do not depend on the rest of the batch;
-- allocates the KV cache once, for the longest sequence it can reach (padded prompt + the
-  largest max_new_tokens - 1: the last sampled token is never fed back);
-- keeps finished rows' tokens on the device; the only per-step host sync is one scalar (how many
-  rows are done), which drives early exit and compaction: when enough rows have finished,
-  `cache.select_rows` drops them so they stop costing compute (not with a compiled decode step,
-  decode_step.py, where a new batch size would be a new compile).
-
-A row finishes on a stop token (included in its output), on a stop sequence of token ids
-(included), or at its max_new_tokens.
+Prompts of different lengths are left-padded with BOS; the cache's `pad` gives each row its own
+rotary positions and a mask over its padding, so every row computes what it would alone
+(tests/test_engine.py checks this token for token). Per generation the engine pre-draws each
+row's uniforms from its own seed (sampling.py), allocates the KV cache once for the longest
+sequence it can reach, and syncs with the host once per step (how many rows are done): that
+drives early exit and compaction, `cache.select_rows` dropping finished rows (not with a compiled
+decode step, where a new batch size is a new compile). A row finishes on a stop token or a stop
+sequence of token ids (both included in its output), or at its max_new_tokens.
 """
 from __future__ import annotations
 
@@ -49,15 +40,9 @@ def length_chunks(lengths: Sequence[int], max_chunks: int = 4, min_rows: int = 4
 def prefill(model, contexts: list[list[int]], max_len: int, pad_id: int = 0, device=None,
             max_chunks: int = 4) -> tuple[torch.Tensor, KVCache]:
     """Feed every context through the model: (logits (B, V) at each context's last token, a KVCache
-    of B rows left-padded to the longest context, room for max_len positions).
-
-    Contexts of mixed lengths are prefilled in length-sorted chunks (`length_chunks`) and copied
-    into one cache allocated once (`KVCache.place` right-aligns them), so a batch costs about the
-    tokens it holds instead of B x the longest (32 prompts of 4-64 tokens, random d4, 2-core dev CPU,
-    2026-11-25: prefill 215-240 ms -> 170 ms, the batch-32 "prefill ms" of
-    `python benchmarks/batched_generation.py --prefill-chunks 1` vs without the flag; docs/inference.md).
-    Every row computes exactly what it would alone either way (padding keys are masked), which
-    tests/test_engine.py checks token for token."""
+    of B rows left-padded to the longest context, room for max_len positions). Mixed lengths are
+    prefilled in length-sorted chunks copied into one cache (`KVCache.place` right-aligns them), so
+    a batch costs about the tokens it holds, not B x the longest (measured in docs/inference.md)."""
     device = device if device is not None else next(model.parameters()).device
 
     def run(rows: list[int], room: int) -> tuple[torch.Tensor, KVCache]:
@@ -98,25 +83,17 @@ def default_stop_tokens(tokenizer) -> set[int]:
 class Engine:
     def __init__(self, model, tokenizer=None, device: torch.device | str | None = None,
                  cpu_tuning: bool = True, decode_step: str = "auto"):
-        """cpu_tuning (CPU only, cpu.py): run the model's larger Linear layers through oneDNN on
-        prepacked weights where that is faster, and keep the process's freed memory for reuse
-        (glibc). Modifies `model` in place (parameters and state_dict unchanged); False switches
-        the layers back to F.linear and leaves the allocator as it is.
-        decode_step: eager | compiled | cuda-graphs | auto (decode_step.py: CUDA graphs on CUDA,
-        eager elsewhere)."""
+        """cpu_tuning: cpu.py's prepare_cpu_inference on `model` (in place; False undoes it).
+        decode_step: eager | compiled | cuda-graphs | auto (decode_step.py)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        # dynamic=None: after its first recompile torch.compile makes batch and cache length symbolic, so
-        # generations of other sizes (an eval's last batch, longer prompts) reuse the compiled step
-        self.decode = DecodeStep(model, resolve_mode(decode_step, self.device), dynamic=None)
+        self.decode = DecodeStep(model, resolve_mode(decode_step, self.device))
         if self.device.type == "cpu":
             # oneDNN's prepacked path runs outside torch.compile only: a compiled step keeps F.linear
             prepare_cpu_inference(model, enable=cpu_tuning and not self.decode.static)
         self.last_stats: dict = {}  # what the last generation did (cache size, timings)
         self.prefill_chunks = 4     # mixed-length prompts: prefill in up to this many length-sorted chunks
-
-    # ------------------------------------------------------------------ helpers
 
     @property
     def pad_id(self) -> int:
@@ -125,12 +102,8 @@ class Engine:
     def default_stop_tokens(self) -> set[int]:
         return default_stop_tokens(self.tokenizer)
 
-    def kv_bytes_per_token(self) -> int:
-        """KV cache bytes per token per row, all layers (the cache stores the model's dtype)."""
-        elem = next(self.model.parameters()).element_size()
-        return self.model.kv_values_per_token() * elem
-
-    # ------------------------------------------------------------------ core loop
+    def kv_bytes_per_token(self) -> int:  # per row, all layers (the cache stores the model's dtype)
+        return self.model.kv_values_per_token() * next(self.model.parameters()).element_size()
 
     def _steps(self, prompts, max_new_tokens, sampling: Sampling, stop_tokens, stop_sequences):
         """Yield (row_ids, rows, tokens, live) per decode step: the original index of every row still
@@ -193,8 +166,6 @@ class Engine:
                 stats["compactions"] += 1
             logits = self.decode(tok[:, None], cache)
             stats["decode_steps"] += 1
-
-    # ------------------------------------------------------------------ public API
 
     @torch.inference_mode()
     def generate_stream(self, prompts: list[list[int]], max_new_tokens: int | list[int], sampling: Sampling | None = None,

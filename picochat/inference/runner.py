@@ -1,17 +1,12 @@
 """The scheduler's model runner: every forward pass of the server happens here, on the scheduler thread.
 
-The runner holds the running batch (requests in the KV cache's row order), its shared KV cache and
-its sampling parameters. The scheduler (scheduler.py) decides who runs; the runner
-- `add`s newcomers: prefills them together (left-padded, like the engine) and merges them into the
-  running cache (`KVCache.merge` right-aligns both batches and reallocates just enough room for the
-  longest remaining budget);
-- `decode`s one token for every row (`decode_step.py`);
-- `keep`s only some rows (`KVCache.select_rows`) when others finished or were cancelled;
-- `speculate`s a few rows by up to `spec_chunk` tokens with the draft
-  (speculative.generate_speculative_batch, exact: the target's output distribution), with its own
-  caches; the shared GammaController keeps adaptive γ's measurements across chunks.
-Each row samples with its own parameters and its own pre-drawn uniforms (Request.uniforms), so a
-row's tokens never depend on what else shares the batch.
+It holds the running batch (requests in the KV cache's row order), its shared KV cache and its
+sampling parameters, and `add`s newcomers (prefilled together, left-padded, then `KVCache.merge`d
+into the running cache with just enough room for the longest remaining budget), `decode`s one
+token for every row, `keep`s only some rows (`KVCache.select_rows`), or `speculate`s a row with
+the draft (speculative.generate_speculative_batch, its own caches; one GammaController keeps
+adaptive γ's measurements across chunks). Each row samples with its own parameters and pre-drawn
+uniforms (Request.uniforms), so its tokens never depend on what else shares the batch.
 """
 from __future__ import annotations
 
@@ -26,18 +21,15 @@ from picochat.model.kv_cache import KVCache
 
 
 class ModelRunner:
-    def __init__(self, model, draft=None, *, pad_id: int = 0, decode_step: str = "eager", spec_chunk: int = 16,
-                 gamma: int = 4):
+    def __init__(self, model, draft=None, *, pad_id: int = 0, decode_step: str = "eager", spec_chunk: int = 16):
         self.model, self.draft, self.pad_id, self.spec_chunk = model, draft, pad_id, spec_chunk
         self.device = next(model.parameters()).device
-        # the batch changes as requests come and go, so a compiled step is compiled with dynamic
-        # shapes (one graph for every batch size; CUDA graphs are recorded per size)
-        self.decode_step = DecodeStep(model, resolve_mode(decode_step, self.device), dynamic=None)
+        self.decode_step = DecodeStep(model, resolve_mode(decode_step, self.device))
         if self.device.type == "cpu":  # oneDNN where it pays (not inside a compiled step), allocator (cpu.py)
             for m in (model, draft):
                 if m is not None:
                     prepare_cpu_inference(m, enable=not (m is model and self.decode_step.static))
-        self.gamma_ctrl = GammaController(gamma) if draft is not None else None
+        self.gamma_ctrl = GammaController() if draft is not None else None
         self.max_positions = min(int(m.cos.size(0)) for m in (model, draft) if m is not None)
         self.rows: list = []            # Requests, in the cache's row order
         self.cache: KVCache | None = None
@@ -89,9 +81,8 @@ class ModelRunner:
 
     def speculate(self, rows) -> list[list[int]]:
         """Up to spec_chunk new tokens per row (fewer where a row's budget ends), by speculative
-        decoding. Speculation keeps its own caches, so the shared batch is dropped first. One seed
-        drives the chunk's generator: the first row's, moved on by the tokens it has so far."""
-        self.reset()
+        decoding, with its own caches (the scheduler has dropped the shared batch). One seed drives
+        the chunk's generator: the first row's, moved on by the tokens it has so far."""
         first = rows[0]
         seed = None if first.sampling.seed is None else int(first.sampling.seed) + len(first.tokens)
         out, _ = generate_speculative_batch(

@@ -1,22 +1,13 @@
-"""How tokens are sampled: the per-request `Sampling` object and the one sampling function
-(temperature, top-k, top-p (nucleus), per row of a batch).
+"""How tokens are sampled: `Sampling(temperature, top_k, top_p, seed)`, what every generation path
+takes (validated once, when it is made), `check_request` (the prompt and budget checks those paths
+share) and the one sampling function (temperature, top-k, top-p, per row of a batch).
 
-`Sampling(temperature, top_k, top_p, seed)` is what every generation path takes (Engine,
-speculative decoding, the scheduler, chat, evals, RL, the server): validated once when it is made.
-`check_request` is the one check of prompts and budgets those paths share.
-
-`probs_from_logits` turns logits into the distribution actually sampled from; speculative
-decoding uses it for both the draft (q) and the target (p), so "same distribution as the target"
-means the same transform. Temperature 0 means greedy (a one-hot distribution on the argmax).
-
-Every parameter may be a scalar (whole batch) or a per-row list. `SamplingParams` validates and
-turns them into (B,) tensors once per generation, so the decode loop does no per-step parsing;
-`select(rows)` follows the batch when finished rows are dropped.
-
-Drawing is inverse-CDF with one uniform per row: `sample_from_probs(probs, uniforms=u)`. The
-engine pre-draws each row's uniforms from that row's own seeded `torch.Generator`, so a row's
-samples depend only on its seed and its logits, never on what else shares the batch, and the
-decode loop makes no RNG calls at all.
+`probs_from_logits` gives the distribution actually sampled from; speculative decoding uses it for
+both the draft and the target, so "same distribution as the target" means the same transform.
+Every parameter may be a scalar or a per-row list; `SamplingParams` turns them into (B,) tensors
+once per generation. Drawing is inverse-CDF with one uniform per row, and the engine pre-draws each
+row's uniforms from the row's own seeded generator, so a row's samples depend only on its seed and
+its logits, never on what else shares the batch.
 """
 from __future__ import annotations
 

@@ -1,16 +1,14 @@
 """Continuous batching: one scheduler thread owns the model; requests join and leave a running batch.
 
-Engine.generate batches prompts that arrive together. A server gets them one by one, at any time,
+Engine.generate batches prompts that arrive together; a server gets them one by one, at any time,
 so here a single thread loops, and each turn of the loop is
-1. schedule (this file, under the lock): forget requests cancelled while queued, then choose
-   between a plain step and speculation -- with a draft model and few rows (at most
-   `spec_max_batch` running + waiting) it speculates, `spec_chunk` tokens at a time so that
-   newcomers wait at most one chunk; otherwise up to `max_batch` rows run and the next waiting
-   requests join;
+1. schedule (under the lock): forget requests cancelled while queued; with a draft model and one
+   request in all, speculate `spec_chunk` tokens at a time (a newcomer waits at most one chunk);
+   otherwise up to `max_batch` rows run and the next waiting requests join;
 2. run (runner.py, the model runner): prefill the newcomers into the shared KV cache and decode
    one token for every row, or speculate;
-3. postprocess (here): hand each token to its request, retire rows that finished (stop token,
-   budget) or were cancelled (client gone) at once, so they stop costing compute and memory.
+3. postprocess: hand each token to its request, retire rows that finished (stop token, budget) or
+   were cancelled (client gone) at once, so they stop costing compute and memory.
 A greedy request gives exactly what Engine.generate gives for its prompt alone, whatever else
 shares the batch (tests/test_serve_concurrency.py).
 """
@@ -54,32 +52,24 @@ class Request:
         self._out.put(_END)
 
     def __iter__(self):
-        while True:
-            item = self._out.get()
-            if item is _END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
+        yield from iter(self._out.get, _END)
+        if self.error is not None:
+            raise self.error
 
 
 class Scheduler:
-    def __init__(self, model, *, draft=None, max_batch: int = 16, pad_id: int = 0, spec_max_batch: int = 1,
-                 spec_chunk: int = 16, gamma: int = 4, decode_step: str = "eager"):
+    def __init__(self, model, *, draft=None, max_batch: int = 16, pad_id: int = 0, spec_chunk: int = 16,
+                 decode_step: str = "eager"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.model, self.draft = model, draft
-        self.runner = ModelRunner(model, draft, pad_id=pad_id, decode_step=decode_step, spec_chunk=spec_chunk,
-                                  gamma=gamma)
-        self.max_batch, self.spec_max_batch = max_batch, spec_max_batch
+        self.model, self.draft, self.max_batch = model, draft, max_batch
+        self.runner = ModelRunner(model, draft, pad_id=pad_id, decode_step=decode_step, spec_chunk=spec_chunk)
         self._pending: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.stats = dict(decode_steps=0, row_steps=0, prefills=0, joined=0, finished=0, cancelled=0, spec_chunks=0,
                           max_batch_seen=0)  # row_steps / decode_steps = mean decode batch
-
-    # ------------------------------------------------------------------ public API (any thread)
 
     @property
     def active_slots(self) -> int:
@@ -122,8 +112,6 @@ class Scheduler:
             self._cv.notify()
         return req
 
-    # ------------------------------------------------------------------ the loop (scheduler thread)
-
     def _loop(self) -> None:
         while True:
             with self._cv:
@@ -131,11 +119,9 @@ class Scheduler:
                     self._cv.wait()
                 if self._stop:
                     break
-                for req in [r for r in self._pending if r.cancelled]:  # gone before their turn
-                    self._pending.remove(req)
-                    self._cancelled(req)
-                # few rows in all and a draft: speculate (it prefills for itself); else batch them
-                speculate = self.draft is not None and len(self.runner.rows) + len(self._pending) <= self.spec_max_batch
+                self._pending = collections.deque(self._live(self._pending))  # some left before their turn
+                # one request in all and a draft: speculate (it prefills for itself); else batch them
+                speculate = self.draft is not None and len(self.runner.rows) + len(self._pending) <= 1
                 joining = []
                 while self._pending and (speculate or len(joining) < self.max_batch - len(self.runner.rows)):
                     joining.append(self._pending.popleft())
@@ -175,8 +161,8 @@ class Scheduler:
             self._drop([i for i, (r, t) in enumerate(zip(self.runner.rows, toks)) if self._emit(r, t)])
 
     def _speculate(self, rows: list[Request]) -> None:
-        """Advance the (few) rows by up to spec_chunk tokens with the draft; rows that go on wait at
-        the front of the queue and either speculate again or, when others have arrived, re-prefill
+        """Advance the row by up to spec_chunk tokens with the draft; if it goes on, it waits at the
+        front of the queue and either speculates again or, when others have arrived, re-prefills
         prompt + tokens to rejoin a plain batch."""
         self.runner.reset()
         rows = self._live(rows)
@@ -184,16 +170,11 @@ class Scheduler:
             return
         out = self.runner.speculate(rows)
         self.stats["spec_chunks"] += 1
-        back = []
-        for req, toks in zip(rows, out):
-            if any(self._emit(req, t) for t in toks):  # any() stops at the finishing token
-                self._retire(req)
-            else:
-                back.append(req)
+        # any() stops at the finishing token
+        finished = {i for i, (req, toks) in enumerate(zip(rows, out)) if any(self._emit(req, t) for t in toks)}
+        back = [rows[i] for i in self._sift(rows, finished)]
         with self._cv:
             self._pending.extendleft(reversed(back))
-
-    # ------------------------------------------------------------------ postprocess
 
     def _emit(self, req: Request, tok: int) -> bool:
         """Hand one token to its request; True when the request is finished."""
@@ -201,32 +182,21 @@ class Scheduler:
         req._out.put(tok)
         return tok in req.stop_tokens or req.remaining <= 0
 
-    def _retire(self, req: Request) -> None:
-        self.stats["finished"] += 1
-        req._finish()
-
-    def _cancelled(self, req: Request) -> None:
-        self.stats["cancelled"] += 1
-        req._finish()
-
-    def _live(self, reqs: list[Request]) -> list[Request]:
-        """The requests not cancelled; the cancelled ones are finished here."""
-        live = []
-        for r in reqs:
-            if r.cancelled:
-                self._cancelled(r)
+    def _sift(self, reqs, finished=()) -> list[int]:
+        """Finish the requests at indices `finished` and the cancelled ones; the indices of the rest."""
+        keep = []
+        for i, req in enumerate(reqs):
+            if i in finished or req.cancelled:
+                self.stats["finished" if i in finished else "cancelled"] += 1
+                req._finish()
             else:
-                live.append(r)
-        return live
+                keep.append(i)
+        return keep
+
+    def _live(self, reqs) -> list[Request]:
+        reqs = list(reqs)
+        return [reqs[i] for i in self._sift(reqs)]
 
     def _drop(self, finished: list[int] = ()) -> None:
         """Remove finished rows and cancelled ones from the batch and the cache, at once."""
-        finished, keep = set(finished), []
-        for i, req in enumerate(self.runner.rows):
-            if i in finished:
-                self._retire(req)
-            elif req.cancelled:
-                self._cancelled(req)
-            else:
-                keep.append(i)
-        self.runner.keep(keep)
+        self.runner.keep(self._sift(self.runner.rows, set(finished)))

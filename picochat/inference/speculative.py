@@ -1,28 +1,17 @@
 """Speculative decoding: a small draft proposes γ tokens, the target checks them in one forward.
 
-One round (Leviathan et al. 2023; Chen et al. 2023):
-1. the draft samples d_1..d_γ autoregressively from q_i (its own distribution);
-2. the target runs once over [last token, d_1..d_γ] and gives p_1..p_{γ+1};
-3. d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)), left to right; at the first
-   rejection one token is drawn from normalize(max(0, p_i - q_i)) and the round ends; if all γ
-   are accepted a bonus token is drawn from p_{γ+1}.
-Every emitted token is then distributed exactly as the target's next-token distribution
-(tests/test_speculative.py checks this with a chi-square test). p and q are both the output of
-`probs_from_logits`, so temperature/top-k/top-p apply to the target exactly as in plain sampling;
-temperature 0 makes both one-hot and the output equals the target's greedy output.
+One round (Leviathan et al. 2023; Chen et al. 2023): the draft samples d_1..d_γ from q_i; the
+target runs once over [last token, d_1..d_γ] and gives p_1..p_{γ+1}; d_i is accepted with
+probability min(1, p_i(d_i) / q_i(d_i)), left to right; at the first rejection one token is drawn
+from normalize(max(0, p_i - q_i)), and if all γ are accepted a bonus token from p_{γ+1}. Every
+emitted token is then distributed exactly as the target's (tests/test_speculative.py: chi-square).
+p and q both come from `probs_from_logits`, so temperature/top-k/top-p apply as in plain sampling;
+temperature 0 gives the target's greedy output.
 
-Caches: the target caches every token but the last emitted one, the draft lags by one or more
-(whatever is pending is fed at the start of its next turn); rejected positions are dropped with
-`cache.truncate`. Rows of a batch (batch 1 is the main use; batches let tests draw thousands of
-samples at once) accept different numbers of tokens, so after each round the shorter rows are
-shifted right (`cache.shift_right`, growing their left padding) to line up again.
-
-Adaptive γ (`GammaController`): speculation pays only when the draft is cheap and usually right.
-The controller keeps a decayed acceptance rate α and measured times of a draft forward and of a
-target forward over k tokens, predicts tokens per second for γ-1, γ, γ+1 -- a round yields
-(1 - α^(γ+1)) / (1 - α) tokens on average -- and compares with plain decoding (γ = 0, measured
-too). When plain decoding wins it decodes plainly and re-probes speculation now and then
-(back-off), so a useless draft costs a few percent, not a factor.
+The target caches every token but the last emitted one, the draft lags by one or more (fed at its
+next turn); rejected positions are dropped with `cache.truncate`, and in a batch the rows that
+accepted fewer tokens are shifted right (`cache.shift_right`) to line up again. `GammaController`
+picks γ per round, or plain decoding when the draft does not pay (docs/inference.md).
 """
 from __future__ import annotations
 
@@ -41,8 +30,6 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, genera
     Returns (n accepted (B,), the token that follows them (B,))."""
     B, g = drafts.shape
     rows = torch.arange(B, device=p.device)
-    if g == 0:
-        return torch.zeros(B, dtype=torch.long, device=p.device), sample_from_probs(p[:, 0], generator)
     p_d = p[:, :g].gather(2, drafts[..., None]).squeeze(2)
     q_d = q.gather(2, drafts[..., None]).squeeze(2)
     u = torch.rand(B, g, generator=generator, device=p.device)
@@ -85,7 +72,9 @@ class SpecStats:
 
 
 class GammaController:
-    """Picks γ for each round (0 = plain decoding) from acceptance and measured forward times."""
+    """Picks γ for each round (0 = plain decoding): from a decayed acceptance rate α and measured
+    forward times it predicts tokens/s for γ-1, γ, γ+1 (a round yields (1 - α^(γ+1)) / (1 - α)
+    tokens) and for plain decoding; when plain wins, it re-probes the draft now and then (back-off)."""
 
     def __init__(self, gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, probe_every: int = 4,
                  decay: float = 0.9):
@@ -165,9 +154,7 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
     """Sample up to max_new_tokens per prompt from `target`, using `draft` to propose tokens.
     Returns the new tokens per prompt (a stop token is included and ends its row) and stats.
     sampling: a Sampling (or its keywords, Sampling.of) whose fields may be per-row lists, except
-    the seed: one int seeds one generator for the whole batch.
-    On CPU both models' larger Linear layers are switched to prepacked oneDNN weights (cpu.py),
-    which make a gamma + 1-token verification much cheaper than with MKL."""
+    the seed: one int seeds one generator for the whole batch."""
     sampling = Sampling.of(sampling, **knobs)
     V = target.config.vocab_size
     if draft.config.vocab_size != V:
@@ -179,7 +166,7 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
     check_request(prompts, max_new_tokens, V, min(target.cos.size(0), draft.cos.size(0)), growth=growth)
     max_new_tokens = int(max_new_tokens)
     dev = next(target.parameters()).device
-    if dev.type == "cpu":
+    if dev.type == "cpu":  # oneDNN makes a gamma + 1-token verification much cheaper than MKL (cpu.py)
         prepare_cpu_inference(target)
         prepare_cpu_inference(draft)
     L = max(len(p) for p in prompts)
@@ -296,7 +283,6 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
 
 
 def generate_speculative(target, draft, prompt: list[int], max_new_tokens: int, **kw) -> tuple[list[int], SpecStats]:
-    """Batch-1 speculative decoding (the usual use): new tokens of `prompt` and the stats.
-    Arguments as generate_speculative_batch (sampling, gamma, max_gamma, adaptive, stop_tokens, pad_id)."""
+    """Batch-1 speculative decoding (the usual use): new tokens of `prompt` and the stats."""
     out, stats = generate_speculative_batch(target, draft, [list(prompt)], max_new_tokens, **kw)
     return out[0], stats

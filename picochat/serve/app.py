@@ -9,12 +9,8 @@
 
 `create_app` takes the model and tokenizer (tests build it from a tiny random model); the one
 Scheduler thread owns the model. The routes are methods of `Routes`, which holds what they share
-(the scheduler, the limits, admission); docs/serving.md draws the path of a request. Limits: prompt + max_tokens must fit the model's context
-(400 naming the limit); at most max_batch + max_queue generations in flight (else 503 with
-Retry-After, instead of unbounded memory; a request for more than that in one go can never be
-served: 400); bodies over max_body_bytes get 413, bodies slower than body_timeout_s 408; with an
-API key, every /v1 route wants `Authorization: Bearer KEY`. Every error is OpenAI's JSON shape.
-GET routes answer HEAD too; OPTIONS lists a route's methods (no CORS).
+(the scheduler, the limits, admission). docs/serving.md has the limits, the errors (every one in
+OpenAI's JSON shape) and the path of a request.
 """
 from __future__ import annotations
 
@@ -53,14 +49,6 @@ class _SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def _render_messages(messages: list[ChatMessage]) -> list[dict]:
-    """API messages -> picochat conversation messages (developer is OpenAI's new name for system;
-    the tokenizer folds a system message into the first user turn)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-
-
-# ---------------------------------------------------------------------- errors, OpenAI-shaped
-
 async def _api_error(request, exc: APIError):
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -92,11 +80,10 @@ async def _server_error(request, exc: Exception):
                                    "server_error"), status_code=500)
 
 
-# ---------------------------------------------------------------------- response bodies
-
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
 
 
 def _message(r: ChoiceResult) -> dict:
@@ -104,7 +91,7 @@ def _message(r: ChoiceResult) -> dict:
     (run by the server: nothing for the client to do) in the non-standard `tool_runs`."""
     msg = {"role": "assistant", "content": r.text}
     if r.tool_runs:
-        msg["tool_runs"] = [t.as_dict(k) for k, t in enumerate(r.tool_runs)]
+        msg["tool_runs"] = [{"index": k, **t} for k, t in enumerate(r.tool_runs)]
     return msg
 
 
@@ -126,6 +113,16 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
+async def _collect(request: Request, gen: Generation) -> list[ChoiceResult] | JSONResponse:
+    """Every choice's result, or a 499 response when the client went away."""
+    try:
+        return await gen.collect(lambda: _client_gone(request))
+    except ConnectionAbortedError:
+        return JSONResponse(error_body("client disconnected"), status_code=499)
+    except Exception as e:
+        raise APIError(500, f"generation failed: {e}", "server_error") from None
+
+
 class Routes:
     """The API's handlers and what they share: the model's limits, the tokenizer, the scheduler and
     the admission count (generations in flight, at most max_batch + max_queue)."""
@@ -140,8 +137,6 @@ class Routes:
         self._lock = threading.Lock()
         self.created = int(time.time())
         self.index_html = (STATIC / "index.html").read_text(encoding="utf-8")
-
-    # ------------------------------------------------------------------ shared steps
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -159,7 +154,9 @@ class Routes:
         return asked if asked is not None else min(self.default_max_tokens, self.context - prompt_len)
 
     def render(self, messages: list[ChatMessage], param: str) -> tuple[list[dict], list[int]]:
-        conv = _render_messages(messages)
+        # developer is OpenAI's new name for system; the tokenizer folds a system message into the
+        # first user turn
+        conv = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         try:
             return conv, self.tok.render_for_completion({"messages": conv})
         except ValueError as e:
@@ -190,30 +187,30 @@ class Routes:
         return Sampling(1.0 if f.temperature is None else f.temperature, f.top_k or None, f.top_p,
                         None if f.seed is None else f.seed + seed_offset)
 
-    def generation(self, pieces, stop, on_close) -> Generation:
-        return Generation(self.scheduler, self.stops, pieces, stop, on_close=on_close)
+    def head(self, kind: str) -> dict:
+        """The fields every response object starts with; kind is 'chat' or 'text'."""
+        return {"id": ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24],
+                "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "system_fingerprint": None}
 
-    async def respond(self, request: Request, gen: Generation, *, stream: bool, include_usage: bool,
-                      prompt_tokens: int, kind: str):
-        """Stream SSE chunks or return the whole object; kind is 'chat' or 'text'."""
-        cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        head = {"id": cid, "object": obj, "created": int(time.time()), "model": self.model_name,
-                "system_fingerprint": None}
-        if not stream:
-            try:
-                results = await gen.collect(lambda: _client_gone(request))
-            except ConnectionAbortedError:
-                return JSONResponse(error_body("client disconnected"), status_code=499)
-            except Exception as e:
-                raise APIError(500, f"generation failed: {e}", "server_error") from None
-            choices = [({"index": i, "message": _message(r)} if kind == "chat" else {"index": i, "text": r.text})
-                       | {"finish_reason": r.finish_reason, "logprobs": None} for i, r in enumerate(results)]
-            return head | {"choices": choices,
-                           "usage": _usage(prompt_tokens, sum(r.completion_tokens for r in results))}
+    def completion(self, kind: str, results: list[ChoiceResult], prompt_tokens: int) -> dict:
+        choices = [({"index": i, "message": _message(r)} if kind == "chat" else {"index": i, "text": r.text})
+                   | {"finish_reason": r.finish_reason, "logprobs": None} for i, r in enumerate(results)]
+        return self.head(kind) | {"choices": choices,
+                                  "usage": _usage(prompt_tokens, sum(r.completion_tokens for r in results))}
+
+    async def respond(self, request: Request, body, pieces, release, *, prompt_tokens: int, kind: str):
+        """Run the choices `pieces` of a chat or text request `body`: SSE chunks or the whole object."""
+        gen = Generation(self.scheduler, self.stops, pieces, [body.stop] * len(pieces), on_close=release)
+        if not body.stream:
+            results = await _collect(request, gen)
+            return results if isinstance(results, JSONResponse) else self.completion(kind, results, prompt_tokens)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head = self.head(kind)
 
         def chunk(choices, **extra) -> str:
-            body = head | {"object": obj + ".chunk" if kind == "chat" else obj, "choices": choices, **extra}
+            body = head | {"object": head["object"] + ".chunk" if kind == "chat" else head["object"],
+                           "choices": choices, **extra}
             if include_usage and "usage" not in extra:
                 body["usage"] = None
             return f"data: {json.dumps(body)}\n\n"
@@ -230,7 +227,7 @@ class Routes:
                         yield chunk([choice(ev[1], ev[2])])
                     elif ev[0] == "tool":
                         runs = gen.results[ev[1]].tool_runs
-                        yield chunk([choice(ev[1], tool=runs[-1].as_dict(len(runs) - 1))])
+                        yield chunk([choice(ev[1], tool={"index": len(runs) - 1, **runs[-1]})])
                     elif ev[0] == "end":
                         yield chunk([choice(ev[1], finish=ev[2])])
                     else:
@@ -244,8 +241,6 @@ class Routes:
 
         return _SSEResponse(sse(), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    # ------------------------------------------------------------------ routes
 
     async def index(self):
         return HTMLResponse(self.index_html)
@@ -273,9 +268,7 @@ class Routes:
         max_tokens = self.budget(len(ids), body, "messages")
         release = self.admit(body.n, "n")
         pieces = [chat_turn(self.tok, conv, max_tokens, self.sampling(body, i)) for i in range(body.n)]
-        return await self.respond(request, self.generation(pieces, body.stop, release), stream=body.stream,
-                                  prompt_tokens=len(ids), kind="chat",
-                                  include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        return await self.respond(request, body, pieces, release, prompt_tokens=len(ids), kind="chat")
 
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
@@ -287,39 +280,24 @@ class Routes:
             total += len(ids)
             pieces += [text_turn(self.tok, ids, max_tokens, self.sampling(body, j)) for j in range(body.n)]
         release = self.admit(len(pieces), "prompt" if body.n == 1 else "n")
-        return await self.respond(request, self.generation(pieces, body.stop, release), stream=body.stream,
-                                  prompt_tokens=total, kind="text",
-                                  include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        return await self.respond(request, body, pieces, release, prompt_tokens=total, kind="text")
 
     async def batch_completions(self, body: BatchRequest, request: Request):
         self.check_model(body.model)
-        jobs = []
+        pieces, stops, prompt_lens = [], [], []
         for i, item in enumerate(body.requests):
-            merged = SamplingFields(**{k: getattr(item, k) if getattr(item, k) is not None else getattr(body, k)
-                                       for k in SamplingFields.model_fields})
+            f = SamplingFields(**{k: getattr(item, k) if getattr(item, k) is not None else getattr(body, k)
+                                  for k in SamplingFields.model_fields})
             conv, ids = self.render(item.messages, f"requests.{i}.messages")
-            jobs.append((conv, ids, self.budget(len(ids), merged, f"requests.{i}.messages"), merged))
-        release = self.admit(len(jobs), "requests")
-        outstanding = len(jobs)
-
-        def release_one():
-            nonlocal outstanding
-            outstanding -= 1
-            if outstanding == 0:
-                release()
-
-        gens = [self.generation([chat_turn(self.tok, conv, m, self.sampling(f, 0))], f.stop, release_one)
-                for conv, ids, m, f in jobs]
-        responses = []
-        try:
-            for (conv, ids, m, f), gen in zip(jobs, gens):
-                responses.append(await self.respond(request, gen, stream=False, include_usage=False,
-                                                    prompt_tokens=len(ids), kind="chat"))
-                if isinstance(responses[-1], JSONResponse):  # the client went away
-                    return responses[-1]
-        finally:
-            for gen in gens:
-                gen.close()
+            max_tokens = self.budget(len(ids), f, f"requests.{i}.messages")
+            pieces.append(chat_turn(self.tok, conv, max_tokens, self.sampling(f, 0)))
+            stops.append(f.stop)
+            prompt_lens.append(len(ids))
+        release = self.admit(len(pieces), "requests")
+        results = await _collect(request, Generation(self.scheduler, self.stops, pieces, stops, on_close=release))
+        if isinstance(results, JSONResponse):  # the client went away
+            return results
+        responses = [self.completion("chat", [r], n) for r, n in zip(results, prompt_lens)]
         total = {k: sum(r["usage"][k] for r in responses) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         return {"id": "batch-" + uuid.uuid4().hex[:24], "object": "batch.completion", "created": int(time.time()),
                 "model": self.model_name, "responses": responses, "usage": total}
@@ -332,8 +310,7 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
     """Build the app. `model` is a GPT (or an Engine, whose model is used) in eval mode on its
     device; `draft` an optional smaller GPT with the same vocabulary for speculative decoding.
     context_length: prompt + max_tokens limit per request; default the trained sequence_len, at
-    most the model's rotary table (quality degrades past the trained length). decode_step: how the
-    scheduler runs each decode step (inference/decode_step.py)."""
+    most the model's rotary table (quality degrades past the trained length)."""
     model = getattr(model, "model", model)
     context = int(context_length or model.config.sequence_len)
     if not 1 <= context <= model.cos.size(0):

@@ -1,19 +1,18 @@
 """The bridge between async HTTP handlers and the scheduler: n choices, stop strings, cancellation.
 
-Each choice runs a synchronous text generator (`chat_turn` below: inference/chat.py's stream_chat
-with its calculator calls reported as ToolRuns, not as text; `stream_text` for plain completions;
-neither ever shows a special-token string) in its own thread, over a
-ScheduledEngine, so the model itself only ever runs on the scheduler thread. Text pieces come back
-to the event loop through an asyncio queue. Stop strings are matched on the text (a possible
-prefix of a stop string is held back until it is decided), and a match cancels the generation
-at once. `Generation.close()` (client gone) ends every choice and frees its batch slot at the
-scheduler's next step boundary.
+Each choice runs a synchronous text generator (`chat_turn`: inference/chat.py's stream_chat, its
+calculator calls reported as tool runs, not as text; `text_turn` for plain completions) in its own
+thread over a ScheduledEngine, so the model only ever runs on the scheduler thread. Text pieces come
+back to the event loop through an asyncio queue. Stop strings are matched on the text (a possible
+prefix of a stop string is held back until decided), and a match cancels the generation at once.
+`Generation.close()` (client gone) frees every choice's batch slot at the scheduler's next step.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from picochat.inference.chat import Detokenizer, Reply, stream_chat
@@ -50,7 +49,7 @@ def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, sampling: Sa
     """Plain text continuation (the /v1/completions counterpart of stream_chat): yield decoded
     pieces, waiting for the rest of a multi-byte character; fill `reply` (tokens, finish_reason)."""
     stops = engine.default_stop_tokens()
-    special = special_ids(tokenizer)
+    special = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
     text = Detokenizer(tokenizer)
     reply.finish_reason = "length"
     for step in engine.generate_stream([ids], max_tokens, sampling=sampling, stop_tokens=stops):
@@ -70,10 +69,6 @@ def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, sampling: Sa
         yield text.rest()
 
 
-def special_ids(tokenizer) -> set[int]:
-    return {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
-
-
 def strip_special(text: str) -> str:
     """Remove special-token strings (a special token decodes whole, so never split across pieces)."""
     for name in SPECIAL_TOKENS:
@@ -81,21 +76,10 @@ def strip_special(text: str) -> str:
     return text
 
 
-@dataclass
-class ToolRun:
-    """A calculator call the model made during its reply, already run by the server."""
-    input: str
-    output: str
-
-    def as_dict(self, index: int) -> dict:
-        return {"index": index, "type": "calculator", "input": self.input, "output": self.output}
-
-
 class ScheduledEngine:
     """The `generate_stream` call shape of Engine (one prompt at a time), served by the Scheduler, so
-    inference/chat.py's stream_chat runs unchanged on top of continuous batching. One per choice;
-    `default_stops` comes from the tokenizer once, at create_app. `cancel()` (any thread) ends the
-    current and any later generation of this object."""
+    inference/chat.py's stream_chat runs unchanged on top of continuous batching. One per choice.
+    `cancel()` (any thread) ends the current and any later generation of this object."""
 
     def __init__(self, scheduler: Scheduler, default_stops: set[int]):
         self.scheduler, self._stops = scheduler, frozenset(default_stops)
@@ -103,7 +87,6 @@ class ScheduledEngine:
         self._current: Request | None = None
 
     def default_stop_tokens(self) -> set[int]:
-        """The same defaults as Engine: <|assistant_end|> and <|bos|>."""
         return set(self._stops)
 
     def cancel(self) -> None:
@@ -128,14 +111,14 @@ class ScheduledEngine:
             req.cancel()  # the consumer stopped early (stop token, stop string, client gone)
 
 
-# (engine, reply) -> iterator of text pieces (and ToolRuns)
-PieceFn = Callable[[ScheduledEngine, Reply], Iterator["str | ToolRun"]]
+# (engine, reply) -> iterator of text pieces and tool runs ({"type": "calculator", "input", "output"})
+PieceFn = Callable[[ScheduledEngine, Reply], Iterator["str | dict"]]
 _CALC = "[calculator: "
 
 
 def chat_turn(tokenizer, messages: list[dict], max_tokens: int, sampling: Sampling) -> PieceFn:
     """inference/chat.py's stream_chat for the API: the text pieces of the reply, without
-    special-token strings, and each calculator call as a ToolRun instead of the '[calculator:
+    special-token strings, and each calculator call as a tool run instead of the '[calculator:
     expr = result] ' text stream_chat shows a terminal user. The result is read from the reply's
     newest python_output part (what was added since the previous piece), the expression from the
     rest of that text, so both are exact whatever they contain."""
@@ -146,7 +129,7 @@ def chat_turn(tokenizer, messages: list[dict], max_tokens: int, sampling: Sampli
             if last is not None and last["type"] == "python_output" and piece.startswith(_CALC):
                 output = last["text"][seen[1]:] if seen[0] == len(reply.parts) else last["text"]
                 expr = piece[len(_CALC):len(piece) - len(f" = {output}] ")]
-                yield ToolRun(strip_special(expr), strip_special(output))
+                yield {"type": "calculator", "input": strip_special(expr), "output": strip_special(output)}
             elif strip_special(piece):
                 yield strip_special(piece)
             seen = (len(reply.parts), len(reply.parts[-1]["text"]) if reply.parts else 0)
@@ -154,7 +137,6 @@ def chat_turn(tokenizer, messages: list[dict], max_tokens: int, sampling: Sampli
 
 
 def text_turn(tokenizer, ids: list[int], max_tokens: int, sampling: Sampling) -> PieceFn:
-    """stream_text (a /v1/completions choice) as a PieceFn."""
     return lambda engine, reply: stream_text(engine, tokenizer, ids, max_tokens, sampling, reply)
 
 
@@ -163,18 +145,17 @@ class ChoiceResult:
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
-    tool_runs: list[ToolRun] = field(default_factory=list)
+    tool_runs: list[dict] = field(default_factory=list)
 
 
 class Generation:
-    """n choices running concurrently; iterate `events()` on the event loop.
+    """n choices running concurrently, each with its own stop strings; iterate `events()` on the
+    event loop. Events: ("delta", index, text), ("tool", index, tool run), ("end", index,
+    finish_reason, completion_tokens), ("error", index, exception). `on_close` runs exactly once,
+    when every choice has ended or the generation was cancelled (admission is released there)."""
 
-    Events: ("delta", index, text), ("tool", index, ToolRun), ("end", index, finish_reason,
-    completion_tokens), ("error", index, exception). `on_close` runs exactly once, when every choice has ended or the
-    generation was cancelled (the server's admission count is released there)."""
-
-    def __init__(self, scheduler: Scheduler, default_stops: set[int], pieces: list[PieceFn], stops: list[str] | None,
-                 on_close: Callable[[], None] | None = None):
+    def __init__(self, scheduler: Scheduler, default_stops: set[int], pieces: list[PieceFn],
+                 stops: list[list[str] | None], on_close: Callable[[], None] | None = None):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.engines = [ScheduledEngine(scheduler, default_stops) for _ in pieces]
@@ -182,8 +163,9 @@ class Generation:
         self._pending = len(pieces)
         self._on_close, self._closed = on_close, False
         self._lock = threading.Lock()
-        for i, (fn, eng) in enumerate(zip(pieces, self.engines)):
-            threading.Thread(target=self._run, args=(i, fn, eng, stops), daemon=True, name=f"picochat-choice-{i}").start()
+        for i, (fn, eng, stop) in enumerate(zip(pieces, self.engines, stops)):
+            threading.Thread(target=self._run, args=(i, fn, eng, stop), daemon=True,
+                             name=f"picochat-choice-{i}").start()
 
     def _push(self, event) -> None:
         try:
@@ -197,7 +179,7 @@ class Generation:
         try:
             finish = None
             for piece in gen:
-                if isinstance(piece, ToolRun):  # not content: stop strings apply to the text only
+                if isinstance(piece, dict):  # a tool run, not content: stop strings apply to the text only
                     self._push(("tool", index, piece))
                     continue
                 text, hit = matcher.feed(piece)
@@ -218,51 +200,46 @@ class Generation:
         finally:
             gen.close()
 
-    def _take(self, ev) -> None:
-        if ev[0] == "delta":
-            self.results[ev[1]].text += ev[2]
-            return
-        if ev[0] == "tool":
-            self.results[ev[1]].tool_runs.append(ev[2])
-            return
-        if ev[0] == "end":
-            r = self.results[ev[1]]
-            r.finish_reason, r.completion_tokens = ev[2], ev[3]
-        self._pending -= 1
+    def _gone(self, task: asyncio.Task) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a broken connection counts as gone too
+            self.queue.put_nowait(("gone",))
 
-    async def events(self):
-        try:
-            while self._pending:
-                ev = await self.queue.get()
-                self._take(ev)
-                yield ev
-        finally:
-            self.close()
-
-    async def collect(self, gone: Callable[[], Awaitable]) -> list[ChoiceResult]:
-        """Wait for every choice. `gone()` returns when the client disconnects: it is watched
-        all along, so a client that hangs up while tokens flow is cancelled at once (its slots are
-        freed at the scheduler's next step) and ConnectionAbortedError is raised. The first error
-        event is re-raised."""
-        def on_gone(task: asyncio.Task) -> None:
-            if not task.cancelled():
-                task.exception()  # retrieved: a broken connection counts as gone too
-                self.queue.put_nowait(("gone",))
-
-        watcher = asyncio.ensure_future(gone())
-        watcher.add_done_callback(on_gone)
+    async def events(self, gone: Callable[[], Awaitable] | None = None):
+        """Every event until each choice has ended, then close(). `gone()`, if given, returns when
+        the client disconnects: it is watched all along, so a client that hangs up while tokens
+        flow is cancelled at once (its slots freed at the scheduler's next step) and
+        ConnectionAbortedError is raised."""
+        watcher = None if gone is None else asyncio.ensure_future(gone())
+        if watcher is not None:
+            watcher.add_done_callback(self._gone)
         try:
             while self._pending:
                 ev = await self.queue.get()
                 if ev[0] == "gone":
                     raise ConnectionAbortedError("client disconnected")
-                self._take(ev)
+                r = self.results[ev[1]]
+                if ev[0] == "delta":
+                    r.text += ev[2]
+                elif ev[0] == "tool":
+                    r.tool_runs.append(ev[2])
+                else:
+                    if ev[0] == "end":
+                        r.finish_reason, r.completion_tokens = ev[2], ev[3]
+                    self._pending -= 1
+                yield ev
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.close()
+
+    async def collect(self, gone: Callable[[], Awaitable]) -> list[ChoiceResult]:
+        """Wait for every choice (see events()); the first error event is re-raised."""
+        async with aclosing(self.events(gone)) as events:
+            async for ev in events:
                 if ev[0] == "error":
                     raise ev[2]
-            return self.results
-        finally:
-            watcher.cancel()
-            self.close()
+        return self.results
 
     def close(self) -> None:
         """Cancel whatever still runs (no-op for finished choices); release admission once."""

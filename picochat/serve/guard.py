@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import Callable
 
+from starlette.responses import JSONResponse, Response
+
 from picochat.serve.schemas import error_body
-
-
-async def send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
-    """A complete JSON response on a raw ASGI `send`."""
-    raw = json.dumps(body).encode()
-    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    hdrs += [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": hdrs})
-    await send({"type": "http.response.body", "body": raw})
 
 
 class Guard:
@@ -35,14 +27,11 @@ class Guard:
         self.app, self.api_key, self.max_body, self.body_timeout = app, api_key, max_body_bytes, body_timeout_s
         self.allowed_methods = allowed_methods
 
-    async def _options(self, scope, send) -> None:
+    def _options(self, scope) -> Response:
         methods = self.allowed_methods(scope["path"])
         if not methods:
-            return await send_json(send, 404, error_body(f"Unknown request URL: OPTIONS {scope['path']}.",
-                                                         code="not_found"))
-        allow = ", ".join(sorted(methods | {"OPTIONS"})).encode()
-        await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", allow)]})
-        await send({"type": "http.response.body", "body": b""})
+            return JSONResponse(error_body(f"Unknown request URL: OPTIONS {scope['path']}.", code="not_found"), 404)
+        return Response(status_code=204, headers={"allow": ", ".join(sorted(methods | {"OPTIONS"}))})
 
     def _authorized(self, scope, headers: dict) -> bool:
         if not self.api_key or not scope["path"].startswith("/v1"):
@@ -55,36 +44,36 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope["method"] == "OPTIONS":
-            return await self._options(scope, send)
+            return await self._options(scope)(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if not self._authorized(scope, headers):
-            return await send_json(send, 401, error_body(
-                "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
-                "invalid_request_error", None, "invalid_api_key"), {"www-authenticate": "Bearer"})
-        too_big = error_body(f"Request body too large: the limit is {self.max_body} bytes.",
-                             "invalid_request_error", None, "request_too_large")
+            return await JSONResponse(error_body(
+                "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.", code="invalid_api_key"),
+                401, {"www-authenticate": "Bearer"})(scope, receive, send)
+        too_big = JSONResponse(error_body(f"Request body too large: the limit is {self.max_body} bytes.",
+                                          code="request_too_large"), 413)
         try:
             declared = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             declared = 0
         if declared > self.max_body:
-            return await send_json(send, 413, too_big)
+            return await too_big(scope, receive, send)
         chunks, size, more = [], 0, True
         deadline = time.monotonic() + self.body_timeout
         while more:
             try:
                 msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                return await send_json(send, 408, error_body(
+                return await JSONResponse(error_body(
                     f"The request body did not arrive within {self.body_timeout:g} s (declared "
-                    f"{declared} bytes, received {size}).", "invalid_request_error", None, "request_timeout"),
-                    {"connection": "close"})
+                    f"{declared} bytes, received {size}).", code="request_timeout"),
+                    408, {"connection": "close"})(scope, receive, send)
             if msg["type"] != "http.request":  # disconnected while sending the body
                 return
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body:
-                return await send_json(send, 413, too_big)
+                return await too_big(scope, receive, send)
             more = msg.get("more_body", False)
         replayed = False
 
