@@ -12,9 +12,10 @@ Layout under $PICOCHAT_HOME/checkpoints/<tag>/ (a tag is like "base/d4" or "sft/
     latest                          name of the newest complete step directory
 
 Checkpoints from before tokenizers travelled with them use the home's tokenizer
-($PICOCHAT_HOME/tokenizer) when its vocabulary matches. A step directory is written under a temporary name and renamed into place, then `latest` is
-replaced atomically: a crash at any moment leaves the previous checkpoint loadable. On load every
-file's sha256 is checked against meta.json, so a truncated or corrupt file is an error, not garbage.
+($PICOCHAT_HOME/tokenizer) when its vocabulary matches. A step directory is written under a
+temporary name and renamed into place, then `latest` is replaced atomically: a crash at any moment
+leaves the previous checkpoint loadable. On load every file's sha256 is checked against meta.json,
+so a truncated or corrupt file is an error, not garbage.
 """
 from __future__ import annotations
 

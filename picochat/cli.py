@@ -57,11 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(getattr(args, "threads", None))  # before any torch work of the command
     try:
         args.func(args)
-    except PicochatError as e:
-        print(f"picochat: error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # invalid values caught deep inside (sampling params, configs)
-        if os.environ.get("PICOCHAT_DEBUG"):
+    except (PicochatError, ValueError) as e:  # ValueError: invalid values caught deep inside (sampling, configs)
+        if os.environ.get("PICOCHAT_DEBUG") and not isinstance(e, PicochatError):
             raise
         print(f"picochat: error: {e}", file=sys.stderr)
         return 1

@@ -69,18 +69,11 @@ def add_inference_flags(p) -> None:
                    "eager elsewhere (default %(default)s)")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_ctx(device: torch.device):
     """bf16 autocast on CUDA (fast and stable); plain fp32 elsewhere (CPU bf16 matmuls are slow)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def autocast_ctx(device: torch.device):
-    dt = autocast_dtype(device)
-    if dt is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dt)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def init_distributed(device: torch.device) -> DistInfo:

@@ -28,6 +28,7 @@ import base64
 import binascii
 import copy
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -197,20 +198,12 @@ class Tokenizer:
                append: int | str | None = None, num_threads: int = 8) -> list[int] | list[list[int]]:
         """Encode ordinary text. Special-token *strings* in the text are encoded as plain text, so
         user input can never forge <|assistant_end|> etc.; specials only come from prepend/append."""
-        pre = None if prepend is None else self._as_id(prepend)
-        post = None if append is None else self._as_id(append)
-
-        def wrap(ids: list[int]) -> list[int]:
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
-
+        pre = [] if prepend is None else [self._as_id(prepend)]
+        post = [] if append is None else [self._as_id(append)]
         if isinstance(text, str):
-            return wrap(self._enc.encode_ordinary(text))
+            return pre + self._enc.encode_ordinary(text) + post
         if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-            return [wrap(ids) for ids in self._enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
+            return [pre + ids + post for ids in self._enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
         raise TypeError(f"encode expects str or list[str], got {type(text).__name__}")
 
     def decode(self, ids: list[int]) -> str:
@@ -247,9 +240,7 @@ class Tokenizer:
         for msg in messages:
             content = msg["content"]
             if msg["role"] == "user":
-                add(sp("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(sp("<|user_end|>"), 0)
+                add([sp("<|user_start|>"), *self.encode(content), sp("<|user_end|>")], 0)
                 continue
             add(sp("<|assistant_start|>"), 0)
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
@@ -258,13 +249,9 @@ class Tokenizer:
                 if kind == "text":
                     add(self.encode(text), 1)
                 elif kind == "python":  # the model learns to emit tool calls...
-                    add(sp("<|python_start|>"), 1)
-                    add(self.encode(text), 1)
-                    add(sp("<|python_end|>"), 1)
+                    add([sp("<|python_start|>"), *self.encode(text), sp("<|python_end|>")], 1)
                 else:  # ...but not to predict the tool's output, which the engine injects
-                    add(sp("<|output_start|>"), 0)
-                    add(self.encode(text), 0)
-                    add(sp("<|output_end|>"), 0)
+                    add([sp("<|output_start|>"), *self.encode(text), sp("<|output_end|>")], 0)
             add(sp("<|assistant_end|>"), 1)  # learning to stop is part of the answer
         if max_tokens is not None:
             if max_tokens < 0:
@@ -288,17 +275,13 @@ class Tokenizer:
     def visualize(self, ids: list[int], mask: list[int], color: bool = False) -> str:
         """Debug view of a rendered conversation: supervised (mask 1) runs are wrapped in [[...]],
         or shown green (and the rest dimmed) with color=True."""
-        out, i = [], 0
-        while i < len(ids):
-            j = i
-            while j < len(ids) and mask[j] == mask[i]:
-                j += 1
-            text = self.decode(ids[i:j])
+        out = []
+        for m, run in itertools.groupby(zip(ids, mask), key=lambda pair: pair[1]):
+            text = self.decode([i for i, _ in run])
             if color:
-                out.append(f"\033[32m{text}\033[0m" if mask[i] else f"\033[2m{text}\033[0m")
+                out.append(f"\033[32m{text}\033[0m" if m else f"\033[2m{text}\033[0m")
             else:
-                out.append(f"[[{text}]]" if mask[i] else text)
-            i = j
+                out.append(f"[[{text}]]" if m else text)
         return "".join(out)
 
 

@@ -21,10 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from picochat.model.attention import AttnContext, CausalSelfAttention, window_mask
+from picochat.model.attention import AttnContext, CausalSelfAttention, norm, rotary_table, window_mask
 from picochat.model.config import GPTConfig
 from picochat.model.kv_cache import KVCache
-from picochat.model.layers import norm, rotary_table
 from picochat.model.mla import MultiHeadLatentAttention
 
 
@@ -42,19 +41,12 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
-def build_attention(config: GPTConfig, layer_idx: int) -> nn.Module:
-    """The attention module config.attention names: MHA/GQA (one class; n_kv_head decides) or MLA."""
-    if config.attention in ("mha", "gqa"):
-        return CausalSelfAttention(config, layer_idx)
-    if config.attention == "mla":
-        return MultiHeadLatentAttention(config, layer_idx)
-    raise ValueError(f"unknown attention type {config.attention!r}")
-
-
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.attn = build_attention(config, layer_idx)
+        # MHA and GQA are one class (n_kv_head decides); config.validate() allows no other attention
+        attention = MultiHeadLatentAttention if config.attention == "mla" else CausalSelfAttention
+        self.attn = attention(config, layer_idx)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, ve: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,12 +109,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             nn.init.zeros_(block.mlp.c_proj.weight)
             nn.init.zeros_(block.attn.c_proj.weight)
-        self._init_extras()
-
-    @torch.no_grad()
-    def _init_extras(self) -> None:
-        """nanochat 2026's initial values: stronger residual early, x0 blended in more early, gates
-        slightly open, value embeddings like c_v, smear off, backout 0.2."""
+        # nanochat 2026's initial values: stronger residual early, x0 blended in more early, gates
+        # slightly open, value embeddings like c_v, smear off, backout 0.2
         c = self.config
         n = max(c.n_layer - 1, 1)
         if c.layer_scalars:
@@ -190,29 +178,25 @@ class GPT(nn.Module):
         else:
             pos = kv_cache.positions(T)                                 # (B, T)
             cos, sin = self.cos[pos][:, :, None, :], self.sin[pos][:, :, None, :]
-        contexts: dict[int | None, AttnContext] = {}
 
-        def context(window: int | None) -> AttnContext:  # one per distinct window, built once per call
-            if window not in contexts:
-                if kv_cache is not None:
-                    contexts[window] = AttnContext(cos=cos, sin=sin, kv_cache=kv_cache,
-                                                   attn_mask=kv_cache.attn_mask(T, window), is_causal=False)
-                elif window is None or window >= T - 1:
-                    contexts[window] = AttnContext(cos=cos, sin=sin)
-                else:
-                    contexts[window] = AttnContext(cos=cos, sin=sin, attn_mask=window_mask(T, window, idx.device),
-                                                   is_causal=False)
-            return contexts[window]
+        def context(window: int | None) -> AttnContext:
+            if kv_cache is not None:
+                return AttnContext(cos=cos, sin=sin, kv_cache=kv_cache, attn_mask=kv_cache.attn_mask(T, window),
+                                   is_causal=False)
+            if window is None or window >= T - 1:
+                return AttnContext(cos=cos, sin=sin)
+            return AttnContext(cos=cos, sin=sin, attn_mask=window_mask(T, window, idx.device), is_causal=False)
 
         x = norm(self.transformer.wte(idx))
         if c.smear:
             x = self._smear(x, kv_cache, pos)
+        contexts = {w: context(w) for w in dict.fromkeys(self.windows)}  # one per distinct window
         x0, x_mid = x, None
         for i, block in enumerate(self.transformer.h):
             if c.layer_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if c.has_value_embed(i) else None
-            ctx = context(self.windows[i])
+            ctx = contexts[self.windows[i]]
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, ctx, ve, use_reentrant=False)
             else:

@@ -1,32 +1,20 @@
 """Multi-head Latent Attention (DeepSeek-V2, arXiv:2405.04434), with a latent KV cache.
 
-Keys and values of all heads come from one low-rank latent per token,
-
-    c_kv = norm(W_dkv x)                  (kv_lora_rank numbers, the only per-head-free K/V state)
-    k_nope_h = W_uk_h c_kv,  v_h = W_uv_h c_kv
-    k_rope = rotary(norm(W_kr x))         (qk_rope_head_dim numbers, ONE key shared by all heads)
-    q_h = norm([q_nope_h, q_rope_h]),     q from x (or from a low-rank c_q = norm(W_dq x))
-    score_h = (q_nope_h . k_nope_h + rotary(q_rope_h) . k_rope) / sqrt(d_nope + d_rope)
-
-Rotary is "decoupled": position lives only in the small shared k_rope and each query's rope
-part; the expanded nope part carries none. That is what makes absorption possible: RoPE between
-W_uk and the score would make W_uk position dependent and unfoldable.
-
-The KV cache stores only `c_kv` and `k_rope`: kv_lora_rank + qk_rope_head_dim numbers per token
-per layer, never the expanded keys and values. Two ways to attend over it, same math:
-- expand: rebuild K and V for every cached position (W_uk, W_uv) and run ordinary attention.
-  Used for training and for a prefill from an empty cache (compute bound: big matmuls win).
-- absorb: fold W_uk into the query (q_lat_h = W_uk_h^T q_nope_h) and W_uv into the output
-  projection (W_o_h W_uv_h), so every head attends directly over [c_kv, k_rope] with values c_kv
-  -- multi-query attention over a (kv_lora_rank + qk_rope_head_dim)-wide cache. Used for every
-  cached step after the first (decode, speculative verification): it reads ~5x fewer bytes
-  per token than MHA's K/V and never materialises per-head keys.
-
-QK-norm: the query is RMS-normed per head (all of it, like MHA), the shared rotary key is
-normed, and the latent c_kv is normed (DeepSeek's kv_a_layernorm, parameter-free here). The
-expanded per-head key W_uk c_kv is NOT normed: a norm after W_uk is nonlinear per head and
-would make absorption impossible; its scale is W_uk's (kept in check by Muon's orthogonalised
-updates). See docs/attention.md.
+Keys and values of all heads come from one normed low-rank latent per token, c_kv = norm(W_dkv x)
+(k_nope_h = W_uk_h c_kv, v_h = W_uv_h c_kv), plus ONE small rotary key shared by all heads,
+k_rope = rotary(norm(W_kr x)); queries come from x (or a low-rank c_q = norm(W_dq x)) and are
+RMS-normed per head. Rotary is "decoupled": position lives only in k_rope and each query's rope
+part, which is what makes absorption possible (RoPE between W_uk and the score would make W_uk
+position dependent). The cache stores only c_kv and k_rope, never expanded keys and values. Two
+ways to attend over it, same math:
+- expand: rebuild K and V for every cached position and run ordinary attention (training and a
+  prefill from an empty cache: compute bound, big matmuls win);
+- absorb: fold W_uk into the query and W_uv into the output projection, so every head attends
+  directly over [c_kv, k_rope] (every cached step after the first: ~5x fewer bytes read per token
+  than MHA's K/V, no per-head keys materialised).
+The expanded key W_uk c_kv is NOT normed: a norm after W_uk is nonlinear per head and would make
+absorption impossible (Muon's orthogonalised updates keep W_uk's scale in check). docs/attention.md
+has the details and the measurements.
 """
 from __future__ import annotations
 
@@ -36,9 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from picochat.model.attention import AttnContext, sdpa
+from picochat.model.attention import AttnContext, apply_rotary, norm, sdpa
 from picochat.model.config import GPTConfig
-from picochat.model.layers import apply_rotary, norm
 
 MODES = ("auto", "absorb", "expand")
 
