@@ -27,8 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from picochat.common import PicochatError
-from picochat.safety.cache import CallCache, request_key
 from picochat.safety.config import RoleConfig, SafetyConfig, request_params
+from picochat.safety.store import CallCache, request_key
 from picochat.safety.usage import UsageLog, add_totals, cost_of
 
 

@@ -32,6 +32,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STD_PARAMS = ("max_tokens", "temperature", "seed")  # what picochat sends besides model and messages
 
 
+def _num(default, rule: str = ">=", low: int = 0):
+    """A role's number field; validate() requires `value <rule> low`."""
+    return field(default=default, metadata={"bound": (rule, low)})
+
+
 @dataclass
 class RoleConfig:
     """One LLM endpoint. api_key_env = "" means the endpoint needs no key (e.g. a local server)."""
@@ -39,24 +44,24 @@ class RoleConfig:
     base_url: str = "https://api.openai.com/v1"
     model: str = ""
     api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = 0.7
-    max_tokens: int = 1024
-    concurrency: int = 4
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 30.0
-    retry_after_max_s: float = 120.0   # a Retry-After longer than this is capped, not obeyed blindly
-    preflight_timeout_s: float = 10.0
-    price_in_per_1m: float = 0.0       # USD per 1M prompt tokens, for costs.json
-    price_out_per_1m: float = 0.0      # USD per 1M completion tokens
+    temperature: float = _num(0.7)
+    max_tokens: int = _num(1024, ">=", 1)
+    concurrency: int = _num(4, ">=", 1)
+    timeout_s: float = _num(60.0, ">")
+    max_retries: int = _num(5)
+    backoff_base_s: float = _num(1.0)
+    backoff_max_s: float = _num(30.0)
+    retry_after_max_s: float = _num(120.0)  # a Retry-After longer than this is capped, not obeyed blindly
+    preflight_timeout_s: float = _num(10.0, ">")
+    price_in_per_1m: float = _num(0.0)      # USD per 1M prompt tokens, for costs.json
+    price_out_per_1m: float = _num(0.0)     # USD per 1M completion tokens
+    check_model: bool = True                # preflight: the model must be listed by /models
     # a `seed` derived from the request and its sample index: re-samples (sample 1, 2, ...) of the same
     # request then differ on servers that honour it, and a rerun asks for exactly the same thing
     send_seed: bool = True
     # re-samples (sample index >= 1, e.g. after an unparseable judge reply) use at least this temperature:
     # at temperature 0 a re-sample would just repeat the reply that failed
-    resample_temperature: float = 0.7
-    check_model: bool = True           # preflight: the model must be listed by /models
+    resample_temperature: float = _num(0.7)
     # how the standard request parameters are sent: {name: "other_name"} renames one, {name: false}
     # leaves it out. Reasoning models: {max_tokens = "max_completion_tokens", temperature = false}
     params: dict = field(default_factory=dict)
@@ -193,12 +198,12 @@ def _validate_role(r: RoleConfig) -> None:
         # someone pasted the key itself: say so without echoing it anywhere
         raise PicochatError(f"{w}.api_key_env must be the NAME of an environment variable holding the key, "
                             f"not the key itself")
-    for keys, low, rule in ((("max_tokens", "concurrency"), 1, ">="), (("timeout_s", "preflight_timeout_s"), 0, ">"),
-                            (("max_retries", "backoff_base_s", "backoff_max_s", "retry_after_max_s", "price_in_per_1m",
-                              "price_out_per_1m", "temperature", "resample_temperature"), 0, ">=")):
-        for k in keys:
-            if getattr(r, k) < low or (rule == ">" and getattr(r, k) == low):
-                raise PicochatError(f"{w}.{k} must be {rule} {low}")
+    for f in dataclasses.fields(r):
+        if "bound" in f.metadata:
+            rule, low = f.metadata["bound"]
+            v = getattr(r, f.name)
+            if v < low or (rule == ">" and v == low):
+                raise PicochatError(f"{w}.{f.name} must be {rule} {low}")
     for k, v in r.params.items():
         if k not in STD_PARAMS:
             raise PicochatError(f"{w}.params.{k}: unknown parameter (params can rename or drop: "

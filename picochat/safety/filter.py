@@ -18,39 +18,26 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from picochat.common import PicochatError, write_json_atomic
-from picochat.data.conversations import validate
+from picochat.common import write_json_atomic
 from picochat.safety import judge as J
 from picochat.safety.client import LLM
 from picochat.safety.config import DIMENSIONS, SafetyConfig
 from picochat.safety.dedup import find_duplicates
 from picochat.safety.stage import Progress, for_each, log, run_stage
-from picochat.safety.store import JsonlStore, iter_lines, stable_hash, write_jsonl_atomic
+from picochat.safety.store import JsonlStore, read_conversations, stable_hash, write_jsonl_atomic
 
 
 def load_conversations(path: Path) -> tuple[list[dict], list[dict]]:
     """(valid records with ids, invalid [{line, reason}]). Records without an id get a content hash id."""
-    if not path.is_file():
-        raise PicochatError(f"{path} not found")
-    good, bad, seen = [], [], set()
-    for n, line in iter_lines(path):
-        try:
-            rec = json.loads(line)
-            msgs = validate(rec)
-        except json.JSONDecodeError as e:
-            bad.append({"line": n, "reason": f"invalid JSON ({e.msg})"})
-            continue
-        except ValueError as e:
-            bad.append({"line": n, "reason": str(e)})
-            continue
-        rec = rec if isinstance(rec, dict) else {"messages": msgs}
-        msgs = [m for m in msgs if m["role"] != "system"]  # SFT data carries no system prompt
+    good, bad = read_conversations(path)
+    records, seen = [], set()
+    for n, rec, msgs, meta in good:
         rid = str(rec.get("id") or "h-" + stable_hash(json.dumps(msgs, sort_keys=True)))
         if rid in seen:
             rid = f"{rid}@{n}"
         seen.add(rid)
-        good.append({"id": rid, "messages": msgs, "meta": rec.get("meta", {}) if isinstance(rec.get("meta"), dict) else {}})
-    return good, bad
+        records.append({"id": rid, "messages": msgs, "meta": meta})
+    return records, bad
 
 
 def _jid(r: dict) -> str:

@@ -17,12 +17,11 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from picochat.common import PicochatError, write_json_atomic, write_text_atomic
-from picochat.data.conversations import validate
+from picochat.common import write_json_atomic, write_text_atomic
 from picochat.safety.config import DIMENSIONS
 from picochat.safety.dedup import find_duplicates
 from picochat.safety.refusal import classify
-from picochat.safety.store import iter_lines, read_jsonl
+from picochat.safety.store import read_conversations, read_jsonl
 from picochat.safety.usage import load_costs
 
 
@@ -33,23 +32,8 @@ def _text(content) -> str:
 
 
 def load_any(path: Path) -> tuple[list[dict], list[dict]]:
-    if not path.is_file():
-        raise PicochatError(f"{path} not found")
-    good, bad = [], []
-    for n, line in iter_lines(path):
-        try:
-            rec = json.loads(line)
-            msgs = validate(rec)
-        except json.JSONDecodeError as e:
-            bad.append({"line": n, "reason": f"invalid JSON ({e.msg})"})
-            continue
-        except ValueError as e:
-            bad.append({"line": n, "reason": str(e)})
-            continue
-        meta = rec.get("meta") if isinstance(rec, dict) and isinstance(rec.get("meta"), dict) else {}
-        good.append({"id": str(rec.get("id", n)) if isinstance(rec, dict) else str(n),
-                     "messages": [m for m in msgs if m["role"] != "system"], "meta": meta})
-    return good, bad
+    good, bad = read_conversations(path)
+    return [{"id": str(rec.get("id", n)), "messages": msgs, "meta": meta} for n, rec, msgs, meta in good], bad
 
 
 def _stats(xs: list[int]) -> dict:

@@ -1,12 +1,8 @@
-"""Kill-safe record storage for the safety stages.
+"""Kill-safe storage for the safety stages: JSONL record stores, the LLM call cache, whole-file artifacts.
 
-Every stage appends one JSON line per finished record (flush + fsync) to a JSONL file keyed by the
-record's "id", and on a rerun skips the ids already there. A record that is redone on purpose (a
-judge error asked again with new samples) is appended again with `replace`; the last line of an id
-wins when the file is read back. A kill -9 can only leave a torn last line
-(no trailing newline or invalid JSON); the store ignores it when reading and cuts it away before
-its first append, so the next record starts on a clean line. Whole-file artifacts (final datasets, summaries) go through
-picochat.common.atomic_path instead.
+A stage appends one fsynced JSON line per finished record, keyed by "id", and a rerun skips the ids
+already there; a kill -9 can only leave a torn last line, which is ignored and cut away before the
+next append. The call cache is one JSON file per request, on disk before the caller sees the reply.
 """
 from __future__ import annotations
 
@@ -14,9 +10,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from picochat.common import PicochatError, atomic_path
+from picochat.data.conversations import validate
 
 
 def stable_hash(*parts: str, n: int = 16) -> str:
@@ -41,33 +37,25 @@ class JsonlStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}
         self._torn_at: int | None = None
-        self._load()
         self._f = None
+        if self.path.exists():
+            self._load(self.path.read_bytes())
 
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
+    def _load(self, data: bytes) -> None:
         good_end = 0  # byte offset just past the last complete, parseable line
-        with open(self.path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                break  # torn last line: written without its newline when the process died
-            line = data[pos:nl]
-            pos = nl + 1
+        for line in data.split(b"\n")[:-1]:  # what follows the last newline is nothing or a torn line
+            end = good_end + len(line) + 1
             if line.strip():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     # only the very last line can be torn; garbage in the middle is real corruption
-                    if data[pos:].strip():
+                    if data[end:].strip():
                         raise PicochatError(f"{self.path}: corrupt line at byte {good_end}; fix or delete the file")
                     break
                 if isinstance(rec, dict) and "id" in rec:
                     self.records[str(rec["id"])] = rec  # append() never repeats an id; replace() means "newer"
-            good_end = pos
+            good_end = end
         if good_end < len(data):
             self._torn_at = good_end  # cut off before the first append, not now: a run that stops at its
             # preflight leaves every file of the earlier run exactly as it was
@@ -75,20 +63,15 @@ class JsonlStore:
     def __contains__(self, rid: str) -> bool:
         return rid in self.records
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     def get(self, rid: str):
         return self.records.get(rid)
 
     def append(self, record: dict) -> None:
-        if str(record["id"]) in self.records:
-            return  # idempotent: a rerun never duplicates an id
-        self.replace(record)
+        if str(record["id"]) not in self.records:  # idempotent: a rerun never duplicates an id
+            self.replace(record)
 
     def replace(self, record: dict) -> None:
         """Write `record` even if its id is there already (it supersedes the old line)."""
-        rid = str(record["id"])
         if self._f is None:
             if self._torn_at is not None:
                 with open(self.path, "r+b") as f:
@@ -99,7 +82,7 @@ class JsonlStore:
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())  # the record is on disk before we count it as done
-        self.records[rid] = record
+        self.records[str(record["id"])] = record
 
     def close(self) -> None:
         if self._f is not None:
@@ -113,41 +96,89 @@ class JsonlStore:
         self.close()
 
 
+def request_key(base_url: str, model: str, messages: list[dict], temperature: float, max_tokens: int,
+                sample: int, shape: dict | None = None) -> str:
+    """The call cache's key: what determines the answer, never the role name (roles sharing an endpoint
+    share entries) nor the API key. shape: the request's extra body fields when a role renames, drops or
+    adds any (params/extra); None for the plain OpenAI shape, so keys made before roles could say that
+    stay valid."""
+    payload = {"base_url": base_url.rstrip("/"), "model": model, "messages": messages,
+               "temperature": round(float(temperature), 6), "max_tokens": int(max_tokens), "sample": int(sample)}
+    if shape:
+        payload["shape"] = shape
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class CallCache:
+    """Content-addressed cache of LLM calls: <root>/<key[:2]>/<key>.json, written atomically."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"  # fan out: no directory with 100k files
+
+    def get(self, key: str) -> dict | None:
+        try:
+            return json.loads(self._path(key).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            # cannot happen with atomic writes, but a hand-edited entry should cost a call, not a crash
+            return None
+
+    def put(self, key: str, entry: dict) -> None:
+        write_synced(self._path(key), json.dumps(entry, ensure_ascii=False))
+
+
+def write_synced(path: str | os.PathLike, text: str) -> None:
+    """Write a whole file at once, fsynced: readers see the old file or the new one, never half."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
+    write_synced(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
     """Read a JSONL file of objects. strict=False skips bad lines instead of raising."""
     path = Path(path)
     if not path.is_file():
         raise PicochatError(f"{path} not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if strict:
-                    raise PicochatError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                continue
-            out.append(rec)
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if strict:
+                raise PicochatError(f"{path}:{n}: invalid JSON ({e.msg})") from None
     return out
 
 
-def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield n, line
-
-
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Write a whole JSONL artifact at once: readers see the old file or the new one, never half."""
-    n = 0
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-    return n
+def read_conversations(path: Path) -> tuple[list[tuple[int, dict, list[dict], dict]], list[dict]]:
+    """Conversation JSONL (records or bare message lists) -> ([(line, record or {}, messages without the
+    system one, meta)], [{line, reason} for each invalid line])."""
+    if not path.is_file():
+        raise PicochatError(f"{path} not found")
+    good, bad = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            msgs = validate(rec)
+        except ValueError as e:  # JSONDecodeError is one too
+            bad.append({"line": n, "reason": f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError)
+                        else str(e)})
+            continue
+        rec = rec if isinstance(rec, dict) else {}
+        meta = rec["meta"] if isinstance(rec.get("meta"), dict) else {}
+        good.append((n, rec, [m for m in msgs if m["role"] != "system"], meta))  # SFT data has no system prompt
+    return good, bad
