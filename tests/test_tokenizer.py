@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from picochat.common import PicochatError
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from picochat.tokenizer_stats import evaluate_tokenizer, format_table, train_tokenizer
+from picochat.tokenizer_cli import evaluate_tokenizer, format_table, train_tokenizer
 
 WORDS = """the a an of to in and or but is was are were be been has have had do does did not
 it this that these those he she they we you I me him her them my your our their cat dog bird
