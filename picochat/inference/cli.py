@@ -1,4 +1,4 @@
-"""`picochat sample`, `picochat chat` and `picochat data distill`: generation from a checkpoint on the command line.
+"""`picochat sample`, `picochat chat` and `picochat data distill`: generation from a checkpoint.
 
     picochat sample --model base/d4 -p "To be"          continue a text
     picochat chat --model sft/d4                        multi-turn chat in the terminal (-p for one shot)
@@ -15,14 +15,16 @@ from picochat.common import THREADS_HELP, PicochatError, nonneg_float, nonneg_in
 from picochat.device import add_inference_flags
 
 
-def _load(args):
-    """The model (in the dtype the inference flags ask for) and its tokenizer."""
+def _engine(args):
+    """An Engine over the model (in the dtype the inference flags ask for), and its tokenizer."""
     from picochat.checkpoint import load_model, load_tokenizer
     from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
+    from picochat.inference.engine import Engine
     device = pick_device(args.device)
     model, _ = load_model(args.model, device=device, dtype=resolve_flags(args, device))
-    return model, load_tokenizer(args.model)
+    tok = load_tokenizer(args.model)
+    return Engine(model, tok, decode_step=args.decode_step), tok
 
 
 def _sampling(args, seed=None):
@@ -32,10 +34,8 @@ def _sampling(args, seed=None):
 
 def cmd_sample(args):
     from picochat.inference.chat import Detokenizer
-    from picochat.inference.engine import Engine
-    sampling = _sampling(args)  # bad values fail before the model loads
-    model, tok = _load(args)
-    engine = Engine(model, tok, decode_step=args.decode_step)
+    _sampling(args)  # bad values fail before the model loads
+    engine, tok = _engine(args)
     prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
     for i in range(args.num_samples):
         if args.num_samples > 1:
@@ -57,10 +57,8 @@ def cmd_sample(args):
 def cmd_chat(args):
     """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
     from picochat.inference.chat import Reply, stream_chat
-    from picochat.inference.engine import Engine
     sampling = _sampling(args, args.seed)  # bad values fail before the model loads
-    model, tok = _load(args)
-    engine = Engine(model, tok, decode_step=args.decode_step)
+    engine, tok = _engine(args)
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

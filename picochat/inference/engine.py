@@ -95,10 +95,6 @@ class Engine:
         self.last_stats: dict = {}  # what the last generation did (cache size, timings)
         self.prefill_chunks = 4     # mixed-length prompts: prefill in up to this many length-sorted chunks
 
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-
     def default_stop_tokens(self) -> set[int]:
         return default_stop_tokens(self.tokenizer)
 
@@ -136,7 +132,8 @@ class Engine:
                                        kv_cache_bytes=B * max_len * self.kv_bytes_per_token(),
                                        kv_bytes_per_token=self.kv_bytes_per_token(), decode_steps=0, compactions=0)
         t0 = time.perf_counter()
-        logits, cache = prefill(self.model, prompts, max_len, self.pad_id, dev, self.prefill_chunks)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        logits, cache = prefill(self.model, prompts, max_len, pad_id, dev, self.prefill_chunks)
         t1 = time.perf_counter()
         stats["prefill_s"] = t1 - t0
         for t in range(steps):

@@ -50,7 +50,7 @@ class _SSEResponse(StreamingResponse):
 
 
 async def _api_error(request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
 
 async def _validation_error(request, exc: RequestValidationError):
