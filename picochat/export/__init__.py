@@ -1,7 +1,7 @@
 """Moving picochat models to and from other ecosystems.
 
-hf.py            checkpoint <-> Hugging Face transformers `nanochat` directory (export_hf, import_hf)
-hf_mapping.py    the config and weight-name mapping, what cannot be exported, the logits check
+hf.py            checkpoint <-> Hugging Face transformers `nanochat` directory: the config and weight
+                 mapping, what cannot be exported, the logits check (export_hf, import_hf)
 hf_tokenizer.py  picochat BPE <-> `tokenizer.json` + the chat template
 card.py          the exported README model card
 nanochat.py      `picochat import nanochat`: nanochat's own checkpoints

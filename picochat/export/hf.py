@@ -1,5 +1,10 @@
 """`picochat export hf` / `import hf`: picochat checkpoint <-> Hugging Face transformers `nanochat`
-model directory (the mapping, and why the architectures match: export/hf_mapping.py).
+model directory.
+
+The architectures match one to one (checked against transformers 5's modeling_nanochat.py; the
+table is in docs/export.md): weights are renamed, never transformed. What HF cannot express is
+refused with a message naming it: Multi-head Latent Attention, any config field the mapping does
+not know at a non-default value, and any weight the mapping does not place.
 
 Both directions run a logits check before anything is published: export writes into a temporary
 directory next to --out and renames it into place only if transformers, loading that directory,
@@ -8,6 +13,7 @@ the checkpoint only after the same comparison.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,13 +26,176 @@ from safetensors.torch import load_file, save_file
 
 from picochat import checkpoint as ck
 from picochat.common import PicochatError, home, replace_dir, tokenizer_dir, write_json_atomic
-from picochat.export import DEFAULT_ATOL
+from picochat.export import DEFAULT_ATOL, DTYPE_NAMES
 from picochat.export import hf_tokenizer as hft
-from picochat.export.hf_mapping import (CHECK_CONVERSATIONS, DTYPES, PADDED_ROWS, RMS_EPS, _load_hf_model,
-                                        check_exportable, check_prompt, compare_logits, hf_config, picochat_config,
-                                        quiet_transformers, require_transformers, weight_names)
+from picochat.export.nanochat import build_model
+from picochat.model.config import GPTConfig
 from picochat.model.gpt import GPT
 from picochat.tokenizer import Tokenizer
+
+# Picochat's parameter-free norms use the input dtype's epsilon: in fp32 (how exported models are
+# checked, and how picochat runs on CPU) that is the rms_norm_eps written here.
+RMS_EPS = float(torch.finfo(torch.float32).eps)  # what F.rms_norm(x) uses for fp32 x
+MAPPED_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "attention",
+                 "softcap", "rope_base",
+                 # nanochat 2025 checkpoints (picochat import nanochat): HF computes rotary tables in fp32,
+                 # which moves logits by ~1e-3 (reported by the export), and HF's vocab is the real one
+                 # (padding rows are never looked up, so they are cropped)
+                 "rope_table_dtype", "pad_vocab_to"}
+MLA_FIELDS = {"kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "mla_absorb"}  # unused unless attention == mla
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+PADDED_ROWS = ("transformer.wte.weight", "lm_head.weight")
+LAYER_WEIGHTS = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
+                 "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+CHECK_CONVERSATIONS = [
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "What is 12 * 7? Answer briefly."},
+     {"role": "assistant", "content": [{"type": "text", "text": "Let me compute: "},
+                                       {"type": "python", "text": "12*7"},
+                                       {"type": "python_output", "text": "84"},
+                                       {"type": "text", "text": " It is 84."}]},
+     {"role": "user", "content": "Thanks! Now say hi in Japanese: こんにちは?"},
+     {"role": "assistant", "content": "こんにちは 👋"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!\n\n  How can I help?"}],
+]
+
+
+def require_transformers():
+    """Import transformers >= 5 (the first release with the `nanochat` model type) or explain."""
+    try:
+        import transformers
+    except ImportError:
+        raise PicochatError("Hugging Face export/import needs transformers >= 5: "
+                            "pip install 'picochat[hf-export]'") from None
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise PicochatError(f"transformers {transformers.__version__} has no 'nanochat' model type; "
+                            "pip install 'transformers>=5'")
+    return transformers
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def weight_names(n_layer: int) -> dict[str, str]:
+    """picochat state-dict name -> HF NanoChatForCausalLM name."""
+    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    for i in range(n_layer):
+        names.update({f"transformer.h.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
+                      for ours, theirs in LAYER_WEIGHTS.items()})
+    return names
+
+
+def check_exportable(config: GPTConfig) -> None:
+    """Refuse, naming the feature, any model the HF nanochat architecture cannot express."""
+    if config.attention == "mla":
+        raise PicochatError("cannot export a Multi-head Latent Attention (MLA, attention='mla') model: the "
+                            "Hugging Face 'nanochat' architecture only has standard multi-head/grouped-query "
+                            "attention, and dropping or folding MLA's latent projections would change the model")
+    default = GPTConfig()
+    odd = [f.name for f in dataclasses.fields(GPTConfig)
+           if f.name not in MAPPED_FIELDS | MLA_FIELDS and getattr(config, f.name) != getattr(default, f.name)]
+    if odd:
+        raise PicochatError(f"cannot export: config field(s) {', '.join(odd)} have no equivalent in the "
+                            "Hugging Face 'nanochat' architecture")
+
+
+def hf_config(config: GPTConfig, tok: Tokenizer, dtype: torch.dtype):
+    from transformers import NanoChatConfig
+    cfg = NanoChatConfig(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=4 * config.n_embd,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head, max_position_embeddings=config.sequence_len,
+        hidden_act="relu2", rms_norm_eps=RMS_EPS, attention_bias=False, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_base)},
+        final_logit_softcapping=float(config.softcap) if config.softcap else None,
+        # pad_token_id stays None here: HF makes it the embedding's padding_idx, which would freeze
+        # the <|bos|> row (picochat's pad) in any HF fine-tuning; generation_config and the
+        # tokenizer still name <|bos|> as pad
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.encode_special(hft.EOS), pad_token_id=None)
+    cfg.architectures = ["NanoChatForCausalLM"]
+    cfg.dtype = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+def picochat_config(hf: dict) -> GPTConfig:
+    """HF nanochat config.json dict -> GPTConfig, refusing what picochat cannot run."""
+    def refuse(why: str) -> PicochatError:
+        return PicochatError(f"cannot import this nanochat checkpoint: {why}")
+
+    if hf.get("model_type") != "nanochat":
+        raise refuse(f"model_type is {hf.get('model_type')!r}; picochat imports only 'nanochat' models")
+    absent = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size") if k not in hf]
+    if absent:
+        raise refuse(f"config.json lacks {', '.join(absent)}")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    for bad, why in (
+            (hf.get("hidden_act", "relu2") != "relu2",
+             f"hidden_act {hf.get('hidden_act')!r} (picochat's MLP is relu²)"),
+            (hf.get("attention_bias") or hf.get("qkv_bias"), "attention biases (picochat has no biases)"),
+            (hf.get("tie_word_embeddings"), "tied embeddings (picochat's lm_head is untied)"),
+            (hf.get("intermediate_size", 4 * hidden) != 4 * hidden,
+             f"intermediate_size {hf.get('intermediate_size')} != 4 x hidden_size (picochat's MLP width)"),
+            (hf.get("head_dim") not in (None, hidden // heads),
+             f"head_dim {hf.get('head_dim')} != hidden_size / num_attention_heads"),
+            (rope.get("rope_type", "default") != "default",
+             f"rope_type {rope.get('rope_type')!r} (picochat has plain rotary only)")):
+        if bad:
+            raise refuse(why)
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    n_kv = hf.get("num_key_value_heads") or heads
+    try:
+        return GPTConfig(sequence_len=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
+                         n_layer=hf["num_hidden_layers"], n_head=heads, n_kv_head=n_kv, n_embd=hidden,
+                         attention="gqa" if n_kv < heads else "mha",
+                         softcap=float(hf.get("final_logit_softcapping") or 0.0), rope_base=float(theta))
+    except ValueError as e:
+        raise refuse(str(e)) from None
+
+
+# --------------------------------------------------------------------------- the logits check
+
+
+def check_prompt(tok: Tokenizer, config: GPTConfig) -> list[int]:
+    """A fixed prompt with chat specials, tool tokens, Unicode and plain text, within the context."""
+    ids, _ = tok.render_conversation(CHECK_CONVERSATIONS[0])
+    ids += tok.encode(" ".join(hft.SAMPLE_TEXTS[:5]))
+    return [i for i in ids if i < config.vocab_size][: min(config.sequence_len, 96)]
+
+
+@torch.no_grad()
+def compare_logits(model: GPT, hf_model, ids: list[int]) -> float:
+    """Max |logit difference| between picochat and transformers on `ids` (both fp32, CPU)."""
+    x = torch.tensor([ids])
+    return float((model(x).float() - hf_model(input_ids=x).logits.float()).abs().max())
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' progress bars and warnings (e.g. "sequence longer than
+    model_max_length", which the check prompts trip on purpose) for the duration of a check."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_hf_model(path: Path, **config_overrides):
+    transformers = require_transformers()
+    kw = {}
+    if config_overrides:
+        kw["config"] = transformers.AutoConfig.from_pretrained(str(path), **config_overrides)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
+    except Exception as e:  # noqa: BLE001 - any load failure means the directory is not usable
+        raise PicochatError(f"transformers cannot load {path}: {type(e).__name__}: {e}") from None
+    return model.eval()
 
 
 # --------------------------------------------------------------------------- export
@@ -86,10 +255,10 @@ def export_hf(tag: str, out, step: int | None = None, dtype: str = "checkpoint",
         drift = {}
         with quiet_transformers():
             hf_model = _load_hf_model(tmp)
-            if config.rope_table_dtype != "float32":  # the HF form computes its tables in fp32: compare with
-                drift["rope_table_drift_max_abs_logit_diff"] = compare_logits(model, hf_model, ids)  # that,
-                model.config = dataclasses.replace(config, rope_table_dtype="float32")              # report the
-                model.reset_rotary()                                                                 # drift
+            if config.rope_table_dtype != "float32":  # HF computes its tables in fp32: report the drift, compare
+                drift["rope_table_drift_max_abs_logit_diff"] = compare_logits(model, hf_model, ids)  # with fp32 ones
+                model.config = dataclasses.replace(config, rope_table_dtype="float32")
+                model.reset_rotary()
             diff = compare_logits(model, hf_model, ids)
             problems = hft.check_hf_tokenizer(tok, AutoTokenizer.from_pretrained(str(tmp)), CHECK_CONVERSATIONS)
         if not diff <= atol:  # also catches NaN
@@ -98,8 +267,9 @@ def export_hf(tag: str, out, step: int | None = None, dtype: str = "checkpoint",
             raise PicochatError("export check failed, nothing written: " + "; ".join(problems))
         check = {"prompt_tokens": len(ids), "max_abs_logit_diff": diff, "atol": atol, "tokenizer": "identical ids",
                  **drift}
-        (tmp / "README.md").write_text(model_card(
-            tag, ckpt, tok, hf_cfg, n_params, check, _report_card(), tmp), encoding="utf-8")
+        report = home() / "report" / "report.md"
+        (tmp / "README.md").write_text(model_card(tag, ckpt, tok, hf_cfg, n_params, check,
+                                                  report if report.is_file() else None, tmp), encoding="utf-8")
         write_json_atomic(tmp / "picochat_export.json", {"tag": tag, "step": ckpt.step, "meta": ckpt.meta,
                                                          "picochat_config": config.to_dict(), "check": check})
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 directories
@@ -108,11 +278,6 @@ def export_hf(tag: str, out, step: int | None = None, dtype: str = "checkpoint",
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "tag": tag, "step": ckpt.step, "dtype": str(target), **check}
-
-
-def _report_card() -> Path | None:
-    p = home() / "report" / "report.md"
-    return p if p.is_file() else None
 
 
 # --------------------------------------------------------------------------- import
@@ -154,29 +319,14 @@ def import_hf(path, tag: str | None = None, replace_tokenizer: bool = False, ato
     tok = hft.tokenizer_from_hf(path)
     if tok.vocab_size > config.vocab_size:
         raise PicochatError(f"the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
-    current = None
-    if (tokenizer_dir() / "tokenizer.json").exists():
-        current = Tokenizer.load(tokenizer_dir())
+    current = Tokenizer.load(tokenizer_dir()) if (tokenizer_dir() / "tokenizer.json").exists() else None
 
     raw = _read_hf_weights(path)
-    names = {v: k for k, v in weight_names(config.n_layer).items()}
     raw = {k: v for k, v in raw.items() if not k.endswith("rotary_emb.inv_freq")}  # derived, old exports
-    unexpected, missing = sorted(set(raw) - set(names)), sorted(set(names) - set(raw))
-    if unexpected or missing:
-        raise PicochatError(f"the weights in {path} do not fit a picochat model (unexpected "
-                            f"{unexpected[:3]}, missing {missing[:3]})")
+    names = {v: k for k, v in weight_names(config.n_layer).items()}
     dtypes = {t.dtype for t in raw.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    try:
-        model.load_state_dict({names[k]: v for k, v in raw.items()})
-    except RuntimeError as e:
-        why = str(e).splitlines()[-1].strip()
-        raise PicochatError(f"the weights in {path} do not fit their config ({why})") from None
-    model.reset_rotary()
-    model.eval()
+    model = build_model(config, {names.get(k, k): v for k, v in raw.items()}, path, "config.json")
 
     # the check: same logits as transformers with picochat's norm epsilon; a checkpoint written
     # with another rms_norm_eps (1e-6 is HF's default) is reported with the drift it causes
@@ -192,9 +342,8 @@ def import_hf(path, tag: str | None = None, replace_tokenizer: bool = False, ato
             check["source_rms_norm_eps"] = eps
             check["eps_drift_max_abs_logit_diff"] = compare_logits(model, _load_hf_model(path), ids)
 
-    source = {}
-    if (path / "picochat_export.json").is_file():  # a picochat export: keep its training facts
-        source = json.loads((path / "picochat_export.json").read_text())
+    export_json = path / "picochat_export.json"  # a picochat export: keep its training facts
+    source = json.loads(export_json.read_text()) if export_json.is_file() else {}
     meta = {"stage": "import", "source": str(path), "tokenizer_vocab": tok.vocab_size, "hf_config": hf,
             "import_check": check, "source_meta": source.get("meta", {})}
     model.to(dtype)

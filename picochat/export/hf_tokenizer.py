@@ -1,31 +1,20 @@
 """picochat's BPE tokenizer <-> a Hugging Face fast tokenizer (`tokenizer.json`) + chat template.
 
-Export: our tokenizer is tiktoken-style byte-level BPE (rank table + split regex + 9 specials after
-the ranks). The `tokenizers` library expresses the same thing as
-    Split(regex, isolated) -> ByteLevel(no regex) -> BPE(vocab = ranks, ignore_merges=True)
-where the vocab spells each token's bytes with GPT-2's byte->unicode map, and the merge list holds,
-for every token, each split into two existing tokens, ordered by the token's rank. tiktoken merges
-the adjacent pair whose concatenation has the lowest rank; listing every such pair at that rank
-makes HF's "lowest merge index first" pick the same pair. ignore_merges=True mirrors tiktoken's
-"a whole regex piece that is itself a token is one token" shortcut. Encodings are checked equal
-on varied Unicode text (tests/test_export_hf.py) and on a fixed sample during every export.
-
-The chat template (Jinja) prints exactly the token stream `Tokenizer.render_conversation` builds:
-specials come out as their strings and are re-recognised as added tokens, and every text span
-sits between two specials, so BPE sees the same spans picochat encodes one by one. One known
-difference: picochat encodes a special token's *string* typed inside user text as plain text
-(so users cannot forge turns); HF tokenizers always match added tokens, so such text becomes the
-special token there. Two consecutive "text" parts inside one assistant message are encoded
-separately by picochat but as one span by the template (picochat's built-in tasks never make them).
+Export: our tiktoken-style byte-level BPE (rank table + split regex + 9 specials after the ranks)
+becomes Split(regex, isolated) -> ByteLevel(no regex) -> BPE(vocab = ranks, ignore_merges=True).
+The vocab spells each token's bytes with GPT-2's byte->unicode map; the merge list holds, for every
+token, each split into two existing tokens, ordered by the token's rank. tiktoken merges the
+adjacent pair whose concatenation has the lowest rank; listing every such pair at that rank makes
+HF's "lowest merge index first" pick the same pair. ignore_merges=True mirrors tiktoken's "a whole
+regex piece that is itself a token is one token" shortcut. The chat template prints exactly the
+token stream `Tokenizer.render_conversation` builds (the two known differences: docs/export.md).
 
 Import: the reverse for a `tokenizer.json` of that shape (what transformers' nanochat converter
-ships): vocab -> rank table, Split regex -> pattern, specials must be picochat's nine, in order.
-Anything else is refused with the reason, and the result is verified by encoding sample text.
+ships). Anything else is refused with the reason; the result is verified by encoding sample text.
 """
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 from picochat.common import PicochatError
@@ -81,44 +70,28 @@ SAMPLE_TEXTS = [
 ]
 
 
-@lru_cache(maxsize=1)
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character map used by byte-level BPE."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(keep, chars)}
-
-
-def _spell(token: bytes) -> str:
-    m = byte_to_unicode()
-    return "".join(m[b] for b in token)
-
-
-def _ranks_and_pattern(tok: Tokenizer) -> tuple[dict[bytes, int], str]:
-    # The Tokenizer keeps its rank table and split regex private; reading them here (rather
-    # than re-parsing tokenizer.tiktoken) keeps one source of truth for what picochat encodes.
-    return tok._ranks, tok._pattern
-
-
 def build_fast_tokenizer(tok: Tokenizer):
     """A `tokenizers.Tokenizer` that encodes any text exactly as `tok` does, with the specials at
     the same ids; plain `encode(text)` prepends <|bos|> like `picochat sample` does."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as FastTokenizer
 
-    ranks, pattern = _ranks_and_pattern(tok)
-    vocab = {_spell(t): r for t, r in ranks.items()}
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    spelling = bytes_to_unicode()  # GPT-2's reversible byte -> printable character map
+
+    def spell(token: bytes) -> str:
+        return "".join(spelling[b] for b in token)
+
+    # the Tokenizer keeps its rank table and split regex private; reading them here (rather than
+    # re-parsing tokenizer.tiktoken) keeps one source of truth for what picochat encodes
+    ranks, pattern = tok._ranks, tok._pattern
+    vocab = {spell(t): r for t, r in ranks.items()}
     merges = []
     for t, r in ranks.items():
         for i in range(1, len(t)):
             left, right = t[:i], t[i:]
             if left in ranks and right in ranks:
-                merges.append((r, ranks[left], ranks[right], _spell(left), _spell(right)))
+                merges.append((r, ranks[left], ranks[right], spell(left), spell(right)))
     merges.sort()
     fast = FastTokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], fuse_unk=False, ignore_merges=True))
     fast.pre_tokenizer = pre_tokenizers.Sequence([
@@ -158,22 +131,15 @@ def check_hf_tokenizer(tok: Tokenizer, hf_tok, conversations: list) -> list[str]
     for text in SAMPLE_TEXTS:
         ours = tok.encode(text)
         theirs = hf_tok(text, add_special_tokens=False)["input_ids"]
-        if "<|" not in text and theirs != ours:  # specials inside text differ by design (see top)
+        if "<|" not in text and theirs != ours:  # specials inside text differ by design (docs/export.md)
             problems.append(f"text {text[:30]!r}: HF ids {theirs[:12]}... != picochat {ours[:12]}...")
         if hf_tok.decode(ours) != tok.decode(ours):
             problems.append(f"decode of {text[:30]!r} differs")
     for conv in conversations:
         ours, _ = tok.render_conversation(conv)
-        theirs = _chat_ids(hf_tok, conv, add_generation_prompt=False)
-        if theirs != ours:
+        if hf_tok.apply_chat_template(conv, return_dict=True)["input_ids"] != ours:
             problems.append(f"chat template ids differ from render_conversation for {conv[0]['content'][:30]!r}")
     return problems
-
-
-def _chat_ids(hf_tok, conversation, add_generation_prompt: bool) -> list[int]:
-    out = hf_tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=add_generation_prompt)
-    ids = out["input_ids"] if hasattr(out, "keys") else out
-    return list(ids)
 
 
 # --------------------------------------------------------------------------- import
@@ -184,12 +150,10 @@ def tokenizer_from_hf(path: Path) -> Tokenizer:
     picochat Tokenizer, or raise PicochatError saying what cannot be represented."""
     f = path / "tokenizer.json"
     if not f.is_file():
-        hint = ""
-        if (path / "tokenizer.pkl").is_file():  # native nanochat ships a pickled tiktoken Encoding
-            hint = ("; its tokenizer.pkl is not loaded because unpickling runs arbitrary code: convert the "
-                    "checkpoint with transformers' convert_nanochat_checkpoints.py first")
-        raise PicochatError(f"{path} has no tokenizer.json; picochat imports only a fast byte-level BPE "
-                            f"tokenizer{hint}")
+        pkl = (path / "tokenizer.pkl").is_file()  # native nanochat ships a pickled tiktoken Encoding
+        raise PicochatError(f"{path} has no tokenizer.json; picochat imports only a fast byte-level BPE tokenizer" + (
+            "; its tokenizer.pkl is not loaded because unpickling runs arbitrary code: convert the "
+            "checkpoint with transformers' convert_nanochat_checkpoints.py first" if pkl else ""))
     try:
         spec = json.loads(f.read_text(encoding="utf-8"))
         model = spec["model"]
@@ -207,16 +171,16 @@ def tokenizer_from_hf(path: Path) -> Tokenizer:
     pattern = _split_pattern(spec.get("pre_tokenizer"))
     if pattern is None:
         raise refuse("its pre-tokenizer is not Split(regex) followed by ByteLevel(use_regex=false)")
-    decode = {c: b for b, c in byte_to_unicode().items()}
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    decode = {c: b for b, c in bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
     for s, i in model["vocab"].items():
         try:
             ranks[bytes(decode[c] for c in s)] = int(i)
         except KeyError:
             raise refuse(f"vocab entry {s!r} is not byte-level") from None
-    n = len(ranks)
     specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    expected = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
+    expected = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
     if specials != expected:
         extra = sorted(set(specials) - set(expected))
         wrong = [s for s in SPECIAL_TOKENS if specials.get(s) != expected[s]]
@@ -230,9 +194,7 @@ def tokenizer_from_hf(path: Path) -> Tokenizer:
     from tokenizers import Tokenizer as FastTokenizer
     fast = FastTokenizer.from_file(str(f))
     for text in SAMPLE_TEXTS:
-        if "<|" in text:
-            continue
-        if fast.encode(text, add_special_tokens=False).ids != tok.encode(text):
+        if "<|" not in text and fast.encode(text, add_special_tokens=False).ids != tok.encode(text):
             raise refuse(f"its merges do not encode like rank-ordered BPE (sample {text[:30]!r} differs)")
     return tok
 

@@ -3,21 +3,13 @@
     picochat import nanochat --path ~/.cache/nanochat/chatsft_checkpoints/d20 [--step N] [--tag TAG]
     picochat import nanochat --path karpathy/nanochat-d32          (a Hugging Face hub repo, online)
 
-A nanochat checkpoint folder holds `model_<step>.pt` (the state_dict, torch.save) and
-`meta_<step>.json` (`model_config` = nanochat's GPTConfig fields). Its tokenizer (`tokenizer.pkl`, a
-pickled tiktoken.Encoding) lies in the same folder (the hub layout) or in `../../tokenizer`
-(nanochat's base dir: base_checkpoints/d20/ next to tokenizer/).
-
-Two designs are recognised by their weights, and each is rebuilt exactly (logits equal to
-nanochat's own forward: tests/test_nanochat_import.py):
-- 2025 (nanochat c6abcdf and until early 2026): wte, blocks, lm_head only. Rotary base 10000 with
-  tables rounded to bfloat16 (nanochat kept them in bf16 even on CPU); a vocab padded to 64 rows
-  (from December 2025) is kept as padding.
-- 2026 (nanochat a825e63 .. 92d63d4 and later): value embeddings + gates, resid/x0 lambdas, smear,
-  backout, the sliding-window pattern from meta, rotary base 100000, q/k scaled by 1.2, vocab
-  padded to 64.
-A checkpoint from between the two (lambdas or value embeddings but no smear/backout) mixes
-features this importer cannot date, and is refused by name rather than loaded approximately.
+A nanochat checkpoint folder holds `model_<step>.pt` (the state_dict) and `meta_<step>.json`
+(`model_config` = nanochat's GPTConfig fields); its `tokenizer.pkl` lies in the same folder (the hub
+layout) or in `../../tokenizer` (nanochat's base dir). Two designs, 2025 (c6abcdf) and 2026 (a825e63
+and later), are recognised by their weights and each is rebuilt exactly (the differences:
+docs/nanochat.md; logits equal to nanochat's own forward: tests/test_nanochat_import.py). A checkpoint
+from between the two mixes features this importer cannot date, and is refused by name rather than
+loaded approximately.
 
 Nothing from the files is executed: weights go through torch.load(weights_only=True), and the
 tokenizer pickle through an unpickler that admits exactly one class, tiktoken's Encoding, whose
@@ -73,9 +65,8 @@ def read_tokenizer_pickle(path: Path) -> Tokenizer:
     except Exception as e:  # noqa: BLE001 - any malformed or hostile pickle is the same error to the user
         raise PicochatError(f"refusing {path}: not a plain nanochat tokenizer pickle ({e})") from None
     state = getattr(obj, "state", None)
-    ranks = state.get("mergeable_ranks") if isinstance(state, dict) else None
-    pattern = state.get("pat_str") if isinstance(state, dict) else None
-    specials = state.get("special_tokens") if isinstance(state, dict) else None
+    state = state if isinstance(state, dict) else {}
+    ranks, pattern, specials = state.get("mergeable_ranks"), state.get("pat_str"), state.get("special_tokens")
     if (not isinstance(ranks, dict) or not isinstance(pattern, str) or not isinstance(specials, dict)
             or not all(isinstance(k, bytes) and type(v) is int for k, v in ranks.items())):
         raise PicochatError(f"refusing {path}: not a tiktoken Encoding with byte ranks, a pattern and special tokens")
@@ -96,7 +87,8 @@ def find_files(path: Path, step: int | None) -> tuple[Path, Path, Path, int]:
     if not path.is_dir():
         raise PicochatError(f"{path} is not a directory (expected a nanochat checkpoint folder or a hub repo id "
                             "such as karpathy/nanochat-d32)")
-    steps = sorted(int(m.group(1)) for p in path.iterdir() if (m := MODEL_RE.match(p.name)))
+    models = {int(m.group(1)): p for p in path.iterdir() if (m := MODEL_RE.match(p.name))}
+    steps = sorted(models)
     if not steps:
         hint = "; it looks like a Hugging Face transformers folder: use `picochat import hf`" \
             if (path / "config.json").is_file() else ""
@@ -104,7 +96,7 @@ def find_files(path: Path, step: int | None) -> tuple[Path, Path, Path, int]:
     step = steps[-1] if step is None else step
     if step not in steps:
         raise PicochatError(f"{path} has no step {step}; it has steps {', '.join(map(str, steps))}")
-    model_file = next(p for p in path.iterdir() if (m := MODEL_RE.match(p.name)) and int(m.group(1)) == step)
+    model_file = models[step]
     meta_file = path / model_file.name.replace("model_", "meta_").replace(".pt", ".json")
     if not meta_file.is_file():
         raise PicochatError(f"{path} has {model_file.name} but no {meta_file.name}")
@@ -175,14 +167,15 @@ def nanochat_config(meta: dict, state: dict[str, torch.Tensor], source: Path) ->
     return config, design
 
 
-def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: Path) -> GPT:
+def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: Path, config_name="model_config") -> GPT:
+    """The GPT of `config` holding `state` (import hf uses it too), or one error naming what does not fit."""
     with torch.device("meta"):
         model = GPT(config)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
     if missing or unexpected or wrong:
-        raise PicochatError(f"the weights in {source} do not fit a nanochat model of their model_config (missing "
+        raise PicochatError(f"the weights in {source} do not fit a nanochat model of their {config_name} (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]})")
     model.to_empty(device="cpu")
     model.load_state_dict(state)
