@@ -1,18 +1,13 @@
 """Chat batches for midtraining (packed) and SFT (padded, assistant-only loss).
 
-Midtraining continues pretraining on the chat format: rendered conversations, each starting with
-BOS, are packed back to back into (B, T) rows by the same PackedLoader as pretraining, and every
-token is a target. SFT keeps conversations whole: one conversation per row, right-padded, with
-targets = -1 wherever the render mask is 0 (user turns, tool outputs, padding).
-
-Both draw from a TaskMixture whose order is a function of the index alone, and use the same
-slot scheme as pretraining (rank r, micro-step a -> slot r * grad_accum + a), so resume is exact
-and torchrun ranks match single-process gradient accumulation.
-
-Both take `workers` (background processes, see workers.py): mid tokenizes there like pretraining;
-SFT renders whole batches there. `pad_to` fixes SFT's row width (needed by compiled/CUDA-graph
-training, which wants one static shape; the extra columns are padding with target -1, so the loss
-is unchanged).
+Midtraining packs rendered conversations (each starting with BOS) back to back into (B, T) rows with
+pretraining's PackedLoader; every token is a target. SFT keeps conversations whole: one per row,
+right-padded, targets -1 wherever the render mask is 0 (user turns, tool outputs, padding). Both
+draw from a TaskMixture whose order is a function of the index alone and use pretraining's slot
+scheme, so resume is exact and torchrun ranks match single-process accumulation. With `workers`
+(workers.py) mid tokenizes there and SFT renders whole batches there. `pad_to` fixes SFT's row width
+(compiled/CUDA-graph training wants one static shape; the extra columns are padding with target -1,
+so the loss is unchanged).
 """
 from __future__ import annotations
 
@@ -34,26 +29,23 @@ def MidLoader(mixture: Task, tokenizer, batch_size: int, seq_len: int, rank: int
 
 
 def sft_arrays(conversations: list[dict], tokenizer, max_len: int, pad_to: int | None = None):
-    """numpy (x, y) of sft_batch; no torch here, so it is safe to run in forked workers."""
+    """Render, truncate to max_len + 1 tokens, right-pad (to the longest row, or to pad_to >= max_len);
+    targets are -1 where not supervised. numpy, no torch: it runs in forked workers."""
     rows = [tokenizer.render_conversation(c, max_tokens=max_len + 1) for c in conversations]
     width = pad_to or max(len(ids) for ids, _ in rows) - 1
     x = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
     y = np.full((len(rows), width), -1, dtype=np.int64)
     for r, (ids, mask) in enumerate(rows):
-        ids_a = np.asarray(ids, dtype=np.int64)
-        m = np.asarray(mask[1:], dtype=bool)
-        n = len(ids) - 1
-        x[r, :n] = ids_a[:-1]
-        y[r, :n] = np.where(m, ids_a[1:], -1)
+        ids = np.asarray(ids, dtype=np.int64)
+        x[r, :len(ids) - 1] = ids[:-1]
+        y[r, :len(ids) - 1] = np.where(np.asarray(mask[1:], dtype=bool), ids[1:], -1)
     return x, y
 
 
 def sft_batch(conversations: list[dict], tokenizer, max_len: int,
               pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render, truncate to max_len + 1 tokens, right-pad (to the longest row, or to pad_to >= max_len);
-    targets are -1 where not supervised."""
-    x, y = sft_arrays(conversations, tokenizer, max_len, pad_to)
-    return torch.from_numpy(x), torch.from_numpy(y)
+    """sft_arrays as tensors."""
+    return tuple(torch.from_numpy(a) for a in sft_arrays(conversations, tokenizer, max_len, pad_to))
 
 
 class SFTLoader(BackgroundLoader):
@@ -77,8 +69,6 @@ class SFTLoader(BackgroundLoader):
         self.next = {s: int(state.get("slots", {}).get(str(s), s * batch_size)) for s in self.slots}
         self.micro = state.get("micro", 0)
         self.pad_to = pad_to
-        self.pool = self.prefetcher = None
-        self._consumed = None
         if workers:
             self.pool = WorkerPool(self._render, workers, name="sft")
             self._consumed = self._live_state()
@@ -119,8 +109,7 @@ class SFTLoader(BackgroundLoader):
             (x, y), self._consumed = self.prefetcher.get()
         else:
             x, y = (torch.from_numpy(a) for a in self._render(self._advance()))
-        non_blocking = self.device.type == "cuda" and x.is_pinned()
-        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+        return x.to(self.device, non_blocking=x.is_pinned()), y.to(self.device, non_blocking=y.is_pinned())
 
     def _live_state(self) -> dict:
         return {"split": "sft", "n_slots": self.n_slots, "micro": self.micro,

@@ -46,23 +46,19 @@ def validate(record) -> list[dict]:
     messages = messages_of(record)
     if not messages:
         raise ValueError("no messages")
-    start = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {i} needs 'role' and 'content'")
-    if messages[0]["role"] == "system":
-        _check_content(messages[0]["content"], "system", 0)
-        start = 1
-    body = messages[start:]
-    if not body:
-        raise ValueError("no user/assistant messages after the system message")
-    for j, m in enumerate(body):
-        want = "user" if j % 2 == 0 else "assistant"
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages):
+        want = "system" if i < start else ("user", "assistant")[(i - start) % 2]
         if m["role"] != want:
-            raise ValueError(f"message {start + j} has role {m['role']!r}, expected {want!r} "
+            raise ValueError(f"message {i} has role {m['role']!r}, expected {want!r} "
                              f"(roles alternate user/assistant after an optional system message)")
-        _check_content(m["content"], m["role"], start + j)
-    if body[-1]["role"] != "assistant":
+        _check_content(m["content"], m["role"], i)
+    if len(messages) == start:
+        raise ValueError("no user/assistant messages after the system message")
+    if messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be from the assistant")
     return messages
 
@@ -96,15 +92,11 @@ def load_jsonl(path: str | Path) -> tuple[list[dict], LoadReport]:
                 continue
             report.total += 1
             try:
-                record = json.loads(line)
-                messages = validate(record)
+                out.append({"messages": validate(json.loads(line))})
             except json.JSONDecodeError as e:
                 report.bad.append((n, f"invalid JSON ({e.msg})"))
-                continue
             except ValueError as e:
                 report.bad.append((n, str(e)))
-                continue
-            out.append({"messages": messages})
     report.kept = len(out)
     if not out:
         raise PicochatError(f"{path} has no valid conversations ({len(report.bad)} bad lines; first: "

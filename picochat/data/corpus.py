@@ -36,7 +36,6 @@ SCHEMA = pa.schema([("text", pa.string())])
 SHARD_CHARS = 50_000_000   # ~50 MB of (mostly ASCII) text per shard, as in nanochat
 ROW_GROUP_DOCS = 1024      # iter_documents(start=) skips whole row groups via metadata
 SHUFFLE_BUFFER = 10_000    # docs; covers the whole embedded corpus, bounded memory for big ones
-NO_DATA = "no prepared data at {}; run `picochat data prepare --source embedded` first"
 
 
 # --------------------------------------------------------------------------- writing
@@ -49,8 +48,8 @@ class _ShardWriter:
         self.rng = random.Random(f"{seed}:{split}")
         self.pending: list[str] = []          # shuffle buffer
         self.buf: list[str] = []              # next row group
-        self.shards: list[tuple[Path, int, int]] = []  # closed shards: (path, docs, chars)
-        self.writer, self.shard_docs, self.shard_chars_now = None, 0, 0
+        self.shards: list[Path] = []          # written shards, the open one last
+        self.writer, self.open_chars = None, 0  # the open shard and the chars in it
         self.docs = self.chars = 0            # counted on add (before the buffer), for the caps
 
     def add(self, text: str) -> None:
@@ -63,17 +62,17 @@ class _ShardWriter:
 
     def _emit(self, text: str) -> None:
         self.buf.append(text)
-        self.shard_docs, self.shard_chars_now = self.shard_docs + 1, self.shard_chars_now + len(text)
+        self.open_chars += len(text)
         if len(self.buf) >= self.row_group_docs:
             self._flush()
-            if self.shard_chars_now >= self.shard_chars:  # roll at row-group boundaries only
+            if self.open_chars >= self.shard_chars:  # roll at row-group boundaries only
                 self._close_shard()
 
     def _flush(self) -> None:
         if self.buf:
             if self.writer is None:
-                self.path = self.root / f"{self.split}_{len(self.shards):05d}.parquet"
-                self.writer = pq.ParquetWriter(self.path, SCHEMA, compression="zstd")
+                self.shards.append(self.root / f"{self.split}_{len(self.shards):05d}.parquet")
+                self.writer = pq.ParquetWriter(self.shards[-1], SCHEMA, compression="zstd")
             self.writer.write_table(pa.table({"text": self.buf}, schema=SCHEMA), row_group_size=self.row_group_docs)
             self.buf = []
 
@@ -81,8 +80,7 @@ class _ShardWriter:
         self._flush()
         if self.writer is not None:
             self.writer.close()
-            self.shards.append((self.path, self.shard_docs, self.shard_chars_now))
-            self.writer, self.shard_docs, self.shard_chars_now = None, 0, 0
+            self.writer, self.open_chars = None, 0
 
     def _drain(self) -> None:
         self.rng.shuffle(self.pending)
@@ -96,7 +94,7 @@ class _ShardWriter:
         self._drain()
         texts: list[str] = []
         while self.shards and len(texts) < n:
-            path, docs, chars = self.shards.pop()
+            path = self.shards.pop()
             texts[:0] = pq.read_table(path, columns=["text"]).column(0).to_pylist()
             path.unlink()
         keep, tail = texts[:len(texts) - n], texts[len(texts) - n:]
@@ -108,16 +106,12 @@ class _ShardWriter:
     def close(self) -> None:
         self._drain()
         if not self.shards:  # an empty split still gets a (zero-row) shard so readers find the files
-            path = self.root / f"{self.split}_00000.parquet"
-            pq.write_table(pa.table({"text": []}, schema=SCHEMA), path, compression="zstd")
-            self.shards.append((path, 0, 0))
+            self.shards.append(self.root / f"{self.split}_00000.parquet")
+            pq.write_table(pa.table({"text": []}, schema=SCHEMA), self.shards[0], compression="zstd")
 
 
-def _write_splits(src: Source, tmp: Path, *, val_fraction, max_docs, max_chars, shard_chars, row_group_docs,
-                  seed) -> tuple[_ShardWriter, _ShardWriter, bool]:
-    train = _ShardWriter(tmp, "train", shard_chars, row_group_docs, seed)
-    val = _ShardWriter(tmp, "val", shard_chars, row_group_docs, seed)
-
+def _write_splits(src: Source, train: _ShardWriter, val: _ShardWriter, val_fraction, max_docs, max_chars) -> bool:
+    """Stream the source's docs into the two writers and close them; True if val is the carved-off tail."""
     # Limits apply to the total; in group mode each split gets its share of them (val at least 1).
     # In tail mode everything goes to train first and the val tail is carved off at the end.
     vf = 0.0 if src.tail else val_fraction
@@ -156,7 +150,7 @@ def _write_splits(src: Source, tmp: Path, *, val_fraction, max_docs, max_chars, 
             val.docs, val.chars = val.docs + 1, val.chars + len(t)
     train.close()
     val.close()
-    return train, val, carved
+    return carved
 
 
 def prepare(source: str, out_dir=None, *, overwrite: bool = False, val_fraction: float = 0.05,
@@ -172,13 +166,12 @@ def prepare(source: str, out_dir=None, *, overwrite: bool = False, val_fraction:
             raise PicochatError(f"{name} must be >= 1, got {v}")
     out = Path(out_dir).expanduser() if out_dir is not None else default_data_dir(default_name(source))
     src = open_source(source, hf_config=hf_config, text_field=text_field, val_fraction=val_fraction, seed=seed)
-    if _occupied(out) and not overwrite:  # checked again at the final rename
-        raise PicochatError(f"{out} already exists; pass --overwrite to replace it")
+    _refuse_occupied(out, overwrite)  # checked again at the final rename
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        train, val, carved = _write_splits(src, tmp, val_fraction=val_fraction, max_docs=max_docs, max_chars=max_chars,
-                                   shard_chars=shard_chars, row_group_docs=row_group_docs, seed=seed)
+        train, val = (_ShardWriter(tmp, split, shard_chars, row_group_docs, seed) for split in SPLITS)
+        carved = _write_splits(src, train, val, val_fraction, max_docs, max_chars)
         if train.docs + val.docs == 0:
             raise PicochatError(f"source {source} produced no documents")
         if src.info.get("bad_lines"):
@@ -193,21 +186,17 @@ def prepare(source: str, out_dir=None, *, overwrite: bool = False, val_fraction:
         write_json_atomic(tmp / "meta.json", meta)
         for p in (tmp, tmp / "meta.json"):  # mkdtemp/mkstemp make owner-only files; a corpus is shared data
             p.chmod(0o755 if p.is_dir() else 0o644)
-        _swap_into_place(tmp, out, overwrite)
+        _refuse_occupied(out, overwrite)  # it may have appeared while we were writing
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
 
 
-def _occupied(out: Path) -> bool:
-    return out.exists() and (not out.is_dir() or any(out.iterdir()))
-
-
-def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if _occupied(out) and not overwrite:  # appeared while we were writing
+def _refuse_occupied(out: Path, overwrite: bool) -> None:
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PicochatError(f"{out} already exists; pass --overwrite to replace it")
-    replace_dir(tmp, out)
 
 
 # --------------------------------------------------------------------------- reading
@@ -217,7 +206,7 @@ def list_shards(data_dir, split: str) -> list[Path]:
         raise PicochatError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     shards = sorted(Path(data_dir).glob(f"{split}_*.parquet"))
     if not shards:
-        raise PicochatError(NO_DATA.format(data_dir))
+        raise PicochatError(f"no prepared data at {data_dir}; run `picochat data prepare --source embedded` first")
     return shards
 
 

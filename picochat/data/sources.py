@@ -163,16 +163,16 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     def probe():
         try:
             urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-            result.append(True)
         except urllib.error.HTTPError:
-            result.append(True)
+            pass
         except Exception:  # URLError, timeout, refused, TLS...
-            result.append(False)
+            return
+        result.append(True)
 
     t = threading.Thread(target=probe, daemon=True)
     t.start()
     t.join(timeout + 1)
-    return bool(result and result[0])
+    return bool(result)
 
 
 def _hf_error(repo: str, e: Exception) -> PicochatError:

@@ -1,18 +1,14 @@
 """Background data workers: tokenization in forked processes, ready batches prefetched by a thread.
 
-Two pieces, both used by the loaders in loader.py / chat_loader.py:
+- WorkerPool(fn, n): n forked processes running `fn(request) -> result`. Request k goes to worker
+  k % n and results are read back in submission order, so the stream never depends on the number
+  or speed of the workers (2 workers give the 0-worker stream: tested). The parent waits on each
+  worker's pipe *and* its process sentinel, so a worker that dies (OOM killer, SIGKILL, segfault)
+  raises LoaderWorkerError within a fraction of a second instead of hanging on a queue forever.
+- Prefetcher(produce, depth): a thread that runs the packing generator and keeps a bounded queue
+  of ready items, so the training step only pops a finished batch.
 
-- WorkerPool(fn, n): n forked processes that each run `fn(request) -> result` (tokenize a chunk of
-  documents, render a batch of conversations). Request k goes to worker k % n and results are read
-  back in submission order, so the output never depends on how many workers there are or how fast
-  each one is: the token stream with 2 workers is the stream with 0 workers (tested).
-  Each worker talks over its own pipe and the parent waits on the pipe *and* the process sentinel,
-  so a worker that dies (OOM killer, SIGKILL, segfault) raises LoaderWorkerError in the training
-  process within a fraction of a second instead of hanging on a queue forever.
-- Prefetcher(produce, depth): a thread that runs the packing generator and keeps a bounded queue of
-  ready (x, y, state) items, pinned on CUDA, so the training step only pops a finished batch.
-
-Workers are forked (not spawned): they inherit the tokenizer, the task mixture and the document
+Workers are forked, not spawned: they inherit the tokenizer, the task mixture and the document
 readers without pickling anything and start in milliseconds. They never touch torch or CUDA, so
 forking a process that holds a CUDA context is safe. Forking happens in the loader's constructor,
 before its prefetch thread starts.
@@ -44,22 +40,12 @@ def in_worker() -> bool:
     return _IN_WORKER
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def default_workers() -> int:
     """Cores available to this process minus one (the training loop's), split across the ranks
     torchrun started on this node, capped at MAX_DEFAULT_WORKERS."""
-    per_process = available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
-
-
-def fork_available() -> bool:
-    return "fork" in mp.get_all_start_methods()
 
 
 def _worker_main(fn, requests, results) -> None:
@@ -98,7 +84,7 @@ class WorkerPool:
     def __init__(self, fn: Callable, n: int, name: str = "data"):
         if n < 1:
             raise ValueError(f"a worker pool needs >= 1 workers, got {n}")
-        if not fork_available():
+        if "fork" not in mp.get_all_start_methods():
             raise PicochatError("background loader workers need the 'fork' start method (Linux/macOS); "
                                 "use --loader-workers 0 on this platform")
         ctx = mp.get_context("fork")
@@ -115,8 +101,7 @@ class WorkerPool:
             self.procs.append(p)
             self.req_conns.append(req_w)
             self.res_conns.append(res_r)
-        self.submitted = 0
-        self.received = 0
+        self.submitted = self.received = 0
         self.closed = False
 
     @property
@@ -270,9 +255,6 @@ class BackgroundLoader:
     pool: WorkerPool | None = None
     prefetcher: Prefetcher | None = None
     _consumed: dict | None = None
-
-    def _live_state(self) -> dict:
-        raise NotImplementedError
 
     def state_dict(self) -> dict:
         """Positions after the last batch handed out (merge across ranks with merge_states under DDP)."""
