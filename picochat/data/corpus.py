@@ -223,12 +223,9 @@ def iter_documents(data_dir, split: str, start: int = 0) -> Iterator[str]:
     def gen(skip: int):
         for path in shards:
             pf = pq.ParquetFile(path)
-            if skip >= pf.metadata.num_rows:  # whole shard before start: metadata only
-                skip -= pf.metadata.num_rows
-                continue
             for rg in range(pf.num_row_groups):
                 n = pf.metadata.row_group(rg).num_rows
-                if skip >= n:
+                if skip >= n:  # a row group before start: skipped by its metadata, never read
                     skip -= n
                     continue
                 yield from pf.read_row_group(rg, columns=["text"]).column(0).to_pylist()[skip:]

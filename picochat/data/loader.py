@@ -147,7 +147,7 @@ class PackedLoader(BackgroundLoader):
             raise ValueError(f"loader state was saved with {state.get('n_slots')} slots on split {state.get('split')!r}; "
                              f"now {n_slots} slots on {split!r} (world_size x grad_accum must match to resume)")
         saved = state.get("slots", {})
-        self.split, self.n_slots, self.rank = split, n_slots, rank
+        self.split, self.n_slots = split, n_slots
         self.streams = [_SlotStream(n_docs, s, n_slots, saved.get(str(s), {}).get("v"),
                                     saved.get(str(s), {}).get("offset", 0), tokenizer_batch)
                         for s in range(rank * grad_accum, (rank + 1) * grad_accum)]

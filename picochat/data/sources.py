@@ -231,8 +231,6 @@ def _hf_source(repo: str, hf_config: str | None, text_field: str, val_fraction: 
                 t = row.get(text_field)
                 if isinstance(t, str):
                     yield t, False
-        except PicochatError:
-            raise
         except Exception as e:
             raise _hf_error(repo, e) from None
 

@@ -58,8 +58,7 @@ def _eval_sections(ckpt: Checkpoint) -> list[str]:
             data = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        results = data.get("results", data)
-        lines.append(f"- `{f.name}`: " + json.dumps(results, sort_keys=True)[:600])
+        lines.append(f"- `{f.name}`: " + json.dumps(data.get("results", data), sort_keys=True)[:600])
     return lines
 
 
