@@ -327,7 +327,6 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
         scheduler.close()
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler = scheduler
     app.state.limits = {"max_batch": max_batch, "max_queue": max_queue, "context_length": context,
                         "max_body_bytes": max_body_bytes}
 

@@ -13,11 +13,9 @@ import os
 import socket
 import sys
 
-from picochat.common import PicochatError, number_type
+from picochat.common import PicochatError, nonneg_int, number_type, positive_int
 from picochat.device import add_inference_flags
 
-_pos = number_type(int, lambda v: v >= 1, "a positive integer")
-_nonneg = number_type(int, lambda v: v >= 0, "an integer >= 0")
 _port = number_type(int, lambda v: 0 <= v <= 65535, "a port number in [0, 65535]")
 
 API_KEY_ENV = "PICOCHAT_API_KEY"
@@ -106,7 +104,6 @@ def cmd_serve(args) -> None:
 
 
 def register(subparsers) -> None:
-    """Add `picochat serve` to the main CLI's subparsers."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible API (+ web chat UI) over a checkpoint",
                               description="\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nAPI reference: docs/serving.md",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,19 +120,19 @@ def register(subparsers) -> None:
     key.add_argument("--api-key", default=None, metavar="KEY",
                      help="the same with KEY on the command line, where other users of the machine can see it "
                           "(prefer --api-key-file or $" + API_KEY_ENV + ")")
-    p.add_argument("--max-batch", type=_pos, default=16,
+    p.add_argument("--max-batch", type=positive_int, default=16,
                    help="most requests decoded together in the continuous batch (default %(default)s)")
-    p.add_argument("--max-queue", type=_nonneg, default=64,
+    p.add_argument("--max-queue", type=nonneg_int, default=64,
                    help="requests waiting beyond the batch before new ones get 503 + Retry-After (default %(default)s)")
-    p.add_argument("--max-body-bytes", type=_pos, default=1 << 20, help="request body size limit, else 413 (default %(default)s)")
-    p.add_argument("--default-max-tokens", type=_pos, default=512,
+    p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="request body size limit, else 413 (default %(default)s)")
+    p.add_argument("--default-max-tokens", type=positive_int, default=512,
                    help="reply length when a request sets no max_tokens (capped by the context; default 512)")
-    p.add_argument("--context-length", type=_pos, default=None, metavar="N",
+    p.add_argument("--context-length", type=positive_int, default=None, metavar="N",
                    help="max prompt + completion tokens per request; up to 10x the trained context is allowed, "
                         "but quality degrades past it (default: the model's trained sequence length)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default %(default)s)")
     add_inference_flags(p)
-    p.add_argument("--threads", type=_nonneg, default=0,
+    p.add_argument("--threads", type=nonneg_int, default=0,
                    help="CPU threads used to run the model (default %(default)s: one per core). On a machine shared with other "
                         "busy programs, 1 is often faster")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
