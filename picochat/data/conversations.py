@@ -19,15 +19,6 @@ from picochat.common import PicochatError
 PART_TYPES = ("text", "python", "python_output")
 
 
-def messages_of(record) -> list[dict]:
-    """The message list of a record ({"messages": [...]} or a bare list); ValueError if neither."""
-    if isinstance(record, dict) and "messages" in record:
-        record = record["messages"]
-    if not isinstance(record, list):
-        raise ValueError('expected {"messages": [...]} or a list of messages')
-    return record
-
-
 def _check_content(content, role: str, i: int) -> None:
     if isinstance(content, str):
         if not content.strip():
@@ -42,8 +33,11 @@ def _check_content(content, role: str, i: int) -> None:
 
 
 def validate(record) -> list[dict]:
-    """Return the validated message list or raise ValueError saying what is wrong."""
-    messages = messages_of(record)
+    """Return the validated message list ({"messages": [...]} or a bare list) or raise ValueError
+    saying what is wrong."""
+    messages = record["messages"] if isinstance(record, dict) and "messages" in record else record
+    if not isinstance(messages, list):
+        raise ValueError('expected {"messages": [...]} or a list of messages')
     if not messages:
         raise ValueError("no messages")
     for i, m in enumerate(messages):

@@ -122,14 +122,14 @@ class WorkerPool:
             raise self._fail(i, _death(self.procs[i]) if not self.procs[i].is_alive() else "closed its pipe") from None
         self.submitted += 1
 
-    def get(self, poll: float = 1.0, stop: threading.Event | None = None):
+    def get(self, stop: threading.Event | None = None):
         """The result of the oldest request not yet returned (blocks; raises if its worker died)."""
         if self.received >= self.submitted:
             raise RuntimeError("WorkerPool.get() with no request outstanding")
         i = self.received % self.n
         conn, proc = self.res_conns[i], self.procs[i]
         while True:
-            ready = wait([conn, proc.sentinel], timeout=poll)
+            ready = wait([conn, proc.sentinel], timeout=1.0)
             if conn in ready:
                 try:
                     status, payload = conn.recv()

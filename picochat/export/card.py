@@ -62,10 +62,8 @@ def _eval_sections(ckpt: Checkpoint) -> list[str]:
     return lines
 
 
-def copy_report(report: Path | None, out_dir: Path) -> str | None:
+def copy_report(report: Path, out_dir: Path) -> str:
     """Copy the report card (and the images next to it) into out_dir/report/; return its link."""
-    if report is None:
-        return None
     dest = out_dir / "report"
     dest.mkdir(exist_ok=True)
     for f in report.parent.iterdir():
@@ -124,8 +122,8 @@ def model_card(tag: str, ckpt: Checkpoint, tok: Tokenizer, hf_cfg, n_params: int
     evals = _eval_sections(ckpt)
     if evals:
         lines += ["## Evaluation", ""] + evals + [""]
-    link = copy_report(report, out_dir)
-    if link:
+    if report is not None:
+        link = copy_report(report, out_dir)
         quoted = quote_report(report.read_text(encoding="utf-8", errors="replace"), tag)
         lines += ["## Report card", "", f"From picochat's report card ([{link}]({link}), with plots):"]
         lines += quoted + [""] if quoted else [f"(it has no rows about `{tag}`)", ""]

@@ -188,11 +188,8 @@ def quiet_transformers():
 
 def _load_hf_model(path: Path, **config_overrides):
     transformers = require_transformers()
-    kw = {}
-    if config_overrides:
-        kw["config"] = transformers.AutoConfig.from_pretrained(str(path), **config_overrides)
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
+    try:  # keyword arguments that name config fields override the saved config
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **config_overrides)
     except Exception as e:  # noqa: BLE001 - any load failure means the directory is not usable
         raise PicochatError(f"transformers cannot load {path}: {type(e).__name__}: {e}") from None
     return model.eval()
