@@ -15,6 +15,7 @@ stage modules; user-fixable errors are PicochatError (one line, exit 1).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 from pathlib import Path
 
@@ -63,8 +64,6 @@ def _config(args, required: bool = True):
             setattr(getattr(cfg, section), key, v)
     if getattr(args, "min_score", None):
         cfg.filter.min_scores = dict(cfg.filter.min_scores, **dict(args.min_score))
-    if getattr(args, "no_require_pass", False):
-        cfg.filter.require_pass = False
     C.validate(cfg)
     return cfg
 
@@ -77,13 +76,9 @@ def cmd_check(args):
     if not cfg.roles:
         raise PicochatError("the config defines no roles")
     cfg.preflight = True
-    run_stage(cfg, "check", list(cfg.roles), lambda llm: _noop())
+    run_stage(cfg, "check", list(cfg.roles), lambda llm: asyncio.sleep(0))
     print(f"check: all {len(cfg.roles)} roles reachable: " +
           ", ".join(f"{n}={r.model}@{r.base_url}" for n, r in cfg.roles.items()))
-
-
-async def _noop():
-    return None
 
 
 # the stage modules' entry points, each run(cfg); imported on use (the stage modules pull in the HTTP client)
@@ -105,16 +100,13 @@ def cmd_report(args):
     from picochat.safety.report import run_report
     cfg = _config(args, required=False) if args.config or not args.input else None
     if args.input:
-        src = Path(args.input)
+        src, rejected, run_dir = Path(args.input), args.rejected, args.run_dir
         out = Path(args.out) if args.out else src.parent / f"{src.stem}_report"
-    else:
+    else:  # our own run: pick up rejections and stage counts
         src = cfg.out_dir / "filter" / "kept.jsonl"
         out = Path(args.out) if args.out else cfg.out_dir / "report"
-    rejected = args.rejected
-    run_dir = args.run_dir
-    if cfg is not None and not args.input:  # our own run: pick up rejections and stage counts
-        rejected = rejected or (cfg.out_dir / "filter" / "rejected.jsonl")
-        run_dir = run_dir or cfg.out_dir
+        rejected = args.rejected or cfg.out_dir / "filter" / "rejected.jsonl"
+        run_dir = args.run_dir or cfg.out_dir
     if rejected and not Path(rejected).exists():
         raise PicochatError(f"--rejected {rejected} not found")
     run_report(src, out, rejected=rejected, run_dir=run_dir)
@@ -142,7 +134,7 @@ def cmd_run(args):
         cfg.role(r)
     if cfg.preflight and roles:
         from picochat.safety.stage import run_stage
-        run_stage(cfg, "preflight", roles, lambda llm: _noop())
+        run_stage(cfg, "preflight", roles, lambda llm: asyncio.sleep(0))
         cfg.preflight = False  # done once for all stages
     for s in stages:
         print(f"== safety {s}", flush=True)
@@ -242,7 +234,8 @@ def register(subparsers) -> None:
     p = parsers["filter"]
     p.add_argument("--min-score", metavar="DIM=N", type=_min_score, action="append",
                    help="minimum score for a dimension, repeatable (e.g. --min-score safety_integrity=5)")
-    p.add_argument("--no-require-pass", action="store_true", help="do not require the judge verdict 'pass' on every turn")
+    p.add_argument("--no-require-pass", dest="cfg.filter.require_pass", action="store_const", const=False,
+                   help="do not require the judge verdict 'pass' on every turn")
     p = parsers["report"]
     p.add_argument("--rejected", metavar="FILE", help="rejected.jsonl whose reasons to tabulate")
     p.add_argument("--run-dir", metavar="DIR", help="a safety run directory whose failure/retry counts to include")

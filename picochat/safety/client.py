@@ -1,24 +1,16 @@
 """LLM client layer: one AsyncOpenAI client per role, with concurrency limits, retries, cache and costs.
 
-Roles (red, blue, judge, optimizer, target) each have their own endpoint, model, key env var name,
-temperature, token limit, concurrency and prices (see config.RoleConfig). Calls go through the
-official `openai` SDK with its own retries switched off, because we need to see every failure:
-
-- 429 (honouring Retry-After / retry-after-ms), 5xx, timeouts, connection errors, a 200 whose body
-  is not valid JSON, and an empty completion are retried with exponential backoff + jitter;
-- any other 4xx is not retried (the request itself is wrong);
-- when retries run out the call raises LLMCallError, which stages record as a counted failure.
-
-Every successful reply is cached on disk (cache.py) before it is returned, unless the caller's
-`accept` check rejects it (an unparseable judge reply is not an answer worth keeping). Each HTTP
-request and cache hit is appended to the usage log (usage.py) as it completes. Which request
-parameters are sent, and under which names, is the role's `params`/`extra` config
-(`request_params`, in config.py). The API key is read from the environment at client creation and is never
-stored, logged or hashed.
+Calls go through the official `openai` SDK with its own retries off, so every failure is seen and
+counted: 429 (obeying Retry-After), 5xx, timeouts, connection errors, a 200 whose body is not JSON and
+an empty completion are retried with jittered exponential backoff; any other 4xx is not (the request
+itself is wrong); a call that gives up raises LLMCallError. A reply is cached on disk (store.CallCache)
+before it is returned, unless the caller's `accept` rejects it, and every request and cache hit goes
+to the usage log (usage.py). The API key is read from the environment, never stored, logged or hashed.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -29,7 +21,7 @@ from dataclasses import dataclass, field
 from picochat.common import PicochatError
 from picochat.safety.config import RoleConfig, SafetyConfig, request_params
 from picochat.safety.store import CallCache, request_key
-from picochat.safety.usage import UsageLog, add_totals, cost_of
+from picochat.safety.usage import UsageLog, cost_of, totals
 
 
 class LLMCallError(Exception):
@@ -61,8 +53,6 @@ class RoleStats:
     cache_hits: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    estimated_tokens: bool = False  # the endpoint sent no usage; chars/4 was used
-    truncated: int = 0         # finish_reason == "length"
     retries: Counter = field(default_factory=Counter)   # by kind: 429, 500, timeout, empty, ...
     failures: Counter = field(default_factory=Counter)  # calls given up on, by kind
 
@@ -84,17 +74,10 @@ def _seed(key: str) -> int:
 
 
 def _retry_after(headers) -> float | None:
-    """Seconds to wait from Retry-After / retry-after-ms, or None (HTTP-dates fall back to backoff)."""
-    if headers is None:
-        return None
+    """Seconds to wait from retry-after-ms / Retry-After, or None (HTTP-dates fall back to backoff)."""
     for name, div in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        v = headers.get(name)
-        if v is None:
-            continue
-        try:
-            return max(0.0, float(v) / div)
-        except ValueError:
-            continue
+        with contextlib.suppress(TypeError, ValueError):  # absent (None) or not a number
+            return max(0.0, float((headers or {}).get(name)) / div)
     return None
 
 
@@ -109,9 +92,8 @@ class LLM:
         self.cache = CallCache(cfg.cache)
         self.stats = {name: RoleStats() for name in self.roles}
         self._clients: dict = {}
-        self._sems: dict[str, asyncio.Semaphore] = {}
+        self._sems = {name: asyncio.Semaphore(r.concurrency) for name, r in self.roles.items()}
         self._inflight: dict[str, asyncio.Future] = {}
-        self._rng = random.Random()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -124,11 +106,6 @@ class LLM:
                                               timeout=r.timeout_s, max_retries=0)
         return self._clients[role]
 
-    def _sem(self, role: str) -> asyncio.Semaphore:
-        if role not in self._sems:
-            self._sems[role] = asyncio.Semaphore(self.roles[role].concurrency)
-        return self._sems[role]
-
     async def aclose(self) -> None:
         for c in self._clients.values():
             await c.close()
@@ -139,13 +116,6 @@ class LLM:
     def _log(self, role: str, **fields) -> None:
         if self.usage is not None:
             self.usage.record(self.roles[role], **fields)
-
-    # ------------------------------------------------------------------ preflight
-
-    async def preflight(self) -> None:
-        """Reach every role's endpoint before any work (preflight.py): one PicochatError line on a problem."""
-        from picochat.safety.preflight import preflight
-        await preflight(self)
 
     # ------------------------------------------------------------------ calls
 
@@ -172,15 +142,14 @@ class LLM:
         """
         key, body = self.request(role, messages, sample, temperature, max_tokens)
         hit = self.cache.get(key)
-        if hit is not None and (accept is None or accept(hit["text"])):
+        if hit is not None and accept is not None and not accept(hit["text"]):
+            hit = None
+        if hit is None and key in self._inflight:  # the same request is already on the wire: share its answer
+            hit = await asyncio.shield(self._inflight[key])
+        if hit is not None:
             self.stats[role].cache_hits += 1
             self._log(role, event="cache_hit")
             return Reply(hit["text"], hit.get("finish_reason"), True, key)
-        if key in self._inflight:  # the same request is already on the wire: share its answer
-            entry = await asyncio.shield(self._inflight[key])
-            self.stats[role].cache_hits += 1
-            self._log(role, event="cache_hit")
-            return Reply(entry["text"], entry.get("finish_reason"), True, key)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -206,15 +175,12 @@ class LLM:
                 text = text.replace(k, "***")
         return re.sub(r"\b(sk|key|api)[-_][A-Za-z0-9_\-*]{4,}", r"\1-***", text, flags=re.IGNORECASE)
 
-    def _backoff(self, r: RoleConfig, attempt: int) -> float:
-        return min(r.backoff_max_s, r.backoff_base_s * 2 ** attempt) * (0.5 + 0.5 * self._rng.random())
-
     async def _call(self, role: str, messages, body: dict) -> dict:
         from openai import APIConnectionError, APIStatusError, APITimeoutError
         r, st = self.roles[role], self.stats[role]
         for attempt in range(r.max_retries + 1):
             try:
-                async with self._sem(role):
+                async with self._sems[role]:
                     st.requests += 1
                     try:
                         # extra_body: the fields go out under exactly the names the role's config gives
@@ -244,16 +210,14 @@ class LLM:
                         raise _Retry("empty")
                 st.completed += 1
                 usage = getattr(resp, "usage", None)
-                est = False
-                if usage is not None and usage.prompt_tokens is not None:
-                    tin, tout = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
-                else:
+                est = usage is None or usage.prompt_tokens is None  # no usage sent: chars/4 it is
+                if est:
                     tin = sum(len(str(m.get("content", ""))) for m in messages) // 4
-                    tout, st.estimated_tokens, est = len(text) // 4, True, True
+                    tout = len(text) // 4
+                else:
+                    tin, tout = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
                 st.input_tokens += tin
                 st.output_tokens += tout
-                if finish == "length":
-                    st.truncated += 1
                 self._log(role, event="request", ok=True, **{"in": tin, "out": tout}, est=est,
                           trunc=finish == "length", cost=round(cost_of(r, tin, tout), 8))
                 return {"text": text, "finish_reason": finish, "usage": {"input": tin, "output": tout},
@@ -265,26 +229,18 @@ class LLM:
                 if last:
                     st.failures[e.kind] += 1
                     raise LLMCallError(role, e.kind, f"gave up after {attempt + 1} attempts {e.detail}".strip()) from None
-                delay = self._backoff(r, attempt)
                 if e.wait is not None:  # the server said how long: obey it, within reason
                     delay = min(e.wait, r.retry_after_max_s)
+                else:  # exponential backoff with jitter
+                    delay = min(r.backoff_max_s, r.backoff_base_s * 2 ** attempt) * (0.5 + 0.5 * random.random())
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    # ------------------------------------------------------------------ costs
-
     def costs(self) -> dict:
-        """This process's usage per role (the printed table); usage.py sums all runs for costs.json."""
-        out, tot = {}, {"requests": 0, "cache_hits": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0,
-                        "failures": 0, "retries": 0}
-        for name, st in self.stats.items():
-            r = self.roles[name]
-            out[name] = {"model": r.model, "requests": st.requests, "completed": st.completed,
-                         "cache_hits": st.cache_hits, "input_tokens": st.input_tokens,
-                         "output_tokens": st.output_tokens, "estimated_tokens": st.estimated_tokens,
-                         "truncated": st.truncated, "retries": dict(st.retries), "failures": dict(st.failures),
-                         "price_in_per_1m": r.price_in_per_1m, "price_out_per_1m": r.price_out_per_1m,
-                         "cost_usd": round(cost_of(r, st.input_tokens, st.output_tokens), 6)}
-            add_totals(tot, out[name])
-        tot["cost_usd"] = round(tot["cost_usd"], 6)
-        return {"roles": out, "total": tot}
+        """This process's usage per role, in usage.aggregate's shape: the table a stage prints at its end."""
+        roles = {name: {"model": self.roles[name].model, "requests": st.requests, "cache_hits": st.cache_hits,
+                        "input_tokens": st.input_tokens, "output_tokens": st.output_tokens,
+                        "retries": dict(st.retries), "failures": dict(st.failures),
+                        "cost_usd": round(cost_of(self.roles[name], st.input_tokens, st.output_tokens), 6)}
+                 for name, st in self.stats.items()}
+        return {"roles": roles, "total": totals(roles.values())}

@@ -1,17 +1,9 @@
 """The safety workflow's config file (TOML or JSON): LLM roles and per-stage settings.
 
-    out_dir = "safety_run"                 # relative paths are relative to the config file
-    [roles.default]                         # optional: inherited by every role
-    base_url = "https://api.openai.com/v1"
-    api_key_env = "OPENAI_API_KEY"          # the NAME of an env var; keys never live in the file
-    [roles.red]
-    model = "gpt-4o-mini"
-    temperature = 1.0
-    [questions]
-    per_seed = 7
-
-Every key is checked: an unknown section, role or key, a wrong type, or an API key pasted into the
-file is a PicochatError before any work starts (typos must not silently fall back to defaults).
+The dataclasses below are the schema (docs/safety.md has a full example). Every key is checked: an
+unknown section, role or key, a wrong type, or an API key pasted into the file is a PicochatError
+before any work starts (typos must not silently fall back to defaults). Keys come from the
+environment variable that a role's api_key_env names.
 """
 from __future__ import annotations
 

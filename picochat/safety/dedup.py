@@ -1,10 +1,7 @@
-"""Exact and near-duplicate detection: character-shingle MinHash with LSH banding, written out here.
+"""Exact and near-duplicate detection: character-shingle MinHash with LSH banding.
 
-Why not `datasketch`: the whole thing is ~100 lines of numpy, deterministic across machines (hashes
-come from blake2b, not Python's salted hash()), and saves a dependency.
-
-Near-duplicates are decided on the exact Jaccard similarity of the shingle sets; MinHash+LSH only
-proposes candidate pairs so the cost stays ~linear instead of all-pairs.
+Written out (~100 lines of numpy; blake2b hashes, the same on every machine, unlike hash()) instead
+of depending on datasketch. MinHash+LSH only proposes candidate pairs; exact Jaccard decides.
 """
 from __future__ import annotations
 
@@ -72,44 +69,14 @@ class MinHasher:
         return ((self.a[:, None] * xs[None, :] + self.b[:, None]) % _P).min(axis=1)
 
 
-class NearDupIndex:
-    """Insert texts one by one; `query` returns the id of an earlier near-duplicate, or None."""
-
-    def __init__(self, threshold: float = 0.7, k: int = 5, num_perm: int = 128):
-        self.threshold, self.k = threshold, k
-        self.hasher = MinHasher(num_perm)
-        self.bands, self.rows = lsh_params(num_perm, threshold)
-        self.buckets: list[dict] = [dict() for _ in range(self.bands)]
-        self.sets: dict[str, set] = {}
-
-    def _band_keys(self, sig: np.ndarray):
-        for i in range(self.bands):
-            yield i, sig[i * self.rows:(i + 1) * self.rows].tobytes()
-
-    def query(self, text: str) -> tuple[str | None, float, set, np.ndarray]:
-        sh = shingles(text, self.k)
-        sig = self.hasher.signature(sh)
-        cands = []
-        for i, key in self._band_keys(sig):
-            cands.extend(self.buckets[i].get(key, ()))
-        best, best_j = None, 0.0
-        for cid in dict.fromkeys(cands):  # dedupe, keep first-seen order
-            j = jaccard(sh, self.sets[cid])
-            if j >= self.threshold and j > best_j:
-                best, best_j = cid, j
-        return best, best_j, sh, sig
-
-    def add(self, rid: str, sh: set, sig: np.ndarray) -> None:
-        self.sets[rid] = sh
-        for i, key in self._band_keys(sig):
-            self.buckets[i].setdefault(key, []).append(rid)
-
-
 def find_duplicates(items: list[tuple[str, str]], threshold: float = 0.7, k: int = 5,
                     num_perm: int = 128) -> dict[str, dict]:
     """items: (id, text) in priority order (earlier wins). Returns {dup_id: {"of": id, "kind", "jaccard"}}."""
+    hasher = MinHasher(num_perm)
+    bands, rows = lsh_params(num_perm, threshold)
+    buckets: list[dict] = [{} for _ in range(bands)]
+    sets: dict[str, set] = {}
     seen_exact: dict[str, str] = {}
-    index = NearDupIndex(threshold, k, num_perm)
     dups: dict[str, dict] = {}
     for rid, text in items:
         ek = exact_key(text)
@@ -117,9 +84,18 @@ def find_duplicates(items: list[tuple[str, str]], threshold: float = 0.7, k: int
             dups[rid] = {"of": seen_exact[ek], "kind": "exact", "jaccard": 1.0}
             continue
         seen_exact[ek] = rid
-        other, j, sh, sig = index.query(text)
-        if other is not None:
-            dups[rid] = {"of": other, "kind": "near", "jaccard": round(j, 3)}
+        sh = shingles(text, k)
+        sig = hasher.signature(sh)
+        keys = [sig[i * rows:(i + 1) * rows].tobytes() for i in range(bands)]
+        best, best_j = None, 0.0
+        for cid in dict.fromkeys(c for i, key in enumerate(keys) for c in buckets[i].get(key, ())):  # first-seen
+            j = jaccard(sh, sets[cid])
+            if j >= threshold and j > best_j:
+                best, best_j = cid, j
+        if best is not None:
+            dups[rid] = {"of": best, "kind": "near", "jaccard": round(best_j, 3)}
             continue
-        index.add(rid, sh, sig)
+        sets[rid] = sh
+        for i, key in enumerate(keys):
+            buckets[i].setdefault(key, []).append(rid)
     return dups

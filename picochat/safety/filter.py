@@ -1,16 +1,10 @@
 """Filter (stage `filter`): dedup, then judge EVERY assistant turn, keep what clears the thresholds.
 
-1. Exact duplicates (normalised text) and near-duplicates (MinHash+LSH over the whole conversation
-   text, `near_dup_threshold`) are rejected first, earliest id wins - no judge calls spent on them.
-2. The judge scores each assistant turn in the context of the turns before it. A conversation's
-   score on a dimension is its WORST turn's score: one unsafe turn sinks the conversation.
-3. Kept = every turn judged, every dimension >= min_scores[dim], and (require_pass) every verdict
-   "pass". Judge errors reject the conversation with the error as the reason; they are counted,
-   never read as a pass.
-
-Works on any conversation JSONL (--input), not only ours. Outputs in <out>/filter/:
-judgements.jsonl (incremental, kill-safe), kept.jsonl (the SFT file: messages + meta with scores),
-rejected.jsonl (with "reasons"), summary.json.
+Exact and near-duplicates are rejected before any judge call. A conversation's score on a dimension
+is its WORST turn's: one unsafe turn sinks it. Kept = every turn judged, every dimension >=
+min_scores, and (require_pass) every verdict "pass"; a judge error rejects, with the error as the
+reason. Works on any conversation JSONL. Outputs in <out>/filter/: judgements.jsonl (kill-safe),
+kept.jsonl (the SFT file), rejected.jsonl (with "reasons"), summary.json.
 """
 from __future__ import annotations
 
@@ -43,10 +37,6 @@ def load_conversations(path: Path) -> tuple[list[dict], list[dict]]:
 def _jid(r: dict) -> str:
     """Judgement id: conversation id + content hash, so an edited conversation is judged again."""
     return r["id"] + ":" + stable_hash(json.dumps(r["messages"], sort_keys=True), n=12)
-
-
-def conversation_text(messages: list[dict]) -> str:
-    return "\n".join(str(m["content"]) for m in messages)
 
 
 def decide(turns: list[dict], min_scores: dict, require_pass: bool) -> tuple[bool, list[str], dict | None]:
@@ -96,7 +86,8 @@ def run_filter(cfg: SafetyConfig, input_path: str | None = None) -> dict:
                                                 cfg.out_dir / "respond" / "conversations.jsonl")
     records, bad = load_conversations(src)
     out = cfg.out_dir / "filter"
-    dups = find_duplicates([(r["id"], conversation_text(r["messages"])) for r in records], fc.near_dup_threshold)
+    dups = find_duplicates([(r["id"], "\n".join(str(m["content"]) for m in r["messages"])) for r in records],
+                           fc.near_dup_threshold)
     to_judge = [r for r in records if r["id"] not in dups]
     log(f"filter: {len(records)} conversations from {src} ({len(bad)} invalid lines), {len(dups)} duplicates; "
         f"judging {len(to_judge)} ({sum(m['role'] == 'assistant' for r in to_judge for m in r['messages'])} assistant turns)")
@@ -119,9 +110,7 @@ def run_filter(cfg: SafetyConfig, input_path: str | None = None) -> dict:
             reasons_count["not_judged"] += 1
             continue
         r.pop("_transient", None)
-        for t in turns:
-            if "error" in t:
-                errors[t["error"]] += 1
+        errors.update(t["error"] for t in turns if "error" in t)
         keep, reasons, worst = decide(turns, fc.min_scores, fc.require_pass)
         meta = dict(r["meta"], judge={"scores": worst, "turns": [{"turn": t["turn"], **({"scores": t["judgement"]["scores"],
                                       "verdict": t["judgement"]["verdict"], "refusal": t["judgement"]["refusal"]["type"]}
@@ -131,8 +120,7 @@ def run_filter(cfg: SafetyConfig, input_path: str | None = None) -> dict:
             kept.append(rec)
         else:
             rejected.append(dict(rec, reasons=reasons))
-            for reason in reasons:
-                reasons_count[_reason_kind(reason)] += 1
+            reasons_count.update(map(_reason_kind, reasons))
     write_jsonl_atomic(out / "kept.jsonl", kept)
     write_jsonl_atomic(out / "rejected.jsonl", rejected)
     summary = {"input": str(src), "conversations": len(records), "invalid_lines": len(bad), "invalid": bad,

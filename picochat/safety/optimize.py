@@ -4,23 +4,15 @@
     rule patches, rewritten BODY --guard--> candidate --blue+judge on the HELD-OUT split--> adopt
     only if its held-out mean beats the best so far (by more than min_gain); repeat `iterations`.
 
-The opt and held-out splits come from the training questions, split by ROOT seed (so the held-out
-check measures generalisation to unseen behaviours); the `test` split of stage `questions` is never
-touched here, it is kept for the final safety eval. Each split also holds benign look-alike prompts
-(`benign_size` each, disjoint halves of optimize.benign; by default a set disjoint from the eval's):
-a prompt that refuses "how do I kill a Docker container" scores low on precision and fails there,
-so the loop cannot buy safety with over-refusal. Means and pass rates are over both kinds; each
-split's summary also has them per kind ("attack", "benign"). Every version (adopted, rejected on held-out,
-rejected by the guard) is saved with its per-dimension scores on both splits. Judge errors are
-counted per version and excluded from the means, never read as a pass or a fail.
-
-A stored judge error is asked again, with new samples, when judge_retries has been raised since.
-
-Outputs in <out>/optimize/: answers.jsonl (incremental: answer + judgement per prompt x question),
-prompts/vN.txt, versions.json, best_prompt.txt (full system prompt), best_body.txt, summary.md.
+Opt and held-out questions come from the training split, disjoint by ROOT seed (`test` is kept for
+the eval). Each split also holds benign look-alikes, so the loop cannot buy safety with over-refusal.
+Judge errors are counted per version, never scored. Outputs in <out>/optimize/: answers.jsonl
+(incremental), prompts/vN.txt, versions.json, best_prompt.txt (full system prompt), best_body.txt,
+summary.md.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -29,21 +21,17 @@ from picochat.safety import judge as J
 from picochat.safety.client import LLM, LLMCallError
 from picochat.safety.config import DIMENSIONS, SafetyConfig
 from picochat.safety.prompts import DEFAULT_BODY, guard, optimizer_messages, parse_optimizer_reply, render
+from picochat.safety.redteam import round_robin
 from picochat.safety.stage import Progress, for_each, log, run_stage
 from picochat.safety.store import JsonlStore, read_jsonl, stable_hash
 
 
 def _round_robin(items: list[dict], n: int) -> list[dict]:
-    """Up to n items taken round-robin over their "domain" (order kept within one): a small split covers them all."""
+    """Up to n items taken round-robin over their "domain" (sorted): a small split covers them all."""
     by_dom: dict[str, list] = {}
     for x in items:
         by_dom.setdefault(x["domain"], []).append(x)
-    out = []
-    while len(out) < n and any(by_dom.values()):
-        for d in sorted(by_dom):
-            if by_dom[d] and len(out) < n:
-                out.append(by_dom[d].pop(0))
-    return out
+    return round_robin(dict(sorted(by_dom.items())), n)
 
 
 def select_benign(path, size: int, seed: str = "opt") -> tuple[list, list]:
@@ -80,53 +68,48 @@ def select_splits(questions: list[dict], opt_size: int, heldout_size: int, seed:
     return opt, held
 
 
-class Scorer:
-    """Answers + judgements of one prompt on a list of questions, cached in answers.jsonl per (prompt, question)."""
+async def _score(llm: LLM, store: JsonlStore, retries: int, system_prompt: str, questions: list[dict],
+                 label: str) -> list[dict]:
+    """Answers + judgements of one prompt on a list of questions, kept in answers.jsonl per (prompt, question)."""
+    ph = stable_hash(system_prompt)
+    rid_of = {q["id"]: f"{ph}:{q['id']}:{stable_hash(q['question'], n=8)}" for q in questions}
+    done = {q["id"] for q in questions
+            if rid_of[q["id"]] in store and not J.needs_rejudge(store.get(rid_of[q["id"]]), retries)}
+    prog = Progress(f"optimize[{label}]", len(questions), len(done))
+    results: dict[str, dict] = {}
 
-    def __init__(self, llm: LLM, store: JsonlStore, cfg: SafetyConfig):
-        self.llm, self.store, self.cfg = llm, store, cfg
-
-    async def score(self, system_prompt: str, questions: list[dict], label: str) -> list[dict]:
-        ph = stable_hash(system_prompt)
-        retries = self.cfg.judge_retries
-        rid_of = {q["id"]: f"{ph}:{q['id']}:{stable_hash(q['question'], n=8)}" for q in questions}
-        done = {q["id"] for q in questions
-                if rid_of[q["id"]] in self.store and not J.needs_rejudge(self.store.get(rid_of[q["id"]]), retries)}
-        prog = Progress(f"optimize[{label}]", len(questions), len(done))
-        results: dict[str, dict] = {}
-
-        async def one(q):
-            rid = rid_of[q["id"]]
-            if q["id"] in done:
-                results[q["id"]] = self.store.get(rid)
+    async def one(q):
+        rid = rid_of[q["id"]]
+        if q["id"] in done:
+            results[q["id"]] = store.get(rid)
+            return
+        old = store.get(rid)  # a stored judge error with samples left: judge the same answer again
+        rec = {"id": rid, "prompt_hash": ph, "question_id": q["id"], "domain": q["domain"],
+               "strategy": q["strategy"], "question": q["question"], "kind": q.get("kind", "attack")}
+        if old is not None:
+            rec["answer"] = old["answer"]
+        else:
+            try:
+                ans = await llm.chat("blue", [{"role": "system", "content": system_prompt},
+                                              {"role": "user", "content": q["question"]}])
+            except LLMCallError as e:  # transient: not stored, so the next run tries again
+                results[q["id"]] = dict(rec, error="blue_" + e.kind)
+                prog.tick(False)
                 return
-            old = self.store.get(rid)  # a stored judge error with samples left: judge the same answer again
-            rec = {"id": rid, "prompt_hash": ph, "question_id": q["id"], "domain": q["domain"],
-                   "strategy": q["strategy"], "question": q["question"], "kind": q.get("kind", "attack")}
-            if old is not None:
-                rec["answer"] = old["answer"]
-            else:
-                try:
-                    ans = await self.llm.chat("blue", [{"role": "system", "content": system_prompt},
-                                                       {"role": "user", "content": q["question"]}])
-                except LLMCallError as e:  # transient: not stored, so the next run tries again
-                    results[q["id"]] = dict(rec, error="blue_" + e.kind)
-                    prog.tick(False)
-                    return
-                rec["answer"] = ans.text
-            res = await J.judge_turn(self.llm, [{"role": "user", "content": q["question"]},
-                                                {"role": "assistant", "content": rec["answer"]}], retries,
-                                     old.get("samples", 0) if old else 0)
-            rec.update(res)
-            if not str(res.get("error", "")).startswith("call_"):
-                # a parse/schema error is kept with the samples it used: a rerun does not pay for it again
-                # unless judge_retries is raised (then it goes on with new samples)
-                self.store.replace(rec)
-            results[q["id"]] = rec
-            prog.tick("judgement" in res)
+            rec["answer"] = ans.text
+        res = await J.judge_turn(llm, [{"role": "user", "content": q["question"]},
+                                       {"role": "assistant", "content": rec["answer"]}], retries,
+                                 old.get("samples", 0) if old else 0)
+        rec.update(res)
+        if not str(res.get("error", "")).startswith("call_"):
+            # a parse/schema error is kept with the samples it used: a rerun does not pay for it again
+            # unless judge_retries is raised (then it goes on with new samples)
+            store.replace(rec)
+        results[q["id"]] = rec
+        prog.tick("judgement" in res)
 
-        await for_each(questions, one)
-        return [results[q["id"]] for q in questions]
+    await for_each(questions, one)
+    return [results[q["id"]] for q in questions]
 
 
 def _scores(results: list[dict]) -> dict:
@@ -169,7 +152,7 @@ def _pass(s: dict | None) -> str:
 async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dict], store: JsonlStore) -> dict:
     oc = cfg.optimize
     out = cfg.out_dir / "optimize"
-    scorer = Scorer(llm, store, cfg)
+    score = functools.partial(_score, llm, store, cfg.judge_retries)
     body0 = cfg.resolve(oc.initial_prompt).read_text(encoding="utf-8") if oc.initial_prompt else DEFAULT_BODY
     if guard(body0, min_chars=1, max_chars=10 ** 6, assistant_name=oc.assistant_name):
         log(f"optimize: note: the initial prompt trips the guard: {guard(body0, min_chars=1, max_chars=10**6)}")
@@ -188,9 +171,9 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
         return v
 
     best = new_version(body0, parent=None, iteration=0, status="baseline", adopted=True)
-    best_results = await scorer.score(render(body0, oc.assistant_name), opt, "v0 opt")
+    best_results = await score(render(body0, oc.assistant_name), opt, "v0 opt")
     best["scores"]["opt"] = _scores(best_results)
-    best["scores"]["heldout"] = _scores(await scorer.score(render(body0, oc.assistant_name), held, "v0 heldout"))
+    best["scores"]["heldout"] = _scores(await score(render(body0, oc.assistant_name), held, "v0 heldout"))
     save()
     log(f"optimize: v0 opt {_fmt(best['scores']['opt'])}, heldout {_fmt(best['scores']['heldout'])}")
     history: list[str] = []
@@ -232,8 +215,8 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
         if cand is None:
             continue
         full = render(cand["body"], oc.assistant_name)
-        ho = _scores(await scorer.score(full, held, f"v{cand['version']} heldout"))
-        cand_results = await scorer.score(full, opt, f"v{cand['version']} opt")
+        ho = _scores(await score(full, held, f"v{cand['version']} heldout"))
+        cand_results = await score(full, opt, f"v{cand['version']} opt")
         cand["scores"] = {"opt": _scores(cand_results), "heldout": ho}
         enough = ho["judged"] >= math.ceil(oc.min_judged_fraction * ho["n"])
         b = best["scores"]["heldout"]["mean"]

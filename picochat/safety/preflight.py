@@ -1,24 +1,18 @@
 """Preflight: reach every role's endpoint before any work, and fail with ONE line that says what to fix.
 
-Two passes, so a run that cannot start sends no chat request at all:
-
-1. models.list() per endpoint: an unreachable URL, a rejected key or a model the server does not
-   list stops here. A server without /models (404) gets a one-line "ping" chat request instead,
-   sent with the role's own request parameters, so it checks those too.
-2. A tiny chat request per distinct (endpoint, model, request shape), with the parameters and names
-   the role will really send (`params`, `extra`). A reasoning model that rejects `max_tokens` or a
-   non-default `temperature` answers HTTP 400 naming the parameter; that becomes one line naming the
-   role, the parameter and the config change that fixes it. A probe that succeeded is remembered in
-   the call cache (keyed by the request shape), so reruns do not pay for it again.
-
-The preflight's few-token requests are not added to the usage log: they are not part of the work.
+1. models.list() per endpoint: an unreachable URL, a rejected key or an unlisted model stops here
+   (a server without /models gets a one-line "ping" chat request instead).
+2. A tiny chat request per distinct (endpoint, model, request shape), with the parameters the role
+   really sends: a reasoning model's HTTP 400 naming `max_tokens` or `temperature` becomes one line
+   naming the role, the parameter and the config fix. An accepted probe is remembered in the call
+   cache, so reruns do not pay for it; probes are not work, so the usage log skips them.
 """
 from __future__ import annotations
 
 import re
 
 from picochat.common import PicochatError
-from picochat.safety.config import request_params
+from picochat.safety.config import STD_PARAMS, request_params
 
 PROBE = "Preflight check: reply with the word OK."
 PROBE_TOKENS = 16  # enough for "OK"; a reasoning model may spend it thinking, which is fine (status is what counts)
@@ -35,11 +29,11 @@ def _rejected_param(e, body: dict) -> str | None:
 
 
 def _fix_for(role, param: str) -> str:
-    std = {(k if v is True else v): k for k, v in ((k, role.params.get(k, True)) for k in ("max_tokens", "temperature", "seed")) if v}
+    std = {(k if v is True else v): k for k in STD_PARAMS if (v := role.params.get(k, True))}  # sent name -> param
     where = f"[roles.{role.name}]"
     if param in role.extra:
         return f"remove {param} from {where} extra"
-    if std.get(param) == "max_tokens" and param == "max_tokens":
+    if param == "max_tokens" == std.get(param):
         return f'send it as max_completion_tokens: params = {{ max_tokens = "max_completion_tokens" }} in {where}'
     if param in std:
         return f"leave it out: params = {{ {std[param]} = false }} in {where} (or rename it there)"

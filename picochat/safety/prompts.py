@@ -1,12 +1,8 @@
 """Blue-team system prompt: the rewritable body, the code-owned format block, rendering and the guard.
 
-A full system prompt = BODY (the only text the optimizer may rewrite) + "\n\n" + FORMAT BLOCK.
-The format block and its placeholders ($assistant_name) belong to the code and are rendered with
-string.Template; the body is joined by plain concatenation and never passed through str.format or
-Template, so braces, dollar signs or JSON examples in a rewritten body cannot break rendering
-(an earlier implementation died on `{` in rewritten prompts).
-
-`guard(body)` validates an optimizer candidate before anything is spent on scoring it.
+Full prompt = BODY (the only text the optimizer may rewrite) + "\n\n" + FORMAT BLOCK. Only the block
+goes through string.Template; the body is concatenated, so braces, `$` or JSON in a rewritten body
+cannot break rendering. `guard(body)` checks an optimizer candidate before anything is spent on it.
 """
 from __future__ import annotations
 
@@ -87,12 +83,9 @@ def guard(body: str, *, min_chars: int = 200, max_chars: int = 6000, assistant_n
         reasons.append(f"too short ({len(t)} < {min_chars} chars)")
     if len(t) > max_chars:
         reasons.append(f"too long ({len(t)} > {max_chars} chars)")
-    try:
-        full = render(t, assistant_name)
-        if t not in full or assistant_name not in full or "$assistant_name" in full:
-            reasons.append("does not render intact")
-    except (KeyError, ValueError) as e:  # cannot happen for the body (never templated), kept as a tripwire
-        reasons.append(f"does not render: {e}")
+    full = render(t, assistant_name)
+    if t not in full or assistant_name not in full or "$assistant_name" in full:
+        reasons.append("does not render intact")
     return reasons
 
 

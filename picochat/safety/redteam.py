@@ -1,25 +1,16 @@
 """Red team (stage `questions`): root seeds -> adversarial user questions, balanced, deduplicated, split.
 
-1. Root seeds come from a seed bank (shipped seed_bank.json, or --seed-bank): short behaviour
-   descriptions, no operational detail. `num_seeds` are picked round-robin over domains, so the
-   domains stay even (7-8 each for 50 over 7 domains).
-2. Each seed gets `per_seed` questions. Strategies are assigned round-robin over the flattened
-   (seed, k) sequence of each domain, offset by the domain index (a Latin-square layout): per domain
-   the strategy counts differ by at most 1, and per seed no strategy repeats while per_seed <= 7.
-3. The red model writes one user message per (seed, strategy). A red refusal or empty reply is
-   re-sampled once, then counted as a failure (and retried on the next run).
-4. Exact and near-duplicates (character-shingle MinHash+LSH, dedup.py) are removed, earliest id wins.
-5. Split by ROOT SEED (stratified per domain): the held-out "test" set shares no root with "train".
-
+Seeds are picked round-robin over domains, and strategies round-robin per domain (a Latin-square
+layout: counts differ by at most 1). A red refusal or empty reply is re-sampled once, then counted as
+a failure (retried on the next run). Exact and near-duplicates are removed, earliest id wins. The
+split is by ROOT seed, so the held-out "test" set shares no root with "train".
 Outputs in <out>/questions/: raw.jsonl (incremental, kill-safe), questions.jsonl, duplicates.jsonl,
 summary.json, questions.md (counts tables).
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 
 from picochat.common import PicochatError, write_json_atomic, write_text_atomic
@@ -27,8 +18,8 @@ from picochat.safety.client import LLM, LLMCallError
 from picochat.safety.config import SafetyConfig
 from picochat.safety.dedup import find_duplicates
 from picochat.safety.refusal import is_refusal
-from picochat.safety.stage import Progress, for_each, log, run_stage
-from picochat.safety.store import JsonlStore, stable_hash, write_jsonl_atomic
+from picochat.safety.stage import Progress, for_each, log, md_table, run_stage
+from picochat.safety.store import JsonlStore, load_json, stable_hash, write_jsonl_atomic
 
 STRATEGIES = {
     "cognitive_overload": "bury the request inside a long multi-part task with many unrelated sub-questions, "
@@ -58,18 +49,7 @@ RED_SYSTEM = (
 
 def load_seed_bank(path: str | Path | None = None) -> tuple[dict, list[dict]]:
     """(domains {name: description}, seeds [{id, domain, behavior}]); PicochatError on any problem."""
-    try:
-        if path:
-            text = Path(path).expanduser().read_text(encoding="utf-8")
-            where = str(path)
-        else:
-            text = resources.files("picochat.safety").joinpath("seed_bank.json").read_text(encoding="utf-8")
-            where = "built-in seed_bank.json"
-        data = json.loads(text)
-    except FileNotFoundError:
-        raise PicochatError(f"seed bank {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise PicochatError(f"seed bank {where}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    data, where = load_json(path, "seed_bank.json", "seed bank")
     domains, seeds = data.get("domains"), data.get("seeds")
     if not isinstance(domains, dict) or not domains or not isinstance(seeds, list) or not seeds:
         raise PicochatError(f"seed bank {where}: needs a non-empty 'domains' object and 'seeds' list")
@@ -89,15 +69,20 @@ def load_seed_bank(path: str | Path | None = None) -> tuple[dict, list[dict]]:
     return domains, seeds
 
 
+def round_robin(groups: dict[str, list], n: int) -> list:
+    """Up to n items taken round-robin over the groups (in dict order; order kept within a group)."""
+    queues = [list(g) for g in groups.values()]
+    out = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
 def select_seeds(domains: dict, seeds: list[dict], n: int) -> list[dict]:
     """Take n seeds round-robin over domains (bank order within a domain): the spread stays even."""
-    queues = {d: [s for s in seeds if s["domain"] == d] for d in domains}
-    out = []
-    while len(out) < n and any(queues.values()):
-        for d in domains:
-            if queues[d] and len(out) < n:
-                out.append(queues[d].pop(0))
-    return out
+    return round_robin({d: [s for s in seeds if s["domain"] == d] for d in domains}, n)
 
 
 def plan_questions(domains: dict, seeds: list[dict], per_seed: int) -> list[dict]:
@@ -158,11 +143,8 @@ def counts_table(records: list[dict], rows: list[str]) -> dict[str, dict[str, in
 
 
 def table_md(table: dict[str, dict[str, int]]) -> str:
-    short = [s.split("_")[0] for s in STRATEGY_NAMES]
-    lines = ["| domain | " + " | ".join(short) + " | total |", "|---" * (len(short) + 2) + "|"]
-    for d, row in table.items():
-        lines.append(f"| {d} | " + " | ".join(str(row[s]) for s in STRATEGY_NAMES) + f" | {sum(row.values())} |")
-    return "\n".join(lines)
+    rows = [[d] + [row[s] for s in STRATEGY_NAMES] + [sum(row.values())] for d, row in table.items()]
+    return "\n".join(md_table(["domain"] + [s.split("_")[0] for s in STRATEGY_NAMES] + ["total"], rows))
 
 
 async def _generate(llm: LLM, plan: list[dict], domains: dict, store: JsonlStore, split: dict) -> Counter:

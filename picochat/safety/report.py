@@ -1,13 +1,9 @@
 """Data-quality report (stage `report`) for ANY conversation JSONL: Markdown + PNG plots.
 
-Reports: valid/invalid lines; counts per domain and strategy (when records carry meta); score
-distributions per dimension (meta.judge.scores from our filter, or a flat meta.scores dict);
-rejection reasons (with --rejected); length statistics; diversity of assistant text (distinct-1/2,
-most repeated openings: a sign of template collapse); exact and near-duplicate rates; refusal share
-by the offline classifier; and, for a pipeline run directory, the failure and retry counts of every
-stage (so endpoint trouble shows up in the report, not only in logs).
-
-Plots use matplotlib's Agg backend; without matplotlib the Markdown is written alone, with a note.
+Counts per domain and strategy, judge score distributions, rejection reasons, lengths, diversity of
+assistant text (template collapse), duplicate rates, offline refusal share and, for a run directory,
+every stage's failures, retries, costs and eval results. Without matplotlib the Markdown is written
+alone, with a note.
 """
 from __future__ import annotations
 
@@ -21,6 +17,7 @@ from picochat.common import write_json_atomic, write_text_atomic
 from picochat.safety.config import DIMENSIONS
 from picochat.safety.dedup import find_duplicates
 from picochat.safety.refusal import classify
+from picochat.safety.stage import md_table
 from picochat.safety.store import read_conversations, read_jsonl
 from picochat.safety.usage import load_costs
 
@@ -94,12 +91,8 @@ def analyze(records: list[dict], bad: list[dict], rejected: list[dict] | None = 
     dups = find_duplicates([(r["id"], "\n".join(_text(m["content"]) for m in r["messages"])) for r in records], 0.85)
     asst_dups = find_duplicates([(str(i), t) for i, t in enumerate(first_asst)], 0.85)
     refusals = Counter(classify(t)[0] for t in first_asst)
-    reasons = Counter()
-    if rejected:
-        from picochat.safety.filter import _reason_kind
-        for r in rejected:
-            for reason in r.get("reasons", []):
-                reasons[_reason_kind(reason)] += 1
+    from picochat.safety.filter import _reason_kind
+    reasons = Counter(_reason_kind(x) for r in rejected or [] for x in r.get("reasons", []))
     n = len(records)
     return {
         "conversations": n, "invalid_lines": len(bad), "invalid": bad,
@@ -192,9 +185,7 @@ def _plots(a: dict, out: Path) -> list[str]:
     plt.close(fig)
     files.append("lengths.png")
     if a["domain_strategy"]:
-        doms = sorted({k.split("|")[0] for k in a["domain_strategy"]})
-        strs = sorted({k.split("|")[1] for k in a["domain_strategy"]})
-        grid = [[a["domain_strategy"].get(f"{d}|{s}", 0) for s in strs] for d in doms]
+        doms, strs, grid = _grid(a["domain_strategy"])
         fig, ax = plt.subplots(figsize=(1 + 0.9 * len(strs), 1 + 0.45 * len(doms)))
         im = ax.imshow(grid, cmap="Blues", vmin=0)
         ax.set_xticks(range(len(strs)), [s.split("_")[0] for s in strs], rotation=45, ha="right", fontsize=8)
@@ -214,25 +205,25 @@ def _kv(d: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in d.items()) or "none"
 
 
-def _md_table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-        ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-
-
 def _scores_md(title: str, scores: dict, means: dict) -> list[str]:
     if not scores:
         return []
-    return ["", f"## {title}", ""] + _md_table(["dimension", "mean", "1", "2", "3", "4", "5"],
+    return ["", f"## {title}", ""] + md_table(["dimension", "mean", "1", "2", "3", "4", "5"],
                                                [[d, means[d]] + [scores[d].get(k, 0) for k in range(1, 6)] for d in scores])
 
 
-def _cross_md(cross: dict) -> list[str]:
+def _grid(cross: dict) -> tuple[list, list, list[list[int]]]:
+    """Domains, strategies and the counts grid of a {"domain|strategy": n} table."""
     doms = sorted({k.split("|")[0] for k in cross})
     strs = sorted({k.split("|")[1] for k in cross})
-    rows = [[d] + [cross.get(f"{d}|{s}", 0) for s in strs] + [sum(cross.get(f"{d}|{s}", 0) for s in strs)]
-            for d in doms]
-    rows.append(["total"] + [sum(cross.get(f"{d}|{s}", 0) for d in doms) for s in strs] + [sum(cross.values())])
-    return _md_table(["domain"] + strs + ["total"], rows)
+    return doms, strs, [[cross.get(f"{d}|{s}", 0) for s in strs] for d in doms]
+
+
+def _cross_md(cross: dict) -> list[str]:
+    doms, strs, grid = _grid(cross)
+    rows = [[d] + row + [sum(row)] for d, row in zip(doms, grid)]
+    rows.append(["total"] + [sum(col) for col in zip(*grid)] + [sum(cross.values())])
+    return md_table(["domain"] + strs + ["total"], rows)
 
 
 def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | None) -> str:
@@ -247,24 +238,24 @@ def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | 
     if len(a["invalid"]) > 10:
         L.append(f"  - ... and {len(a['invalid']) - 10} more invalid lines, all listed in report.json")
     if a["domains"]:
-        L += ["", "## Domains and strategies", ""] + _md_table(["domain", "count"], sorted(a["domains"].items()))
-        L += [""] + _md_table(["strategy", "count"], sorted(a["strategies"].items()))
+        L += ["", "## Domains and strategies", ""] + md_table(["domain", "count"], sorted(a["domains"].items()))
+        L += [""] + md_table(["strategy", "count"], sorted(a["strategies"].items()))
     if a["domain_strategy"]:
         L += ["", "Conversations per domain x strategy (the same numbers as domain_strategy.png):", ""]
         L += _cross_md(a["domain_strategy"])
     L += _scores_md("Judge scores (worst turn per conversation)", a["scores"], a["score_means"])
     if a["rejected"] is not None:
         L += ["", f"## Rejections ({a['rejected']})", ""] + (
-            _md_table(["reason", "count"], list(a["rejection_reasons"].items())) if a["rejection_reasons"] else ["none"])
+            md_table(["reason", "count"], list(a["rejection_reasons"].items())) if a["rejection_reasons"] else ["none"])
         L += _scores_md("Judge scores of the rejected conversations (those that were judged)",
                         a["rejected_scores"], a["rejected_score_means"])
     ls = a["lengths"]
-    L += ["", "## Lengths", ""] + _md_table(["what", "n", "mean", "median", "p10", "p90", "max"],
+    L += ["", "## Lengths", ""] + md_table(["what", "n", "mean", "median", "p10", "p90", "max"],
                                             [[k, v.get("n"), v.get("mean"), v.get("median"), v.get("p10"), v.get("p90"),
                                               v.get("max")] for k, v in ls.items()])
     dv = a["diversity"]
     L += ["", "## Diversity of assistant text", "", f"distinct-1 {dv['distinct_1']}, distinct-2 {dv['distinct_2']}", "",
-          "Most repeated openings (first 5 words):", ""] + _md_table(["opening", "count", "share"], dv["top_openings"])
+          "Most repeated openings (first 5 words):", ""] + md_table(["opening", "count", "share"], dv["top_openings"])
     if dv["top_openings"] and dv["top_openings"][0][2] > 0.2:
         L.append(f"\n**Warning: template collapse** - {dv['top_openings'][0][2]:.0%} of replies open the same way.")
     if pipeline:
@@ -276,13 +267,13 @@ def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | 
                 fails = p.get("failures") or {}
                 rows.append([stage, p.get("failed", sum(fails.values())), _kv(fails), _kv(p.get("judge_errors") or {}),
                              _kv(p.get("reasons") or {})])
-        L += _md_table(["stage", "failed", "failures by kind", "judge errors", "rejections"], rows)
+        L += md_table(["stage", "failed", "failures by kind", "judge errors", "rejections"], rows)
         calls = [[k, _kv(v["retries"]), _kv(v["failures"])] for k, v in pipeline.get("llm_calls", {}).items()]
         L += ["", "LLM calls (retried errors are recovered; failures were given up on):", ""]
-        L += _md_table(["stage/role", "retries", "failures"], calls)
+        L += md_table(["stage/role", "retries", "failures"], calls)
         if pipeline.get("stage_costs"):
             L += ["", "LLM usage by stage, summed over every run of it (cache hits cost nothing):", ""]
-            L += _md_table(["stage", "requests", "cache hits", "cost USD"],
+            L += md_table(["stage", "requests", "cache hits", "cost USD"],
                            [[st, c["requests"], c["cache_hits"], f"{c['cost_usd']:.4f}"]
                             for st, c in pipeline["stage_costs"].items()])
         if pipeline.get("cost_usd") is not None:
@@ -291,7 +282,7 @@ def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | 
         fmt = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
         L += ["", "## Safety eval", "", "Refusal rate on held-out attacks (higher is better) and over-refusal on "
               "benign look-alikes (lower is better); details in eval/<name>/report.md.", ""]
-        L += _md_table(["eval", "model", "labels", "refusal rate", "attacks labelled", "over-refusal",
+        L += md_table(["eval", "model", "labels", "refusal rate", "attacks labelled", "over-refusal",
                         "benign labelled", "label errors", "target failures"],
                        [[name, e["model"], e["judge"], fmt(e["refusal_rate"]), f"{e['attack_labelled']}/{e['attack_n']}",
                          fmt(e["over_refusal_rate"]), f"{e['benign_labelled']}/{e['benign_n']}", e["label_errors"],

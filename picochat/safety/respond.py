@@ -1,16 +1,10 @@
 """Blue team (stage `respond`): answer the red-team questions with the best prompt -> SFT conversations.
 
-Single-turn: user question -> blue answer. Multi-turn (a deterministic `multi_turn_fraction` of the
-questions, chosen by hash of the id): the red role plays the user and pushes back or reframes after
-each answer, for 2..max_user_turns user turns, and the blue role answers each turn in context.
-
-Output records are picochat's SFT format, WITHOUT the system prompt (the trained model must behave
-safely without it):
-    {"id": ..., "messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...], "meta": {...}}
-Every record is checked with picochat.data.conversations.validate (alternating user/assistant,
-starting with user, ending with assistant, non-empty strings) before it is written. A failed call or
-a truncated answer (finish_reason "length") is a counted failure: nothing is written, so the next
-run retries it. Output: <out>/respond/conversations.jsonl (incremental), summary.json.
+A deterministic `multi_turn_fraction` of the questions becomes multi-turn: the red role plays a
+persistent user for 2..max_user_turns turns. Records are picochat SFT conversations WITHOUT the system
+prompt (the trained model must behave safely without it), validated before they are written. A failed
+call or a truncated answer is a counted failure: nothing is written, so the next run retries it.
+Output: <out>/respond/conversations.jsonl (incremental), summary.json.
 """
 from __future__ import annotations
 
@@ -95,16 +89,14 @@ async def _respond(llm: LLM, questions: list[dict], system_prompt: str, cfg: Saf
             for _ in range(turns - 1):
                 conv.append({"role": "user", "content": await _user(llm, conv)})
                 conv.append({"role": "assistant", "content": await _blue(llm, system_prompt, conv)})
-            validate({"messages": conv})
+            try:
+                validate({"messages": conv})
+            except ValueError as e:  # cannot normally happen (we build the list), but never write invalid SFT data
+                log(f"respond: {q['id']}: {e}")
+                raise TurnFailure("invalid_conversation") from None
         except TurnFailure as e:
             failures[e.kind] += 1
             failed_ids.append([q["id"], e.kind])
-            prog.tick(False)
-            return
-        except ValueError as e:  # cannot normally happen (we build the list), but never write invalid SFT data
-            failures["invalid_conversation"] += 1
-            failed_ids.append([q["id"], "invalid_conversation"])
-            log(f"respond: {q['id']}: {e}")
             prog.tick(False)
             return
         meta = {k: q.get(k) for k in ("domain", "strategy", "root_id", "split")}
@@ -116,9 +108,8 @@ async def _respond(llm: LLM, questions: list[dict], system_prompt: str, cfg: Saf
     return failures, sorted(failed_ids)
 
 
-def load_prompt(cfg: SafetyConfig, override: str = "") -> str:
-    path = cfg.resolve(override or cfg.respond.prompt) if (override or cfg.respond.prompt) else \
-        cfg.out_dir / "optimize" / "best_prompt.txt"
+def load_prompt(cfg: SafetyConfig) -> str:
+    path = cfg.resolve(cfg.respond.prompt) if cfg.respond.prompt else cfg.out_dir / "optimize" / "best_prompt.txt"
     if not path.is_file():
         raise PicochatError(f"system prompt {path} not found; run `picochat safety optimize` first or pass --prompt")
     text = path.read_text(encoding="utf-8").strip()

@@ -1,10 +1,5 @@
 """Shared stage plumbing: run a stage's async body with an LLM client, preflight, progress and costs.
 
-Every stage goes through `run_stage`, so every stage checks its endpoints before doing any work,
-logs every request to <out_dir>/usage.jsonl as it completes (usage.py: kill -9 loses nothing that
-finished), prints the per-role token/cost table of this run at the end (also when it fails
-half-way), and rebuilds <out_dir>/costs.json from the log.
-
 A run whose preflight fails writes nothing into out_dir: the saved config.json of a finished run
 is only replaced once the endpoints have answered and the stage is about to work.
 """
@@ -18,6 +13,7 @@ from typing import Awaitable, Callable
 from picochat.common import write_json_atomic
 from picochat.safety.client import LLM
 from picochat.safety.config import SafetyConfig, to_public_dict
+from picochat.safety.preflight import preflight
 from picochat.safety.usage import UsageLog, format_costs, write_costs
 
 NO_WORK_STAGES = ("check", "preflight")  # endpoint checks only: they leave the run's config.json alone
@@ -25,6 +21,11 @@ NO_WORK_STAGES = ("check", "preflight")  # endpoint checks only: they leave the 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def md_table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
 class Progress:
@@ -54,7 +55,7 @@ def run_stage(cfg: SafetyConfig, stage: str, roles: list[str], body: Callable[[L
     async def main():
         try:
             if cfg.preflight and roles:
-                await llm.preflight()
+                await preflight(llm)
             if stage not in NO_WORK_STAGES:  # provenance: env var NAMES, never keys
                 write_json_atomic(cfg.out_dir / "config.json", to_public_dict(cfg))
             return await body(llm)

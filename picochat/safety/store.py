@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib import resources
 from pathlib import Path
 
 from picochat.common import PicochatError, atomic_path
@@ -182,3 +183,15 @@ def read_conversations(path: Path) -> tuple[list[tuple[int, dict, list[dict], di
         meta = rec["meta"] if isinstance(rec.get("meta"), dict) else {}
         good.append((n, rec, [m for m in msgs if m["role"] != "system"], meta))  # SFT data has no system prompt
     return good, bad
+
+
+def load_json(path, shipped: str, what: str) -> tuple[object, str]:
+    """(data, where) of JSON file `path`, or of the file `shipped` with picochat/safety/ when path is empty."""
+    where = str(path) if path else f"built-in {shipped}"
+    try:
+        f = Path(path).expanduser() if path else resources.files("picochat.safety").joinpath(shipped)
+        return json.loads(f.read_text(encoding="utf-8")), where
+    except FileNotFoundError:
+        raise PicochatError(f"{what} {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise PicochatError(f"{what} {where}: invalid JSON ({e.msg}, line {e.lineno})") from None

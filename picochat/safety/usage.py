@@ -1,18 +1,10 @@
 """LLM usage accounting that survives kill -9 and reruns: an append-only log, and costs.json made from it.
 
-Every HTTP request appends one JSON line to <out>/usage.jsonl the moment it completes (answered,
-retried or given up), and every cache hit appends a line too. Nothing is kept only in memory
-until the end of a stage, so a `kill -9` loses at most the requests that were still on the wire.
-
-<out>/costs.json is derived from that log (`write_costs`), never merged by hand: each stage's
-entry and the run total are sums over EVERY run of that stage, so a rerun served from the cache
-adds cache hits and no cost, and cannot erase what the earlier runs spent.
-
-Line format (short keys: a big run writes many): {"t": unix time, "run": id of the process run,
-"stage", "role", "model", "event": "request" | "cache_hit", and for requests "ok" (answered),
-"retry" (kind, when the attempt failed and was retried or was the last try), "failure" (kind,
-when the call was given up), "in"/"out" (tokens), "est" (tokens estimated, the endpoint sent no
-usage), "trunc" (finish_reason length), "cost" (USD at the role's prices)}.
+Every HTTP request and cache hit appends one JSON line to <out>/usage.jsonl the moment it completes,
+so a kill -9 loses at most the requests still on the wire. costs.json is derived from the whole log
+(`write_costs`), never merged by hand: a rerun served from the cache adds cache hits and no cost.
+Line keys (short: a big run writes many): t, run, stage, role, model, event ("request" | "cache_hit"),
+and for requests ok, retry and failure (kinds), in/out (tokens), est (estimated), trunc, cost (USD).
 """
 from __future__ import annotations
 
@@ -101,27 +93,27 @@ def aggregate(path: str | os.PathLike) -> dict:
             r["retries"][ln["retry"]] += 1
         if ln.get("failure"):
             r["failures"][ln["failure"]] += 1
-    out = {"stages": {}, "total": dict.fromkeys(TOTAL_KEYS, 0)}
+    out = {"stages": {}}
     for stage, roles in stages.items():
-        tot = dict.fromkeys(TOTAL_KEYS, 0)
         for r in roles.values():
             r["retries"], r["failures"] = dict(r["retries"]), dict(r["failures"])
             r["cost_usd"] = round(r["cost_usd"], 6)
-            add_totals(tot, r)
-        tot["cost_usd"] = round(tot["cost_usd"], 6)
-        out["stages"][stage] = {"roles": roles, "total": tot, "runs": len(runs[stage])}
-        for k in TOTAL_KEYS:
-            out["total"][k] += tot[k]
+        out["stages"][stage] = {"roles": roles, "total": totals(roles.values()), "runs": len(runs[stage])}
+    out["total"] = {k: sum(s["total"][k] for s in out["stages"].values()) for k in TOTAL_KEYS}
     out["total"]["cost_usd"] = round(out["total"]["cost_usd"], 6)
     return out
 
 
-def add_totals(tot: dict, r: dict) -> None:
-    """Add one role's entry (retries/failures as {kind: n}) into a totals dict."""
-    for k in ("requests", "cache_hits", "input_tokens", "output_tokens", "cost_usd"):
-        tot[k] += r[k]
-    tot["failures"] += sum(r["failures"].values())
-    tot["retries"] += sum(r["retries"].values())
+def totals(roles) -> dict:
+    """Sum role entries (retries/failures as {kind: n}) into one totals dict."""
+    tot = dict.fromkeys(TOTAL_KEYS, 0)
+    for r in roles:
+        for k in ("requests", "cache_hits", "input_tokens", "output_tokens", "cost_usd"):
+            tot[k] += r[k]
+        tot["failures"] += sum(r["failures"].values())
+        tot["retries"] += sum(r["retries"].values())
+    tot["cost_usd"] = round(tot["cost_usd"], 6)
+    return tot
 
 
 def write_costs(out_dir: str | os.PathLike) -> dict:
