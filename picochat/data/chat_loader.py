@@ -101,9 +101,6 @@ class SFTLoader(BackgroundLoader):
                 x, y = x.pin_memory(), y.pin_memory()
             yield (x, y), states.pop(0)
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         if self.prefetcher is not None:
             (x, y), self._consumed = self.prefetcher.get()

@@ -184,9 +184,6 @@ class PackedLoader(BackgroundLoader):
         # pinned (in the prefetch thread when there is one, off the training thread): the copy is then async
         return buf.pin_memory() if self.device.type == "cuda" else buf
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.prefetcher is not None:
             buf, self._consumed = self.prefetcher.get()
@@ -198,12 +195,6 @@ class PackedLoader(BackgroundLoader):
     def _live_state(self) -> dict:
         return {"split": self.split, "n_slots": self.n_slots, "micro": self.micro,
                 "slots": {str(s.slot): s.state() for s in self.streams}}
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def PretrainLoader(data_dir, tokenizer, batch_size: int, seq_len: int, split: str = "train", *args,

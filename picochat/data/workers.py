@@ -249,8 +249,8 @@ class Prefetcher:
 
 class BackgroundLoader:
     """What the pretraining and chat loaders share when they run with workers: the state to save is
-    the one after the last batch handed out (`_consumed`), not the prefetched ones, and closing stops
-    the prefetch thread and the worker pool. Subclasses set pool, prefetcher, _consumed and define
+    the one after the last batch handed out (`_consumed`), not the prefetched ones, and closing (also
+    on garbage collection) stops the prefetch thread and the worker pool. Subclasses set pool, prefetcher, _consumed and define
     _live_state()."""
     pool: WorkerPool | None = None
     prefetcher: Prefetcher | None = None
@@ -266,3 +266,12 @@ class BackgroundLoader:
             self.prefetcher.close()
         if self.pool is not None:
             self.pool.close()
+
+    def __iter__(self):
+        return self
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
