@@ -9,38 +9,14 @@ import time
 
 import pytest
 
-from picochat.eval.sandbox import check_program, run_python
+from picochat.eval.sandbox import _alive, check_program, run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
 
 
 def _session_alive(sid: int) -> list[int]:
-    """Live (non-zombie) processes in session `sid` (psutil if installed, else /proc)."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    alive = []
-    if psutil is not None:
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p.pid)
-            except (psutil.Error, OSError):
-                pass
-        return alive
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] not in "ZX":
-            alive.append(int(pid))
-    return alive
+    """Live (non-zombie) processes in session `sid`."""
+    return _alive(sid, field=3)
 
 
 def _first_int(text: str) -> int:

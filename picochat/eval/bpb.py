@@ -6,6 +6,7 @@ masked targets (-1) are left out too. Under torchrun the sums are all-reduced.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -29,16 +30,12 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, max_batches: int | N
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
-    for i, (x, y) in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    for x, y in itertools.islice(batches, max_batches):
         with autocast_ctx(x.device):
             loss = model(x, y, loss_reduction="none").view(-1)
         y = y.reshape(-1)
-        valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
-        counted = nbytes > 0
-        total_nats += loss[counted].double().sum()
+        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)  # masked targets (-1) count 0 bytes
+        total_nats += loss[nbytes > 0].double().sum()
         total_bytes += nbytes.sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total_nats)

@@ -39,6 +39,19 @@ def mc_prompts(tok, ex: dict, chat: bool, mode: str) -> tuple[list[int], list[li
     return ctx, opts
 
 
+def keep_end(ids: list[int], room: int) -> list[int]:
+    """At most `room` tokens of `ids`: its first token (BOS) and its end."""
+    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
+
+
+def right_padded(seqs: list[list[int]], device) -> torch.Tensor:
+    """One row per sequence, zero-padded on the right to the longest."""
+    x = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        x[i, :len(seq)] = torch.tensor(seq)
+    return x.to(device)
+
+
 def _rows(contexts, options, max_len: int):
     """One row per example whose options are single tokens, else one row per option.
     A row is (tokens, [(example, option, start, option tokens)]), start = index of the first option token."""
@@ -58,10 +71,9 @@ def _rows(contexts, options, max_len: int):
 
 def _fit(ctx: list[int], n_option: int, max_len: int) -> list[int]:
     """Left-truncate the context (keeping its first token, BOS) so context + option fits."""
-    room = max_len - n_option
-    if room < 2:
+    if max_len - n_option < 2:
         raise ValueError(f"an option of {n_option} tokens does not fit the model's context of {max_len}")
-    return ctx if len(ctx) <= room else ctx[:1] + ctx[len(ctx) - room + 1:]
+    return keep_end(ctx, max_len - n_option)
 
 
 @torch.no_grad()
@@ -74,12 +86,8 @@ def score_options(model, contexts: list[list[int]], options: list[list[list[int]
     scores = [[0.0] * len(o) for o in options]
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
-        T = max(len(r[0]) for r in chunk)
-        x = torch.zeros(len(chunk), T, dtype=torch.long)
-        for i, (seq, _) in enumerate(chunk):
-            x[i, :len(seq)] = torch.tensor(seq)
         with autocast_ctx(device):
-            logits = model(x.to(device))
+            logits = model(right_padded([seq for seq, _ in chunk], device))
         for i, (_, targets) in enumerate(chunk):
             for e, o, start, toks in targets:
                 # the logits at position p predict token p + 1

@@ -53,10 +53,6 @@ def parse_data_files(specs: list[str] | None, tasks: list[str]) -> dict[str, str
     return files
 
 
-def results_path(ckpt, kind: str):
-    return ckpt.path.parent / f"eval_{kind}_{ckpt.path.name}.json"
-
-
 def _summary(r: dict) -> str:
     if r["kind"] == "bpb":
         return f"bits per byte {r['bpb']:.4f} over {r['n']} rows of {r['rows_of_tokens']} tokens"
@@ -101,8 +97,7 @@ def cmd_eval(args):
         model, ckpt = load_model(args.model, device=device, dtype=dtype)
         tok = load_tokenizer(args.model)
         engine = Engine(model, tok, decode_step=args.decode_step)
-        chat = args.kind == "chat"
-        opts = runner.EvalOptions(chat=chat, batch_size=args.batch_size, max_tokens=args.max_tokens,
+        opts = runner.EvalOptions(chat=args.kind == "chat", batch_size=args.batch_size, max_tokens=args.max_tokens,
                                   samples=args.samples, temperature=args.temperature, top_k=args.top_k or None,
                                   seed=args.seed, mc_mode=args.mc_mode)
         results = {}
@@ -125,13 +120,11 @@ def cmd_eval(args):
                 q = q.get("question") or q.get("task_id") or ""
                 print(f"    {'✓' if ex['correct'] else '✗'} {q[:60]!r} -> {ex['reply'][:80]!r}")
         if info.is_master:
-            out = results_path(ckpt, args.kind)
-            old = {}
-            if out.exists():
-                try:
-                    old = json.loads(out.read_text()).get("results", {})
-                except (OSError, ValueError, AttributeError):
-                    old = {}  # an unreadable old file is replaced, not merged
+            out = ckpt.path.parent / f"eval_{args.kind}_{ckpt.path.name}.json"
+            try:
+                old = json.loads(out.read_text()).get("results", {})
+            except (OSError, ValueError, AttributeError):
+                old = {}  # no old file, or an unreadable one: it is replaced, not merged
             write_json_atomic(out, {"model": args.model, "step": ckpt.step, "kind": args.kind,
                                     "stage": ckpt.meta.get("stage"), "results": {**old, **results}})
             print(f"results -> {out}")
@@ -146,13 +139,9 @@ def cmd_report(args):
     print(f"report card -> {path}")
 
 
-def _help_fields() -> str:
-    from picochat.tasks import FIELDS
-    return "\n".join(f"  {names}: {fields}" for names, fields in FIELDS.items())
-
-
 def register(sub) -> None:
-    from picochat.tasks import TASKS
+    from picochat.tasks import FIELDS, TASKS
+    fields = "\n".join(f"  {names}: {what}" for names, what in FIELDS.items())
     p = sub.add_parser("eval", help="evaluate a checkpoint on tasks (accuracy, pass@k, bits per byte)")
     kinds = p.add_subparsers(dest="kind", required=True, parser_class=type(p))
     for kind, default, how in (
@@ -161,7 +150,7 @@ def register(sub) -> None:
         q = kinds.add_parser(kind, help=f"evaluate a {kind} model ({how})",
                              formatter_class=argparse.RawDescriptionHelpFormatter,
                              description=f"Evaluate a {kind} model: {how}.\n\n--data-file: one JSON object per "
-                                         f"line, fields per task:\n{_help_fields()}\n\nSee docs/eval.md.")
+                                         f"line, fields per task:\n{fields}\n\nSee docs/eval.md.")
         q.add_argument("--model", default=default, help="checkpoint tag (default %(default)s)")
         q.add_argument("--tasks", default="spelling,arithmetic",
                        help=f"comma-separated, from: {', '.join(TASKS)} (default %(default)s)")

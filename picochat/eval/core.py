@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from picochat.device import autocast_ctx
+from picochat.eval.categorical import keep_end, right_padded, score_options
 
 MC, SCHEMA, LM = "multiple_choice", "schema", "language_modeling"
 FIELDS = {MC: ("query", "choices", "gold"), SCHEMA: ("context_options", "continuation", "gold"),
@@ -113,16 +114,10 @@ def greedy_matches(model, items: list[tuple[list[int], int]], batch_size: int, m
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        rows = []
-        for i in idx:
-            seq, start = items[i]
-            cut = max(0, len(seq) - max_len)
-            rows.append((seq[:1] + seq[1 + cut:] if cut else seq, max(1, start - cut)))
-        x = torch.zeros(len(rows), max(len(s) for s, _ in rows), dtype=torch.long)
-        for r, (seq, _) in enumerate(rows):
-            x[r, :len(seq)] = torch.tensor(seq)
+        rows = [(keep_end(seq, max_len), max(1, start - max(0, len(seq) - max_len))) for seq, start in
+                (items[i] for i in idx)]
         with autocast_ctx(device):
-            pred = model(x.to(device)).argmax(dim=-1).cpu()
+            pred = model(right_padded([seq for seq, _ in rows], device)).argmax(dim=-1).cpu()
         for r, (i, (seq, start)) in enumerate(zip(idx, rows)):
             out[i] = pred[r, start - 1:len(seq) - 1].tolist() == seq[start:]
     return out
@@ -130,7 +125,6 @@ def greedy_matches(model, items: list[tuple[list[int], int]], batch_size: int, m
 
 def score_rows(task: CoreTask, indices: list[int], model, tok, batch_size: int = 8) -> list[bool]:
     """Right or wrong, per row index, with the task's few-shot prompts."""
-    from picochat.eval.categorical import score_options
     max_len = model.config.sequence_len
     verdicts = []
     for c in range(0, len(indices), CHUNK):

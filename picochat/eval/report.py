@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from picochat.common import home, tokenizer_dir, write_text_atomic
+from picochat.common import PicochatError, data_dir, home, tokenizer_dir, write_text_atomic
 from picochat.eval.report_plots import write_plots
 
 
@@ -43,13 +43,11 @@ def hardware() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__}
     try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        info["memory_gib"] = round(pages * size / 2**30, 1)
+        info["memory_gib"] = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         pass
     if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        info["gpu"] = f"{n} x {torch.cuda.get_device_name(0)}"
+        info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     else:
         info["gpu"] = "none"
@@ -73,7 +71,6 @@ def corpora(root: Path) -> list[dict]:
 
 
 def tokenizer_info(corpus: str | None) -> dict | None:
-    from picochat.common import PicochatError
     from picochat.tokenizer import Tokenizer
     try:
         tok = Tokenizer.load(tokenizer_dir())
@@ -81,7 +78,6 @@ def tokenizer_info(corpus: str | None) -> dict | None:
         return None
     info = {"vocab_size": tok.vocab_size}
     if corpus:  # compression on (the start of) the val split: cheap, and what the bpb numbers sit on
-        from picochat.common import data_dir
         from picochat.data.corpus import sample_texts
         try:
             texts = sample_texts(data_dir(corpus), "val", 200_000)
@@ -97,27 +93,21 @@ def tokenizer_info(corpus: str | None) -> dict | None:
 def runs() -> list[dict]:
     """Latest checkpoint of every tag, with its history and eval results."""
     from picochat import checkpoint as ck
-    from picochat.common import PicochatError
     out = []
     for tag in ck.list_tags():
         try:
             c = ck.read_checkpoint(tag, verify=False)
         except PicochatError:
             continue
-        evals = []
-        for f in sorted(c.path.parent.glob("eval_*.json")):
-            e = _read_json(f)
-            if isinstance(e, dict) and isinstance(e.get("results"), dict):
-                evals.append({"file": f.name, "kind": e.get("kind", "chat"), "step": e.get("step"),
-                              "results": e["results"]})
-        settings = c.meta.get("settings", {})
+        evals = [{"kind": e.get("kind", "chat"), "step": e.get("step"), "results": e["results"]}
+                 for e in map(_read_json, sorted(c.path.parent.glob("eval_*.json")))
+                 if isinstance(e, dict) and isinstance(e.get("results"), dict)]
+        extra = c.meta.get("settings", {}).get("extra", {})
         out.append({"tag": tag, "stage": c.meta.get("stage", tag.split("/")[0]), "step": c.step,
                     "params": c.meta.get("num_params"), "tokens": c.meta.get("tokens"),
                     "train_time": c.meta.get("train_time"), "val_bpb": c.meta.get("val_bpb"),
-                    "source": settings.get("extra", {}).get("source"), "world_size": c.meta.get("world_size"),
-                    "device": c.meta.get("device"), "config": c.config.to_dict(),
-                    "history": c.state.get("history", []), "evals": evals,
-                    "heldout_before": settings.get("extra", {}).get("heldout_before")})
+                    "source": extra.get("source"), "heldout_before": extra.get("heldout_before"),
+                    "config": c.config.to_dict(), "history": c.state.get("history", []), "evals": evals})
     return out
 
 
@@ -126,16 +116,13 @@ TIMES_FILES = ("quickstart_times.tsv", "gpu_speedrun_times.tsv")  # stage <TAB> 
 
 def wall_times(root: Path) -> list[tuple[str, float]]:
     """Per-stage wall times of the newest pipeline run in this home (CPU quickstart or GPU speedrun)."""
-    rows = []
     files = [root / name for name in TIMES_FILES if (root / name).is_file()]
-    if not files:
-        return rows
     try:
-        lines = max(files, key=lambda f: f.stat().st_mtime).read_text().splitlines()
+        lines = max(files, key=lambda f: f.stat().st_mtime).read_text().splitlines() if files else []
     except OSError:
-        return rows
-    for line in lines:
-        parts = line.split("\t")
+        return []
+    rows = []
+    for parts in (line.split("\t") for line in lines):
         try:
             rows.append((parts[0], float(parts[1])))
         except (IndexError, ValueError):
@@ -166,8 +153,7 @@ def rl_lines(all_runs: list[dict], plotted: bool) -> list[str]:
         before = r.get("heldout_before") or {}
         for k in sorted(set(before) | {k for k in after if k.startswith("heldout_")}):
             rows.append([f"`{r['tag']}`", _fmt(r["source"]), k.removeprefix("heldout_"),
-                         f"{100 * before[k]:.1f}%" if k in before else "–",
-                         f"{100 * after[k]:.1f}%" if k in after else "–"])
+                         _fmt(before.get(k), ".1%"), _fmt(after.get(k), ".1%")])
     if rows:
         L += _table(["run", "from", "held-out (greedy)", "before", "after"], rows) + [""]
     if plotted:
@@ -175,9 +161,9 @@ def rl_lines(all_runs: list[dict], plotted: bool) -> list[str]:
     return L
 
 
-def _fmt(v, spec: str = "", none: str = "–") -> str:
+def _fmt(v, spec: str = "") -> str:
     if v is None:
-        return none
+        return "–"
     return format(v, spec) if spec else str(v)
 
 
@@ -286,7 +272,7 @@ def render(root: Path, dollars_per_hour: float, plots: dict[str, bool]) -> str:
         L += _table(["model", "as", "task", "metric", "value", "n", "chance"], [
             [f"`{e['model']}`", e["kind"], e["task"], e["metric"],
              f"{e['value']:.4f}" if e["metric"] in ("bpb", "CORE") else f"{100 * e['value']:.1f}%", _fmt(e["n"]),
-             f"{100 * e['chance']:.1f}%" if e.get("chance") is not None else "–"] for e in evals]) + [""]
+             _fmt(e.get("chance"), ".1%")] for e in evals]) + [""]
         if plots.get("evals"):
             L += ["![Evaluations](evals.png)", ""]
     else:

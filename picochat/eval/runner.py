@@ -20,6 +20,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from picochat.common import DistInfo
+from picochat.eval.categorical import keep_end, mc_prompts, score_options
+from picochat.eval.generate import calculator_agreement, generate_replies
 from picochat.inference.sampling import Sampling
 from picochat.tasks import EvalTask
 from picochat.tasks.aime import majority_vote, pass_at_k
@@ -45,12 +47,6 @@ def _gather(records: list[dict], info: DistInfo) -> list[dict]:
     return sorted(records, key=lambda r: r["index"])
 
 
-def _fit_prompt(ids: list[int], max_tokens: int, limit: int) -> list[int]:
-    """Keep BOS and the end of a prompt too long for prompt + reply to fit the rotary table."""
-    room = limit - max_tokens
-    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
-
-
 def _prompt_ids(task: EvalTask, tok, ex: dict, chat: bool) -> list[int]:
     if chat:
         return tok.render_for_completion({"messages": task.chat_prompt(ex)})
@@ -59,7 +55,6 @@ def _prompt_ids(task: EvalTask, tok, ex: dict, chat: bool) -> list[int]:
 
 def _generate(task, engine, tok, prompts, max_tokens, opts, sampling, bar) -> list:
     """One Reply per prompt (text + parts, tool calls included), in prompt order."""
-    from picochat.eval.generate import generate_replies
     out = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     for b in range(0, len(order), opts.batch_size):
@@ -79,11 +74,11 @@ def evaluate_generative(task: EvalTask, engine, tok, opts: EvalOptions, info: Di
     examples = [task.examples[i] for i in mine]
     limit = engine.model.cos.size(0)
     max_tokens = min(opts.max_tokens or task.max_tokens, limit // 2)
-    prompts = [_fit_prompt(_prompt_ids(task, tok, ex, opts.chat), max_tokens, limit) for ex in examples]
+    # over-long prompts keep BOS and their end, so that prompt + reply fit the rotary table
+    prompts = [keep_end(_prompt_ids(task, tok, ex, opts.chat), limit - max_tokens) for ex in examples]
     k = opts.samples if opts.samples > 1 else 0
     bar = tqdm(total=len(mine) * (1 + k), desc=f"eval {task.name}", disable=not info.is_master, leave=False,
                dynamic_ncols=True)
-    from picochat.eval.generate import calculator_agreement
     greedy_replies = _generate(task, engine, tok, prompts, max_tokens, opts, Sampling(0.0, seed=[0] * len(mine)), bar)
     greedy = [r.text for r in greedy_replies]
     sampled = []
@@ -99,10 +94,7 @@ def evaluate_generative(task: EvalTask, engine, tok, opts: EvalOptions, info: Di
         rec = {"index": i, "correct": bool(task.grade(ex, greedy[n])), "reply": greedy[n]}
         if task.extract is not None:
             rec["prediction"] = _jsonable(task.extract(greedy[n]))
-        if "answer" in ex:
-            rec["answer"] = ex["answer"]
-        if "task_id" in ex:
-            rec["task_id"] = ex["task_id"]
+        rec.update({k: ex[k] for k in ("answer", "task_id") if k in ex})
         copied = calculator_agreement(greedy_replies[n])  # None: no calculator call with a numeric result
         if copied is not None:
             rec["tool_copy"] = copied
@@ -147,7 +139,6 @@ def _jsonable(v):
 
 
 def evaluate_categorical(task: EvalTask, model, tok, opts: EvalOptions, info: DistInfo) -> dict | None:
-    from picochat.eval.categorical import mc_prompts, score_options
     t0 = time.time()
     mode = opts.mc_mode if opts.mc_mode != "auto" else ("letters" if opts.chat else "options")
     mine = list(range(info.rank, len(task), info.world_size))

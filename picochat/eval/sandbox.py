@@ -62,7 +62,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SandboxResult", "run_python", "check_program", "humaneval_program"]
+__all__ = ["SandboxResult", "run_python", "check_program"]
 
 _NPROC_LIMIT = 16                  # tasks (processes + threads) the sandboxed program may have
 _FSIZE_LIMIT = 64 * 1024 * 1024    # largest file it may write
@@ -160,8 +160,9 @@ def _make_preexec(memory_mb: int, timeout: float, fallback_nproc: int | None):
     return preexec
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group `pgid`."""
+def _alive(value: int, field: int = 2) -> list[int]:
+    """Live (non-zombie) processes whose process group (field 2 of /proc/PID/stat after the command
+    name), or session (field 3), is `value`."""
     alive = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -172,7 +173,7 @@ def _group_alive(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = data[data.rfind(")") + 2:].split()
-        if len(fields) > 3 and int(fields[2]) == pgid and fields[0] not in "ZX":
+        if len(fields) > 3 and int(fields[field]) == value and fields[0] not in "ZX":
             alive.append(int(pid))
     return alive
 
@@ -184,7 +185,7 @@ def _kill_group(pgid: int, deadline: float = 2.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        if not _group_alive(pgid) or time.monotonic() > end:
+        if not _alive(pgid) or time.monotonic() > end:
             return
         time.sleep(0.01)
 
@@ -232,16 +233,8 @@ def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512, *,
     """
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="picochat-sandbox-")
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+           "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     fallback_nproc = None if os.geteuid() == 0 else _user_task_count(os.getuid()) + _NPROC_LIMIT
     argv = [sys.executable, "-I", "-B", "-u", "-X", "utf8", "-c", _RUNNER,
             "1" if allow_exit else "0", "1" if guard else "0", str(_VIOLATION_EXIT)]
@@ -315,15 +308,11 @@ def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512, *,
         _rmtree(workdir)
 
 
-def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    return prompt + completion + "\n" + test + "\n" + f"check({entry_point})\n"
-
-
 def check_program(prompt: str, completion: str, test: str, entry_point: str,
                   timeout: float = 5.0, memory_mb: int = 512) -> SandboxResult:
     """Run a HumanEval problem: `prompt + completion`, then the `test` code, then check(entry_point).
 
     Exiting early (sys.exit(0), quit()) counts as a failure, not a pass.
     """
-    return run_python(humaneval_program(prompt, completion, test, entry_point),
+    return run_python(prompt + completion + "\n" + test + "\n" + f"check({entry_point})\n",
                       timeout=timeout, memory_mb=memory_mb, allow_exit=False)
