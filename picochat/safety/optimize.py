@@ -149,6 +149,15 @@ def _pass(s: dict | None) -> str:
     return f"{f(s.get('attack', {}).get('pass_rate'))} / {f(s.get('benign', {}).get('pass_rate'))}"
 
 
+def judge_errors(versions: list[dict]) -> Counter:
+    """Judge errors by kind, over every version's scores on both splits."""
+    errors = Counter()
+    for v in versions:
+        for split in ("opt", "heldout"):
+            errors.update((v["scores"].get(split) or {}).get("errors", {}))
+    return errors
+
+
 async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dict], store: JsonlStore) -> dict:
     oc = cfg.optimize
     out = cfg.out_dir / "optimize"
@@ -236,11 +245,7 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
     write_text_atomic(out / "best_prompt.txt", render(best["body"], oc.assistant_name))
     write_text_atomic(out / "best_body.txt", best["body"].strip() + "\n")
     save()
-    errors = Counter()
-    for v in versions:
-        for split in ("opt", "heldout"):
-            if v["scores"][split]:
-                errors.update(v["scores"][split]["errors"])
+    errors = judge_errors(versions)
     md = ["# Prompt optimization", "", f"opt split {len(opt)} questions, held-out split {len(held)} questions "
           "(disjoint root seeds). Means over judged answers; judge errors are counted, not scored.", "",
           "Per-dimension columns are held-out means: " + ", ".join(f"{_abbr(d)} = {d}" for d in DIMENSIONS) + ".", "",

@@ -126,13 +126,9 @@ def pipeline_counts(run_dir: Path) -> dict:
             out[stage] = {k: s[k] for k in ("failed", "failures", "judge_errors", "reasons", "missing") if k in s}
     p = run_dir / "optimize" / "versions.json"
     if p.exists():
+        from picochat.safety.optimize import judge_errors
         vs = json.loads(p.read_text(encoding="utf-8"))["versions"]
-        errs = Counter()
-        for v in vs:
-            for split in ("opt", "heldout"):
-                if v["scores"].get(split):
-                    errs.update(v["scores"][split]["errors"])
-        out["optimize"] = {"versions": [v["status"] for v in vs], "judge_errors": dict(errs)}
+        out["optimize"] = {"versions": [v["status"] for v in vs], "judge_errors": dict(judge_errors(vs))}
     evals = {}
     for p in sorted((run_dir / "eval").glob("*/summary.json")):
         e = json.loads(p.read_text(encoding="utf-8"))

@@ -146,15 +146,18 @@ def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
     write_synced(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a text file; PicochatError when it is missing."""
+    if not path.is_file():
+        raise PicochatError(f"{path} not found")
+    return [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1) if line.strip()]
+
+
 def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
     """Read a JSONL file of objects. strict=False skips bad lines instead of raising."""
     path = Path(path)
-    if not path.is_file():
-        raise PicochatError(f"{path} not found")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
+    for n, line in _lines(path):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
@@ -166,12 +169,8 @@ def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
 def read_conversations(path: Path) -> tuple[list[tuple[int, dict, list[dict], dict]], list[dict]]:
     """Conversation JSONL (records or bare message lists) -> ([(line, record or {}, messages without the
     system one, meta)], [{line, reason} for each invalid line])."""
-    if not path.is_file():
-        raise PicochatError(f"{path} not found")
     good, bad = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
+    for n, line in _lines(path):
         try:
             rec = json.loads(line)
             msgs = validate(rec)
