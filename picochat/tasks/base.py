@@ -34,9 +34,6 @@ class Task:
     def __getitem__(self, i: int) -> dict:
         raise NotImplementedError
 
-    def evaluate(self, conversation: dict, completion: str) -> bool:  # pragma: no cover - optional
-        raise NotImplementedError(f"{self.name} has no evaluator")
-
 
 class ListTask(Task):
     """A task over an in-memory list of conversations (e.g. a JSONL file)."""

