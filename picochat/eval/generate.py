@@ -69,10 +69,9 @@ def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, sam
             if tools and py_start in body:  # text, then a tool call
                 k = body.index(py_start)
                 _append(r.parts, "text", tok.decode(body[:k]))
-                code_ids = [t for t in body[k + 1:] if t != py_start]
+                code = tok.decode([t for t in body[k + 1:] if t != py_start])
+                _append(r.parts, "python", code)
                 if hit == py_end and calls[i] < MAX_TOOL_CALLS:
-                    code = tok.decode(code_ids)
-                    _append(r.parts, "python", code)
                     result = run_tool(code)
                     _append(r.parts, "python_output", result)
                     calls[i] += 1
@@ -81,7 +80,6 @@ def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, sam
                     sampled[i] += [False] * len(forced)
                     active.append(i)
                     continue
-                _append(r.parts, "python", tok.decode(code_ids))
             else:
                 _append(r.parts, "text", tok.decode(body))
             r.finish_reason = "stop" if hit is not None else "length"
