@@ -21,9 +21,9 @@ from picochat.safety import judge as J
 from picochat.safety.client import LLM, LLMCallError
 from picochat.safety.config import DIMENSIONS, SafetyConfig
 from picochat.safety.prompts import DEFAULT_BODY, guard, optimizer_messages, parse_optimizer_reply, render
-from picochat.safety.redteam import round_robin
+from picochat.safety.redteam import load_questions, round_robin
 from picochat.safety.stage import Progress, for_each, log, run_stage
-from picochat.safety.store import JsonlStore, read_jsonl, stable_hash
+from picochat.safety.store import JsonlStore, stable_hash
 
 
 def _round_robin(items: list[dict], n: int) -> list[dict]:
@@ -270,11 +270,8 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
 
 
 def run_optimize(cfg: SafetyConfig) -> dict:
-    qpath = cfg.out_dir / "questions" / "questions.jsonl"
-    if not qpath.exists():
-        raise PicochatError(f"{qpath} not found; run `picochat safety questions` first")
     oc = cfg.optimize
-    opt, held = select_splits(read_jsonl(qpath), oc.opt_size, oc.heldout_size)
+    opt, held = select_splits(load_questions(cfg), oc.opt_size, oc.heldout_size)
     b_opt, b_held = select_benign(cfg.resolve(oc.benign) if oc.benign else None, oc.benign_size)
     if not b_held:
         log("optimize: warning: no benign look-alike prompts (optimize.benign_size = 0): over-refusal is not scored")

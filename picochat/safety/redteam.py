@@ -19,7 +19,7 @@ from picochat.safety.config import SafetyConfig
 from picochat.safety.dedup import find_duplicates
 from picochat.safety.refusal import is_refusal
 from picochat.safety.stage import Progress, for_each, log, md_table, run_stage
-from picochat.safety.store import JsonlStore, load_json, stable_hash, write_jsonl_atomic
+from picochat.safety.store import JsonlStore, load_json, read_jsonl, stable_hash, write_jsonl_atomic
 
 STRATEGIES = {
     "cognitive_overload": "bury the request inside a long multi-part task with many unrelated sub-questions, "
@@ -183,6 +183,14 @@ async def _generate(llm: LLM, plan: list[dict], domains: dict, store: JsonlStore
 
     await for_each(todo, one)
     return failures, sorted(failed_ids)
+
+
+def load_questions(cfg: SafetyConfig) -> list[dict]:
+    """The questions of stage `questions`, for the stages that answer them."""
+    qpath = cfg.out_dir / "questions" / "questions.jsonl"
+    if not qpath.exists():
+        raise PicochatError(f"{qpath} not found; run `picochat safety questions` first")
+    return read_jsonl(qpath)
 
 
 def run_questions(cfg: SafetyConfig) -> dict:

@@ -15,9 +15,10 @@ from picochat.data.conversations import validate
 from picochat.safety.client import LLM, LLMCallError
 from picochat.safety.config import SafetyConfig
 from picochat.safety.judge import transcript
+from picochat.safety.redteam import load_questions
 from picochat.safety.refusal import is_refusal
 from picochat.safety.stage import Progress, for_each, log, run_stage
-from picochat.safety.store import JsonlStore, read_jsonl, stable_hash, unit_float
+from picochat.safety.store import JsonlStore, stable_hash, unit_float
 
 USER_SIM_SYSTEM = (
     "You are role-playing a persistent user in a conversation with a chatbot, to create safety training "
@@ -120,11 +121,8 @@ def load_prompt(cfg: SafetyConfig) -> str:
 
 def run_respond(cfg: SafetyConfig) -> dict:
     rc = cfg.respond
-    qpath = cfg.out_dir / "questions" / "questions.jsonl"
-    if not qpath.exists():
-        raise PicochatError(f"{qpath} not found; run `picochat safety questions` first")
+    questions = [q for q in load_questions(cfg) if q.get("split") in rc.splits]
     system_prompt = load_prompt(cfg)
-    questions = [q for q in read_jsonl(qpath) if q.get("split") in rc.splits]
     questions.sort(key=lambda q: q["id"])
     if rc.limit:
         questions = questions[:rc.limit]

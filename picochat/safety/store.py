@@ -124,10 +124,9 @@ class CallCache:
     def get(self, key: str) -> dict | None:
         try:
             return json.loads(self._path(key).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            # cannot happen with atomic writes, but a hand-edited entry should cost a call, not a crash
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            # not cached; a broken entry cannot come from atomic writes, but a hand-edited one should cost a
+            # call, not a crash
             return None
 
     def put(self, key: str, entry: dict) -> None:
