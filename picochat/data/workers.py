@@ -250,8 +250,8 @@ class Prefetcher:
 class BackgroundLoader:
     """What the pretraining and chat loaders share when they run with workers: the state to save is
     the one after the last batch handed out (`_consumed`), not the prefetched ones, and closing (also
-    on garbage collection) stops the prefetch thread and the worker pool. Subclasses set pool, prefetcher, _consumed and define
-    _live_state()."""
+    on garbage collection) stops the prefetch thread and the worker pool. Subclasses set pool,
+    prefetcher, _consumed and define _live_state()."""
     pool: WorkerPool | None = None
     prefetcher: Prefetcher | None = None
     _consumed: dict | None = None
