@@ -43,7 +43,6 @@ class Reply:
     text: str
     finish_reason: str | None
     cached: bool
-    key: str
 
 
 @dataclass
@@ -149,7 +148,7 @@ class LLM:
         if hit is not None:
             self.stats[role].cache_hits += 1
             self._log(role, event="cache_hit")
-            return Reply(hit["text"], hit.get("finish_reason"), True, key)
+            return Reply(hit["text"], hit.get("finish_reason"), True)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -166,7 +165,7 @@ class LLM:
             raise
         finally:
             del self._inflight[key]
-        return Reply(entry["text"], entry.get("finish_reason"), False, key)
+        return Reply(entry["text"], entry.get("finish_reason"), False)
 
     def _redact(self, text: str) -> str:
         """Error bodies may echo (part of) the key, e.g. 'Incorrect API key provided: sk-ab***yz'."""
