@@ -257,7 +257,7 @@ def train_rl(args) -> dict:
                                 f"per process (prompts-per-step x samples-per-prompt / processes)")
         args.total_batch_size = opts.prompts * opts.samples * opts.max_new_tokens
         settings = settings_from_args(args, "rl", tag, opts.max_new_tokens,
-                             {"source": args.model, "source_step": source.step, "rl": asdict(opts)})
+                                      {"source": args.model, "source_step": source.step, "rl": asdict(opts)})
     opts.validate(info.world_size)
     if settings.compile != "off":
         raise PicochatError("train rl runs uncompiled: rollout rows change length every step")
