@@ -102,6 +102,10 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
             train_model = torch.nn.parallel.DistributedDataParallel(
                 train_model, device_ids=[device.index] if device.type == "cuda" else None)
         tokens_per_step = settings.device_batch_size * settings.seq_len * dist_info.world_size * grad_accum
+        # tokens actually put through the model: SFT pads each batch only to its longest row, so its
+        # steps hold fewer than rows x seq_len (base and mid always hold exactly that many)
+        seen = resume.meta.get("tokens", step * tokens_per_step) if resume is not None else 0
+        session_start = seen
         end = settings.steps if stop_after is None else min(settings.steps, stop_after)
         val_bpb = None
 
@@ -130,13 +134,13 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
             state = {"loader": merge_states(states) if "slots" in states[0] else states[0],
                      "history": history, "train_time": train_time}
             meta = dict(base_meta or {}, stage=settings.stage, settings=asdict(settings), val_bpb=val_bpb,
-                        tokens=at_step * tokens_per_step, train_time=train_time, num_params=model.num_params(),
+                        tokens=seen, train_time=train_time, num_params=model.num_params(),
                         world_size=dist_info.world_size, device=str(device.type))
             ckpt_mod.save_checkpoint(settings.tag, at_step, model, model.config, meta, optimizers, state,
                                      keep=settings.keep, tokenizer=tokenizer)
 
         log = _wandb_logger(wandb_project, settings) if dist_info.is_master else None
-        print0(f"{settings.stage}: {model.num_params():,} params, {settings.steps} steps x {tokens_per_step:,} tokens "
+        print0(f"{settings.stage}: {model.num_params():,} params, {settings.steps} steps x {tokens_per_step:,} tokens max "
                f"(grad accum {grad_accum}, world {dist_info.world_size}), tag {settings.tag}")
         model.train()
         bar = tqdm(total=end, initial=step, desc=settings.stage, disable=not dist_info.is_master, dynamic_ncols=True)
@@ -150,11 +154,13 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
             mult = apply_schedule(optimizers, step, settings.steps, warmup_ratio=settings.warmup_ratio,
                                   warmdown_ratio=settings.warmdown_ratio, final_lr_frac=settings.final_lr_frac)
             total = torch.zeros((), device=device)
-            wait = 0.0
+            wait, step_tokens = 0.0, 0
             for micro in range(grad_accum):
                 tw = time.perf_counter()
                 batch = next(loader)
                 wait += time.perf_counter() - tw
+                x = batch[0] if isinstance(batch, (tuple, list)) else None
+                step_tokens += x.numel() * dist_info.world_size if torch.is_tensor(x) else 0
                 if mark_step:
                     torch.compiler.cudagraph_mark_step_begin()
                 sync = micro == grad_accum - 1 or not dist_info.enabled
@@ -177,17 +183,19 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
             session_time += dt
             data_wait += wait
             step += 1
+            step_tokens = step_tokens or tokens_per_step  # RL's batches are not (x, y): it reports its own
+            seen += step_tokens
             smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
             if step % settings.log_every == 0 or step == end:
                 # RL's loader reports what the step did (rewards, rollout speed, the tokens it really trained)
                 metrics = dict(loader.step_metrics()) if hasattr(loader, "step_metrics") else {}
-                tokens = metrics.pop("tokens", tokens_per_step)
+                tokens = metrics.pop("tokens", step_tokens)
                 history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens / dt,
                                 "time": train_time, "data_wait": wait / dt, **metrics})
                 if log:
                     log(history[-1])
             bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{step_tokens / dt:,.0f}")
             if settings.save_every and step % settings.save_every == 0 and step < end:
                 save(step)
         bar.close()
@@ -202,8 +210,7 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
     if val_bpb is not None:
         print0(f"{settings.stage} done: step {step}, val bpb {val_bpb:.4f}, {train_time:.1f}s training")
     return {"step": step, "loss": smooth, "val_bpb": val_bpb, "train_time": train_time,
-            "tokens": step * tokens_per_step,
-            "tok_per_s": (step - (resume.step if resume else 0)) * tokens_per_step / max(session_time, 1e-9),
+            "tokens": seen, "tok_per_s": (seen - session_start) / max(session_time, 1e-9),
             "data_wait_share": data_wait / max(session_time, 1e-9), "history": history,
             "optimizer_state_bytes": sum(t.numel() * t.element_size() for opt in optimizers
                                          for st in opt.state.values() for t in st.values() if torch.is_tensor(t))}
