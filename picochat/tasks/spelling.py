@@ -49,12 +49,6 @@ def _corpus_counts() -> collections.Counter:
 def common_words(min_len: int = 3, max_len: int = 6, min_count: int = 10) -> list[str]:
     """Dictionary words that occur >= min_count times in the embedded corpus (all of them if the
     corpus package is missing)."""
-    counts = _corpus_counts()
-    words = word_list(min_len, max_len)
-    return [w for w in words if counts[w] >= min_count] if counts else words
-
-
-def word_list(min_len: int = 3, max_len: int = 7) -> list[str]:
     try:
         from english_words import get_english_words_set
         words = get_english_words_set(["gcide"], lower=True, alpha=True)
@@ -63,11 +57,9 @@ def word_list(min_len: int = 3, max_len: int = 7) -> list[str]:
                     "can like time just him know take people into year your good some could them see other than "
                     "then now look only come its over think also back after use two how our work first well way "
                     "even new want because any these give day most cat dog house water light night king queen".split())
-    return sorted(w for w in words if min_len <= len(w) <= max_len and re.fullmatch(r"[a-z]+", w))
-
-
-def spelled(word: str) -> str:
-    return "-".join(word)
+    words = sorted(w for w in words if min_len <= len(w) <= max_len and re.fullmatch(r"[a-z]+", w))
+    counts = _corpus_counts()
+    return [w for w in words if counts[w] >= min_count] if counts else words
 
 
 class SpellingTask(Task):
@@ -85,15 +77,11 @@ class SpellingTask(Task):
     def __len__(self):
         return len(self.words)
 
-    def question(self, i: int) -> str:
-        w = self.words[i % len(self.words)]
-        return TEMPLATES[stable_hash(w + str(self.seed)) % len(TEMPLATES)].format(w=w)
-
     def __getitem__(self, i):
         w = self.words[i % len(self.words)]
-        return {"messages": [{"role": "user", "content": self.question(i)},
-                             {"role": "assistant", "content": spelled(w)}],
-                "answer": spelled(w)}
+        question = TEMPLATES[stable_hash(w + str(self.seed)) % len(TEMPLATES)].format(w=w)
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "-".join(w)}],
+                "answer": "-".join(w)}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return extract(completion) == conversation["answer"]
