@@ -80,16 +80,11 @@ def _install_guard(root):
                  "multiprocessing.resource_tracker", "pty", "ipdb", "joblib", "tkinter"):
         sys.modules[name] = None  # import raises ImportError
 
-    class _Socket(socket.socket):
-        def __init__(self, *args, **kwargs):
-            deny("network access (socket)")
+    def no_socket(self, *args, **kwargs):
+        deny("network access (socket)")
 
-    class _CSocket(_socket.socket):
-        def __init__(self, *args, **kwargs):
-            deny("network access (socket)")
-
-    socket.socket = socket.SocketType = _Socket
-    _socket.socket = _socket.SocketType = _CSocket
+    for mod in (socket, _socket):  # socket classes whose constructor refuses
+        mod.socket = mod.SocketType = type("socket", (mod.socket,), {"__init__": no_socket})
     for name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname",
                  "gethostbyname_ex", "gethostbyaddr", "fromfd"):
         setattr(socket, name, blocked(f"socket.{name}"))

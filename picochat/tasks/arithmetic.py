@@ -18,28 +18,27 @@ FIELDS = '{"question": str, "answer": "42"} (exact match on what follows the las
 
 OPS = ["+", "-", "*"]
 TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Please calculate {a} {op} {b}"]
+MAX_DIGITS = 4
 
 
 class ArithmeticTask(Task):
     name = "arithmetic"
 
-    def __init__(self, split: str = "train", size: int = 5000, max_digits: int = 4):
-        self.size, self.max_digits = size, max_digits
+    def __init__(self, split: str = "train", size: int = 5000):
+        self.size = size
         self.offset = 0 if split == "train" else 10_000_000  # disjoint seeds for train/test
 
     def __len__(self):
         return self.size
 
-    def problem(self, i: int) -> tuple[str, str, str]:
+    def __getitem__(self, i):
         rng = random.Random(self.offset + i)
-        a = rng.randint(1, 10 ** rng.randint(1, self.max_digits))
-        b = rng.randint(1, 10 ** rng.randint(1, self.max_digits))
+        a = rng.randint(1, 10 ** rng.randint(1, MAX_DIGITS))
+        b = rng.randint(1, 10 ** rng.randint(1, MAX_DIGITS))
         op = rng.choice(OPS)
         q = rng.choice(TEMPLATES).format(a=a, op=op, b=b)
-        return q, f"{a} {op} {b}", run_tool(f"{a} {op} {b}")
-
-    def __getitem__(self, i):
-        q, expr, result = self.problem(i)
+        expr = f"{a} {op} {b}"
+        result = run_tool(expr)
         return {"messages": [
             {"role": "user", "content": q},
             {"role": "assistant", "content": [
