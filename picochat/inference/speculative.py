@@ -46,15 +46,11 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, genera
 @dataclass
 class SpecStats:
     tokens: int = 0               # tokens emitted, all rows
-    target_forwards: int = 0      # target forwards (rounds), the first one also prefills
-    row_forwards: int = 0         # sum over rounds of rows in the batch
-    plain_rounds: int = 0         # rounds decoded without speculation (γ = 0)
-    draft_forwards: int = 0
+    row_forwards: int = 0         # sum over target forwards (rounds) of rows in the batch
     drafted: int = 0              # draft tokens proposed, all rows
     accepted: int = 0
     rejected: int = 0             # speculative rounds (per row) that ended in a rejection
-    seconds: float = 0.0
-    gammas: list[int] = field(default_factory=list)  # γ of every round
+    gammas: list[int] = field(default_factory=list)  # γ of every round (0 = plain decoding)
 
     @property
     def acceptance_rate(self) -> float:
@@ -184,7 +180,6 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
     stop = {int(t) for t in stop_tokens}
     rows = list(range(B))          # original index of each row still generating
     end = L                        # seq[:, :end] holds every row's tokens so far (right-aligned)
-    t_start = time.perf_counter()
 
     while rows:
         Bc = len(rows)
@@ -210,7 +205,6 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
                 x = d[:, None]
             drafts = torch.stack(ds, 1)
             q = None if params.all_greedy else torch.stack(qs, 1)
-            stats.draft_forwards += g
         # 2. target scores [pending..., d_1..d_g] in one forward
         feed = torch.cat([seq[:, tcache.pos:end], drafts], 1)
         t0 = _now(dev)
@@ -233,17 +227,14 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
         k = n + 1                                       # tokens emitted per row
         N = int(k.max()) if g else 1
         shift = N - k
-        emitted = torch.cat([drafts, nxt[:, None]], 1).scatter_(1, n[:, None], nxt[:, None]) if g else nxt[:, None]
+        emitted = torch.cat([drafts, nxt[:, None]], 1).scatter_(1, n[:, None], nxt[:, None])
         if g and N != int(k.min()):
             # rows that emitted fewer move right by the difference: every row ends at end + N again
             seq = torch.gather(seq, 1, (torch.arange(cap, device=dev)[None] - shift[:, None]).clamp_(min=0))
             tcache.shift_right(shift)
             dcache.shift_right(shift)
-        if g:
-            cols = torch.arange(N, device=dev)[None] - shift[:, None]
-            seq[:, end:end + N] = torch.where(cols >= 0, emitted.gather(1, cols.clamp(min=0)), pad_id)
-        else:  # a plain step: one token per row, nothing to align
-            seq[:, end] = nxt
+        cols = torch.arange(N, device=dev)[None] - shift[:, None]
+        seq[:, end:end + N] = torch.where(cols >= 0, emitted.gather(1, cols.clamp(min=0)), pad_id)
         tcache.truncate(end + N - 1)                    # keep all but the newest token
         if g:  # a row that accepted all g drafts has d_g unseen by the draft: it re-feeds two tokens
             dcache.truncate(min(dcache.pos, end + N - 1 - int(bool((n == g).any()))))
@@ -256,13 +247,10 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
             stats.drafted += g * Bc
             stats.accepted += int(n.sum())
             stats.rejected += int((n < g).sum())
-        else:
-            stats.plain_rounds += 1
-        stats.target_forwards += 1
         stats.row_forwards += Bc
         # 4. hand out tokens; rows finish on a stop token or their budget
         keep = []
-        for i, (r, toks, kr) in enumerate(zip(rows, emitted.tolist(), k.tolist() if g else [1] * Bc)):
+        for i, (r, toks, kr) in enumerate(zip(rows, emitted.tolist(), k.tolist())):
             for t in toks[:kr]:
                 out[r].append(t)
                 if t in stop or len(out[r]) >= max_new_tokens:
@@ -278,7 +266,6 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
             seq, params = seq[idx], params.select(idx)
             rows = [rows[i] for i in keep]
     stats.tokens = sum(len(o) for o in out)
-    stats.seconds = time.perf_counter() - t_start
     return out, stats
 
 
