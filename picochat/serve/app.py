@@ -27,7 +27,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from picochat.inference.engine import default_stop_tokens
 from picochat.inference.sampling import Sampling
 from picochat.inference.scheduler import Scheduler
 from picochat.serve.generation import ChoiceResult, Generation, chat_turn, text_turn
@@ -113,12 +112,12 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _collect(request: Request, gen: Generation) -> list[ChoiceResult] | JSONResponse:
-    """Every choice's result, or a 499 response when the client went away."""
+async def _collect(request: Request, gen: Generation) -> list[ChoiceResult]:
+    """Every choice's result; a 499 error when the client went away."""
     try:
         return await gen.collect(lambda: _client_gone(request))
     except ConnectionAbortedError:
-        return JSONResponse(error_body("client disconnected"), status_code=499)
+        raise APIError(499, "client disconnected") from None
     except Exception as e:
         raise APIError(500, f"generation failed: {e}", "server_error") from None
 
@@ -132,7 +131,6 @@ class Routes:
         self.tok, self.scheduler, self.model_name = tokenizer, scheduler, model_name
         self.max_batch, self.max_queue, self.capacity = max_batch, max_queue, max_batch + max_queue
         self.context, self.default_max_tokens, self.speculative = context, default_max_tokens, speculative
-        self.stops = default_stop_tokens(tokenizer)  # once, for every request
         self.in_flight = 0
         self._lock = threading.Lock()
         self.created = int(time.time())
@@ -201,10 +199,9 @@ class Routes:
 
     async def respond(self, request: Request, body, pieces, release, *, prompt_tokens: int, kind: str):
         """Run the choices `pieces` of a chat or text request `body`: SSE chunks or the whole object."""
-        gen = Generation(self.scheduler, self.stops, pieces, [body.stop] * len(pieces), on_close=release)
+        gen = Generation(self.scheduler, pieces, [body.stop] * len(pieces), on_close=release)
         if not body.stream:
-            results = await _collect(request, gen)
-            return results if isinstance(results, JSONResponse) else self.completion(kind, results, prompt_tokens)
+            return self.completion(kind, await _collect(request, gen), prompt_tokens)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head = self.head(kind)
 
@@ -294,9 +291,7 @@ class Routes:
             stops.append(f.stop)
             prompt_lens.append(len(ids))
         release = self.admit(len(pieces), "requests")
-        results = await _collect(request, Generation(self.scheduler, self.stops, pieces, stops, on_close=release))
-        if isinstance(results, JSONResponse):  # the client went away
-            return results
+        results = await _collect(request, Generation(self.scheduler, pieces, stops, on_close=release))
         responses = [self.completion("chat", [r], n) for r, n in zip(results, prompt_lens)]
         total = {k: sum(r["usage"][k] for r in responses) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         return {"id": "batch-" + uuid.uuid4().hex[:24], "object": "batch.completion", "created": int(time.time()),

@@ -16,6 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from picochat.inference.chat import Detokenizer, Reply, stream_chat
+from picochat.inference.engine import default_stop_tokens
 from picochat.inference.sampling import Sampling
 from picochat.inference.scheduler import Request, Scheduler
 from picochat.tokenizer import SPECIAL_TOKENS
@@ -48,7 +49,7 @@ class StopMatcher:
 def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, sampling: Sampling, reply: Reply) -> Iterator[str]:
     """Plain text continuation (the /v1/completions counterpart of stream_chat): yield decoded
     pieces, waiting for the rest of a multi-byte character; fill `reply` (tokens, finish_reason)."""
-    stops = engine.default_stop_tokens()
+    stops = default_stop_tokens(tokenizer)
     special = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
     text = Detokenizer(tokenizer)
     reply.finish_reason = "length"
@@ -81,26 +82,22 @@ class ScheduledEngine:
     inference/chat.py's stream_chat runs unchanged on top of continuous batching. One per choice.
     `cancel()` (any thread) ends the current and any later generation of this object."""
 
-    def __init__(self, scheduler: Scheduler, default_stops: set[int]):
-        self.scheduler, self._stops = scheduler, frozenset(default_stops)
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
         self.cancelled = False
         self._current: Request | None = None
-
-    def default_stop_tokens(self) -> set[int]:
-        return set(self._stops)
 
     def cancel(self) -> None:
         self.cancelled = True
         if self._current is not None:
             self._current.cancel()
 
-    def generate_stream(self, prompts, max_new_tokens, sampling: Sampling | None = None, *, stop_tokens=None):
+    def generate_stream(self, prompts, max_new_tokens, sampling: Sampling | None = None, *, stop_tokens):
         if len(prompts) != 1:
             raise ValueError("ScheduledEngine generates one prompt at a time")
         if self.cancelled:
             return
-        req = self.scheduler.submit(prompts[0], max_new_tokens, sampling,
-                                    self._stops if stop_tokens is None else stop_tokens)
+        req = self.scheduler.submit(prompts[0], max_new_tokens, sampling, stop_tokens)
         self._current = req
         if self.cancelled:  # cancel() ran between the check above and _current being set
             req.cancel()
@@ -154,11 +151,11 @@ class Generation:
     finish_reason, completion_tokens), ("error", index, exception). `on_close` runs exactly once,
     when every choice has ended or the generation was cancelled (admission is released there)."""
 
-    def __init__(self, scheduler: Scheduler, default_stops: set[int], pieces: list[PieceFn],
-                 stops: list[list[str] | None], on_close: Callable[[], None] | None = None):
+    def __init__(self, scheduler: Scheduler, pieces: list[PieceFn], stops: list[list[str] | None],
+                 on_close: Callable[[], None] | None = None):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.engines = [ScheduledEngine(scheduler, default_stops) for _ in pieces]
+        self.engines = [ScheduledEngine(scheduler) for _ in pieces]
         self.results = [ChoiceResult() for _ in pieces]
         self._pending = len(pieces)
         self._on_close, self._closed = on_close, False
