@@ -14,6 +14,7 @@ length so a batch wastes little, and truncated on the left if longer than the mo
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from picochat.device import autocast_ctx
 from picochat.tasks.base import LETTERS, multiple_choice
@@ -46,10 +47,7 @@ def keep_end(ids: list[int], room: int) -> list[int]:
 
 def right_padded(seqs: list[list[int]], device) -> torch.Tensor:
     """One row per sequence, zero-padded on the right to the longest."""
-    x = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        x[i, :len(seq)] = torch.tensor(seq)
-    return x.to(device)
+    return pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True).to(device)
 
 
 def _rows(contexts, options, max_len: int):

@@ -240,7 +240,7 @@ def _row(obj, where: str) -> dict:
     if a is None:
         raise PicochatError(f"{where}: missing 'answer' (or 'Answer')")
     try:
-        _reference(a if isinstance(a, int) and not isinstance(a, bool) else str(a))
+        _reference(a)
     except ValueError:
         raise PicochatError(f"{where}: answer {a!r} is not an integer 0-999") from None
     row = {"question": q, "answer": str(a).strip()}
@@ -337,8 +337,5 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def majority_vote(answers: list[int | None]) -> int | None:
     """Most common non-None answer; ties go to the tied answer that appears first; None if none."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best)
+    counts = Counter(a for a in answers if a is not None)  # most_common: ties in first-seen order
+    return counts.most_common(1)[0][0] if counts else None
