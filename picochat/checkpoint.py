@@ -156,18 +156,27 @@ def load_model(tag: str, device: torch.device | str = "cpu", step: int | None = 
         weights = load_file(str(ckpt.path / "model.safetensors"), device="cpu")
     except Exception as e:  # safetensors raises its own error types for bad headers/truncation
         raise PicochatError(f"checkpoint {ckpt.path} has unreadable weights ({e})") from None
+    return build_model(ckpt.config, weights, f"checkpoint {ckpt.path} does not fit its config", device, dtype), ckpt
+
+
+def build_model(config: GPTConfig, weights: dict[str, torch.Tensor], misfit: str, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None) -> GPT:
+    """The GPT of `config` holding `weights`, in eval mode on `device` (the imports use it too), or one
+    error, `misfit` followed by the names that do not fit."""
     with torch.device("meta"):
-        model = GPT(ckpt.config)
+        model = GPT(config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong = [k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape]
+    if missing or unexpected or wrong:
+        raise PicochatError(f"{misfit} (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                            f"wrong shape {sorted(wrong)[:3]})")
     model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k not in ("cos", "sin")]
-    if missing or unexpected:
-        raise PicochatError(f"checkpoint {ckpt.path} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(weights)
     if dtype is not None:
         model.to(dtype=dtype)
     model.reset_rotary(device)  # derived, not saved: rebuilt on the device, and fp32 whatever the weights' dtype
-    model.eval()
-    return model, ckpt
+    return model.eval()
 
 
 def load_tokenizer(tag: str, step: int | None = None) -> Tokenizer:

@@ -28,7 +28,6 @@ from picochat import checkpoint as ck
 from picochat.common import PicochatError, home, replace_dir, tokenizer_dir, write_json_atomic
 from picochat.export import DEFAULT_ATOL, DTYPE_NAMES
 from picochat.export import hf_tokenizer as hft
-from picochat.export.nanochat import build_model
 from picochat.model.config import GPTConfig
 from picochat.model.gpt import GPT
 from picochat.tokenizer import Tokenizer
@@ -323,7 +322,8 @@ def import_hf(path, tag: str | None = None, replace_tokenizer: bool = False, ato
     names = {v: k for k, v in weight_names(config.n_layer).items()}
     dtypes = {t.dtype for t in raw.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    model = build_model(config, {names.get(k, k): v for k, v in raw.items()}, path, "config.json")
+    model = ck.build_model(config, {names.get(k, k): v for k, v in raw.items()},
+                           f"the weights in {path} do not fit a nanochat model of their config.json")
 
     # the check: same logits as transformers with picochat's norm epsilon; a checkpoint written
     # with another rms_norm_eps (1e-6 is HF's default) is reported with the drift it causes

@@ -28,7 +28,6 @@ import torch
 from picochat import checkpoint as ck
 from picochat.common import PicochatError
 from picochat.model.config import GPTConfig, nanochat_short_window
-from picochat.model.gpt import GPT
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
@@ -167,22 +166,6 @@ def nanochat_config(meta: dict, state: dict[str, torch.Tensor], source: Path) ->
     return config, design
 
 
-def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: Path, config_name="model_config") -> GPT:
-    """The GPT of `config` holding `state` (import hf uses it too), or one error naming what does not fit."""
-    with torch.device("meta"):
-        model = GPT(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        raise PicochatError(f"the weights in {source} do not fit a nanochat model of their {config_name} (missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]})")
-    model.to_empty(device="cpu")
-    model.load_state_dict(state)
-    model.reset_rotary()
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------- the command
 
 def import_nanochat(path: str, step: int | None = None, tag: str | None = None) -> dict:
@@ -208,7 +191,8 @@ def import_nanochat(path: str, step: int | None = None, tag: str | None = None) 
     if tok.vocab_size != config.vocab_size:
         raise PicochatError(f"{tok_file} has {tok.vocab_size} tokens but the model's vocab_size is "
                             f"{config.vocab_size}: they are not from the same run")
-    model = build_model(config, state, model_file)
+    misfit = f"the weights in {model_file} do not fit a nanochat model of their model_config"
+    model = ck.build_model(config, state, misfit)
     logits = model(torch.tensor([tok.encode("Hello", prepend=tok.bos_token_id)]))
     if not torch.isfinite(logits).all():
         raise PicochatError(f"the weights in {model_file} give non-finite logits")
