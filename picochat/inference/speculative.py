@@ -187,7 +187,6 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
         stats.gammas.append(g)
         # 1. draft proposes g tokens (its first forward also feeds whatever it has not seen yet)
         drafts = torch.empty(Bc, 0, dtype=torch.long, device=dev)
-        q = None
         if g:
             x, qs, ds = seq[:, dcache.pos:end], [], []
             for _ in range(g):

@@ -302,11 +302,10 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
                max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1 << 20,
                default_max_tokens: int = 512, spec_chunk: int = 16, context_length: int | None = None,
                body_timeout_s: float = 30.0, decode_step: str = "eager") -> FastAPI:
-    """Build the app. `model` is a GPT (or an Engine, whose model is used) in eval mode on its
-    device; `draft` an optional smaller GPT with the same vocabulary for speculative decoding.
-    context_length: prompt + max_tokens limit per request; default the trained sequence_len, at
-    most the model's rotary table (quality degrades past the trained length)."""
-    model = getattr(model, "model", model)
+    """Build the app. `model` is a GPT in eval mode on its device; `draft` an optional smaller GPT
+    with the same vocabulary for speculative decoding. context_length: prompt + max_tokens limit per
+    request; default the trained sequence_len, at most the model's rotary table (quality degrades
+    past the trained length)."""
     context = int(context_length or model.config.sequence_len)
     if not 1 <= context <= model.cos.size(0):
         raise ValueError(f"context_length must be in [1, {model.cos.size(0)}] (the model's rotary table), got {context}")
