@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -65,10 +65,9 @@ class TaskMixture(Task):
 
     name = "mixture"
 
-    def __init__(self, tasks: list[Task], weights: list[float] | None = None, length: int | None = None, seed: int = 0):
+    def __init__(self, tasks: list[Task], weights: list[float], length: int | None = None, seed: int = 0):
         if not tasks:
             raise ValueError("a mixture needs at least one task")
-        weights = [1.0] * len(tasks) if weights is None else list(weights)
         if len(weights) != len(tasks) or any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"need one non-negative weight per task (sum > 0), got {weights}")
         self.tasks, self.seed = tasks, seed
@@ -128,7 +127,7 @@ class EvalTask:
     extract: Callable[[str], object] | None = None  # None: no majority vote (e.g. code)
     chat_prompt: Callable[[dict], list[dict]] | None = None   # messages for chat models
     base_prompt: Callable[[dict], str] | None = None          # plain text for base models
-    stop_text: tuple[str, ...] = field(default=("\n\n",))    # base-model replies end at these
+    stop_text: tuple[str, ...] = ("\n\n",)                  # base-model replies end at these
 
     def __len__(self):
         return len(self.examples)
