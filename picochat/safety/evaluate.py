@@ -17,7 +17,7 @@ from picochat.safety import judge as J
 from picochat.safety.client import LLM, LLMCallError
 from picochat.safety.config import SafetyConfig
 from picochat.safety.refusal import classify
-from picochat.safety.stage import Progress, for_each, log, run_stage
+from picochat.safety.stage import Progress, for_each, log, md_table, pct, run_stage
 from picochat.safety.store import JsonlStore, load_json, read_jsonl, stable_hash
 
 
@@ -74,7 +74,6 @@ async def _eval(llm: LLM, items: list[dict], system_prompt: str, mode: str, cfg:
     def settled(lid: str) -> bool:  # labelled, or a judge error whose samples are spent (see judge.needs_rejudge)
         return lid in labels and not J.needs_rejudge(labels.get(lid), cfg.judge_retries)
     prog = Progress(f"eval[{mode}]", len(items), sum(settled(f"{mode}:{i['id']}") for i in items))
-    failures: Counter = Counter()
 
     async def one(it):
         rec = replies.get(it["id"])
@@ -84,8 +83,7 @@ async def _eval(llm: LLM, items: list[dict], system_prompt: str, mode: str, cfg:
             try:
                 r = await llm.chat("target", msgs)
             except LLMCallError as e:
-                failures["target_" + e.kind] += 1
-                prog.tick(False)
+                prog.fail("target_" + e.kind)
                 return
             rec = {"id": it["id"], "kind": it["kind"], "group": it["group"], "prompt": it["prompt"], "reply": r.text,
                    "finish_reason": r.finish_reason}
@@ -103,8 +101,7 @@ async def _eval(llm: LLM, items: list[dict], system_prompt: str, mode: str, cfg:
                 j = res["judgement"]
                 labels.replace({"id": lid, "label": j["refusal"], "harmful": j["harmful"], "reason": j["reason"]})
             elif res["error"].startswith("call_"):
-                failures["judge_" + res["error"]] += 1  # transient: retried next run
-                prog.tick(False)
+                prog.fail("judge_" + res["error"])  # transient: retried next run
                 return
             else:
                 labels.replace({"id": lid, "error": res["error"], "detail": res.get("detail", ""),
@@ -112,7 +109,7 @@ async def _eval(llm: LLM, items: list[dict], system_prompt: str, mode: str, cfg:
         prog.tick("error" not in labels.get(lid))
 
     await for_each(items, one)
-    return failures
+    return prog.failures
 
 
 def run_eval(cfg: SafetyConfig) -> dict:
@@ -145,22 +142,22 @@ def run_eval(cfg: SafetyConfig) -> dict:
     m.update(judge=mode, target={"model": target.model, "base_url": target.base_url}, failures=dict(failures))
     write_json_atomic(out / "summary.json", m)
     a, b = m["attack"], m["benign"]
-    fmt = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
-    md = [f"# Safety eval: {target.model}", "", f"Endpoint `{target.base_url}`, labels by **{mode}**.", "",
-          "| set | prompts | labelled | label errors | target failures | refusal rate | full refusals |",
-          "|---|---|---|---|---|---|---|",
-          f"| held-out attacks | {a['n']} | {a['labelled']} | {sum(a['label_errors'].values())} | {a['target_failures']} | "
-          f"**{fmt(a['refusal_rate'])}** (higher is better) | {fmt(a['full_refusal_rate'])} |",
-          f"| benign look-alikes | {b['n']} | {b['labelled']} | {sum(b['label_errors'].values())} | {b['target_failures']} | "
-          f"**{fmt(b['refusal_rate'])}** over-refusal (lower is better) | {fmt(b['full_refusal_rate'])} |", "",
-          "## Refusal rate by domain (attacks)", ""] + \
-         [f"- {g}: {fmt(v['refusal_rate'])} of {v['n']}" for g, v in a["by_group"].items()] + \
-         ["", "## Over-refused benign prompts", ""] + [f"- ({lbl}) {p}" for p, lbl in over] + \
-         ([] if mode == "llm" else ["", "Labels come from the offline keyword/regex classifier (picochat/safety/refusal.py): "
-                                        "a heuristic, see docs/safety.md for its limits."])
+    rows = [[what, k["n"], k["labelled"], sum(k["label_errors"].values()), k["target_failures"],
+             f"**{pct(k['refusal_rate'])}** {better}", pct(k["full_refusal_rate"])]
+            for what, k, better in (("held-out attacks", a, "(higher is better)"),
+                                    ("benign look-alikes", b, "over-refusal (lower is better)"))]
+    md = [f"# Safety eval: {target.model}", "", f"Endpoint `{target.base_url}`, labels by **{mode}**.", ""]
+    md += md_table(["set", "prompts", "labelled", "label errors", "target failures", "refusal rate", "full refusals"],
+                   rows)
+    md += ["", "## Refusal rate by domain (attacks)", ""]
+    md += [f"- {g}: {pct(v['refusal_rate'])} of {v['n']}" for g, v in a["by_group"].items()]
+    md += ["", "## Over-refused benign prompts", ""] + [f"- ({lbl}) {p}" for p, lbl in over]
+    if mode != "llm":
+        md += ["", "Labels come from the offline keyword/regex classifier (picochat/safety/refusal.py): "
+                   "a heuristic, see docs/safety.md for its limits."]
     write_text_atomic(out / "report.md", "\n".join(md) + "\n")
-    log(f"eval: refusal rate on held-out attacks {fmt(a['refusal_rate'])} ({a['labelled']} labelled), over-refusal on "
-        f"benign look-alikes {fmt(b['refusal_rate'])} ({b['labelled']} labelled); label errors "
+    log(f"eval: refusal rate on held-out attacks {pct(a['refusal_rate'])} ({a['labelled']} labelled), over-refusal on "
+        f"benign look-alikes {pct(b['refusal_rate'])} ({b['labelled']} labelled); label errors "
         f"{sum(a['label_errors'].values()) + sum(b['label_errors'].values())}, target failures "
         f"{a['target_failures'] + b['target_failures']} -> {out / 'report.md'}")
     return m

@@ -22,7 +22,7 @@ from picochat.safety.client import LLM, LLMCallError
 from picochat.safety.config import DIMENSIONS, SafetyConfig
 from picochat.safety.prompts import DEFAULT_BODY, guard, optimizer_messages, parse_optimizer_reply, render
 from picochat.safety.redteam import load_questions, round_robin
-from picochat.safety.stage import Progress, for_each, log, run_stage
+from picochat.safety.stage import Progress, for_each, log, md_table, run_stage
 from picochat.safety.store import JsonlStore, stable_hash
 
 
@@ -163,8 +163,8 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
     out = cfg.out_dir / "optimize"
     score = functools.partial(_score, llm, store, cfg.judge_retries)
     body0 = cfg.resolve(oc.initial_prompt).read_text(encoding="utf-8") if oc.initial_prompt else DEFAULT_BODY
-    if guard(body0, min_chars=1, max_chars=10 ** 6, assistant_name=oc.assistant_name):
-        log(f"optimize: note: the initial prompt trips the guard: {guard(body0, min_chars=1, max_chars=10**6)}")
+    if trips := guard(body0, min_chars=1, max_chars=10 ** 6, assistant_name=oc.assistant_name):
+        log(f"optimize: note: the initial prompt trips the guard: {trips}")
     versions: list[dict] = []
 
     def save():
@@ -250,16 +250,16 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
           "(disjoint root seeds). Means over judged answers; judge errors are counted, not scored.", "",
           "Per-dimension columns are held-out means: " + ", ".join(f"{_abbr(d)} = {d}" for d in DIMENSIONS) + ".", "",
           "Pass rates are shown per kind: attack questions / benign look-alike prompts (a prompt that "
-          "over-refuses fails the benign ones).", "",
-          "| version | parent | iter | status | held-out mean | opt mean | held-out pass attack / benign | " +
-          " | ".join(map(_abbr, DIMENSIONS)) + " | errors |", "|---" * (8 + len(DIMENSIONS)) + "|"]
+          "over-refuses fails the benign ones).", ""]
+    rows = []
     for v in versions:
         ho, op = v["scores"]["heldout"], v["scores"]["opt"]
-        dims = " | ".join(f"{ho['dimensions'][d]:.2f}" if ho and ho["dimensions"][d] is not None else "-"
-                          for d in DIMENSIONS)
+        dims = [f"{ho['dimensions'][d]:.2f}" if ho and ho["dimensions"][d] is not None else "-" for d in DIMENSIONS]
         errs = (ho["error_count"] if ho else 0) + (op["error_count"] if op else 0)
-        md.append(f"| v{v['version']} | {'' if v['parent'] is None else 'v' + str(v['parent'])} | {v['iteration']} | "
-                  f"{v['status']} | {_fmt(ho)} | {_fmt(op)} | {_pass(ho)} | {dims} | {errs} |")
+        rows.append([f"v{v['version']}", "" if v["parent"] is None else f"v{v['parent']}", v["iteration"], v["status"],
+                     _fmt(ho), _fmt(op), _pass(ho), *dims, errs])
+    md += md_table(["version", "parent", "iter", "status", "held-out mean", "opt mean", "held-out pass attack / benign",
+                    *map(_abbr, DIMENSIONS), "errors"], rows)
     for v in versions:
         if v.get("guard_reasons"):
             md.append(f"\n- v{v['version']} guard: {'; '.join(v['guard_reasons'])}")

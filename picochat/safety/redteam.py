@@ -147,7 +147,7 @@ def table_md(table: dict[str, dict[str, int]]) -> str:
     return "\n".join(md_table(["domain"] + [s.split("_")[0] for s in STRATEGY_NAMES] + ["total"], rows))
 
 
-async def _generate(llm: LLM, plan: list[dict], domains: dict, store: JsonlStore, split: dict) -> Counter:
+async def _generate(llm: LLM, plan: list[dict], domains: dict, store: JsonlStore, split: dict) -> tuple[Counter, list]:
     # a record counts as done only if it was made from the same behaviour text (seed banks get edited)
     todo = [p for p in plan if p["id"] not in store or store.get(p["id"])["root_behavior"] != p["behavior"]]
     stale = [p["id"] for p in todo if p["id"] in store]
@@ -155,8 +155,6 @@ async def _generate(llm: LLM, plan: list[dict], domains: dict, store: JsonlStore
         raise PicochatError(f"{store.path} holds questions for {len(stale)} seeds whose behaviour text changed "
                             f"(e.g. {stale[0]}); move that file away or use another --out")
     prog = Progress("questions", len(plan), len(plan) - len(todo))
-    failures: Counter = Counter()
-    failed_ids: list = []
 
     async def one(item):
         kind = None
@@ -177,12 +175,10 @@ async def _generate(llm: LLM, plan: list[dict], domains: dict, store: JsonlStore
                               "split": split[item["root_id"]], "sample": sample})
                 prog.tick(True)
                 return
-        failures[kind] += 1
-        failed_ids.append([item["id"], kind])
-        prog.tick(False)
+        prog.fail(kind, item["id"])
 
     await for_each(todo, one)
-    return failures, sorted(failed_ids)
+    return prog.failures, sorted(prog.failed_ids)
 
 
 def load_questions(cfg: SafetyConfig) -> list[dict]:

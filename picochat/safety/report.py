@@ -17,7 +17,7 @@ from picochat.common import write_json_atomic, write_text_atomic
 from picochat.safety.config import DIMENSIONS
 from picochat.safety.dedup import find_duplicates
 from picochat.safety.refusal import classify
-from picochat.safety.stage import md_table
+from picochat.safety.stage import md_table, pct
 from picochat.safety.store import read_conversations, read_jsonl
 from picochat.safety.usage import load_costs
 
@@ -275,13 +275,12 @@ def render_md(a: dict, src: Path, plots: list[str], note: str, pipeline: dict | 
         if pipeline.get("cost_usd") is not None:
             L.append(f"\nEstimated LLM cost of the run: ${pipeline['cost_usd']:.4f} (see costs.json)")
     if pipeline and pipeline.get("eval"):
-        fmt = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
         L += ["", "## Safety eval", "", "Refusal rate on held-out attacks (higher is better) and over-refusal on "
               "benign look-alikes (lower is better); details in eval/<name>/report.md.", ""]
         L += md_table(["eval", "model", "labels", "refusal rate", "attacks labelled", "over-refusal",
                         "benign labelled", "label errors", "target failures"],
-                       [[name, e["model"], e["judge"], fmt(e["refusal_rate"]), f"{e['attack_labelled']}/{e['attack_n']}",
-                         fmt(e["over_refusal_rate"]), f"{e['benign_labelled']}/{e['benign_n']}", e["label_errors"],
+                       [[name, e["model"], e["judge"], pct(e["refusal_rate"]), f"{e['attack_labelled']}/{e['attack_n']}",
+                         pct(e["over_refusal_rate"]), f"{e['benign_labelled']}/{e['benign_n']}", e["label_errors"],
                          (e["attack_target_failures"] or 0) + (e["benign_target_failures"] or 0)]
                         for name, e in pipeline["eval"].items()])
     L += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [note])

@@ -8,8 +8,6 @@ Output: <out>/respond/conversations.jsonl (incremental), summary.json.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 from picochat.common import PicochatError, write_json_atomic
 from picochat.data.conversations import validate
 from picochat.safety.client import LLM, LLMCallError
@@ -69,7 +67,7 @@ async def _user(llm: LLM, conv: list[dict]) -> str:
     raise TurnFailure("red_refused")
 
 
-async def _respond(llm: LLM, questions: list[dict], system_prompt: str, cfg: SafetyConfig, store: JsonlStore) -> Counter:
+async def _respond(llm: LLM, questions: list[dict], system_prompt: str, cfg: SafetyConfig, store: JsonlStore) -> tuple:
     rc = cfg.respond
     ph = stable_hash(system_prompt)
     for q in questions:  # same id but another prompt or question text: refuse to mix two datasets
@@ -79,8 +77,6 @@ async def _respond(llm: LLM, questions: list[dict], system_prompt: str, cfg: Saf
                                 f"(first mismatch: c-{q['id']}); move it away or use another --out")
     todo = [q for q in questions if f"c-{q['id']}" not in store]
     prog = Progress("respond", len(questions), len(questions) - len(todo))
-    failures: Counter = Counter()
-    failed_ids: list = []
 
     async def one(q):
         turns = user_turns_for(q["id"], rc.multi_turn_fraction, rc.max_user_turns)
@@ -96,9 +92,7 @@ async def _respond(llm: LLM, questions: list[dict], system_prompt: str, cfg: Saf
                 log(f"respond: {q['id']}: {e}")
                 raise TurnFailure("invalid_conversation") from None
         except TurnFailure as e:
-            failures[e.kind] += 1
-            failed_ids.append([q["id"], e.kind])
-            prog.tick(False)
+            prog.fail(e.kind, q["id"])
             return
         meta = {k: q.get(k) for k in ("domain", "strategy", "root_id", "split")}
         meta.update(question_id=q["id"], user_turns=turns, prompt_hash=ph, source="picochat-safety")
@@ -106,7 +100,7 @@ async def _respond(llm: LLM, questions: list[dict], system_prompt: str, cfg: Saf
         prog.tick(True)
 
     await for_each(todo, one)
-    return failures, sorted(failed_ids)
+    return prog.failures, sorted(prog.failed_ids)
 
 
 def load_prompt(cfg: SafetyConfig) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections import Counter
 from typing import Awaitable, Callable
 
 from picochat.common import write_json_atomic
@@ -28,11 +29,18 @@ def md_table(header: list[str], rows: list[list]) -> list[str]:
         ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 class Progress:
-    """Prints "stage: done/total" roughly every 10% (and at the end), cheap enough for any size."""
+    """Prints "stage: done/total" roughly every 10% (and at the end), cheap enough for any size; counts
+    the items given up on in this run by kind (the next run retries them)."""
 
     def __init__(self, stage: str, total: int, already: int = 0):
         self.stage, self.total, self.done, self.failed = stage, total, already, 0
+        self.failures: Counter = Counter()
+        self.failed_ids: list = []  # [item id, kind]
         self.t0 = time.time()
         self._next = 0
         if already:
@@ -45,6 +53,12 @@ class Progress:
         if n >= self._next or n == self.total:
             self._next = n + max(1, self.total // 10)
             log(f"{self.stage}: {self.done}/{self.total} done, {self.failed} failed ({time.time() - self.t0:.1f}s)")
+
+    def fail(self, kind: str, item_id: str | None = None) -> None:
+        self.failures[kind] += 1
+        if item_id is not None:
+            self.failed_ids.append([item_id, kind])
+        self.tick(False)
 
 
 def run_stage(cfg: SafetyConfig, stage: str, roles: list[str], body: Callable[[LLM], Awaitable]):
