@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from picochat.common import THREADS_HELP, PicochatError, number_type
+from picochat.common import THREADS_HELP, PicochatError, nonneg_float, positive_int
 from picochat.device import add_inference_flags
-
-_pos = number_type(int, lambda v: v >= 1, "a positive integer")
-_nonneg_f = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -154,22 +151,23 @@ def register(sub) -> None:
         q.add_argument("--model", default=default, help="checkpoint tag (default %(default)s)")
         q.add_argument("--tasks", default="spelling,arithmetic",
                        help=f"comma-separated, from: {', '.join(TASKS)} (default %(default)s)")
-        q.add_argument("--limit", type=_pos, default=None,
+        q.add_argument("--limit", type=positive_int, default=None,
                        help="first N examples per task; for bpb, N rows of the model's context; for core, N rows of "
                             "each CORE task after a fixed shuffle; unset = all")
         q.add_argument("--data-file", action="append", metavar="[TASK=]FILE.jsonl",
                        help="read a task's examples from local JSONL instead of its default source (offline); "
                             "a plain path with one task, TASK=PATH (repeatable) with several. Fields per task in "
                             "the description above and docs/eval.md")
-        q.add_argument("--samples", type=_pos, default=1,
+        q.add_argument("--samples", type=positive_int, default=1,
                        help="k > 1: also sample k replies per example for pass@k and majority vote maj@k "
                             "(pass@1 is always the greedy reply) (default %(default)s)")
-        q.add_argument("--max-tokens", type=_pos, default=None,
+        q.add_argument("--max-tokens", type=positive_int, default=None,
                        help="reply budget in tokens (unset: per task, aime 1024, gsm8k/humaneval 256, "
                             "spelling/arithmetic 64)")
-        q.add_argument("--temperature", type=_nonneg_f, default=0.8, help="temperature of the --samples (default %(default)s)")
+        q.add_argument("--temperature", type=nonneg_float, default=0.8,
+                       help="temperature of the --samples (default %(default)s)")
         q.add_argument("--top-k", type=int, default=50, help="top-k of the --samples; 0 = off (default %(default)s)")
-        q.add_argument("--batch-size", type=_pos, default=8,
+        q.add_argument("--batch-size", type=positive_int, default=8,
                        help="prompts per generation batch / rows per scoring forward (default %(default)s)")
         q.add_argument("--mc-mode", default="auto", choices=["auto", "letters", "options"],
                        help="multiple choice by the letter's log-prob or the option text's summed log-prob "
@@ -180,13 +178,13 @@ def register(sub) -> None:
         q.add_argument("--seed", type=int, default=0, help="seed of the --samples (default %(default)s)")
         q.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default %(default)s)")
         add_inference_flags(q)
-        q.add_argument("--threads", type=_pos, default=None, help=THREADS_HELP)
+        q.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
         q.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write the report card: $PICOCHAT_HOME/report/report.md + PNG plots",
                        description="Gather tokenizer, training (base/mid/SFT), eval results, hardware, wall "
                                    "times and a cost estimate into one Markdown file with plots.")
-    r.add_argument("--dollars-per-hour", type=_nonneg_f, default=0.10,
+    r.add_argument("--dollars-per-hour", type=nonneg_float, default=0.10,
                    help="machine price for the cost estimate (default %(default)s: a small cloud CPU VM; "
                         "an 8xH100 node is ~24)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
