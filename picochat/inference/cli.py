@@ -12,13 +12,12 @@ import sys
 import time
 
 from picochat.common import THREADS_HELP, PicochatError, nonneg_float, nonneg_int, number_type, positive_int
-from picochat.device import add_inference_flags
+from picochat.device import add_inference_flags, pick_device
 
 
 def _engine(args):
     """An Engine over the model (in the dtype the inference flags ask for), and its tokenizer."""
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.inference.engine import Engine
     device = pick_device(args.device)
@@ -106,7 +105,6 @@ def cmd_data_distill(args):
     from picochat.checkpoint import load_model, load_tokenizer
     from picochat.common import data_dir
     from picochat.data.corpus import iter_documents, prepare
-    from picochat.device import pick_device
     from picochat.inference.distill import distill_samples
     out = data_dir(args.name)
     if out.exists() and not args.overwrite:  # fail before minutes of generation

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from picochat.device import DECODE_STEPS as MODES
+from picochat.device import DECODE_STEPS as MODES, resolve_dtype
 from picochat.common import PicochatError
 from picochat.model.kv_cache import KVCache, StaticStep
 
@@ -36,7 +36,6 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
 def resolve_flags(args, device: torch.device) -> torch.dtype:
     """Check --dtype and --decode-step before anything is loaded; the dtype to load the model in."""
-    from picochat.device import resolve_dtype
     resolve_mode(args.decode_step, device)
     return resolve_dtype(args.dtype, device)
 

@@ -84,7 +84,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-
 def _message(r: ChoiceResult) -> dict:
     """A chat choice's message: the reply text in `content`; the calculator calls the model made
     (run by the server: nothing for the client to do) in the non-standard `tool_runs`."""

@@ -14,7 +14,7 @@ import socket
 import sys
 
 from picochat.common import PicochatError, nonneg_int, number_type, positive_int
-from picochat.device import add_inference_flags
+from picochat.device import add_inference_flags, pick_device
 
 _port = number_type(int, lambda v: 0 <= v <= 65535, "a port number in [0, 65535]")
 
@@ -69,7 +69,6 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from picochat.checkpoint import load_model, load_tokenizer
-    from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.serve.app import create_app
 

@@ -41,10 +41,6 @@ class StopMatcher:
         out, self.buf = self.buf[:cut], self.buf[cut:]
         return out, False
 
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
 
 def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, sampling: Sampling, reply: Reply) -> Iterator[str]:
     """Plain text continuation (the /v1/completions counterpart of stream_chat): yield decoded
@@ -174,7 +170,6 @@ class Generation:
         reply, matcher = Reply(), StopMatcher(stops)
         gen = fn(engine, reply)
         try:
-            finish = None
             for piece in gen:
                 if isinstance(piece, dict):  # a tool run, not content: stop strings apply to the text only
                     self._push(("tool", index, piece))
@@ -186,10 +181,9 @@ class Generation:
                     engine.cancel()
                     finish = "stop"
                     break
-            if finish is None:
-                tail = matcher.flush()
-                if tail:
-                    self._push(("delta", index, tail))
+            else:  # no stop string: the text held back as a possible start of one is text after all
+                if matcher.buf:
+                    self._push(("delta", index, matcher.buf))
                 finish = reply.finish_reason
             self._push(("end", index, finish, reply.tokens))
         except Exception as e:  # reported to the client; the server goes on
