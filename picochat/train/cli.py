@@ -1,5 +1,6 @@
-"""`picochat train base|mid|sft|rl`: each stage's flags, its setup (model, tokenizer, resume, loaders)
-and the call into the one training loop (train/loop.py; RL's stage lives in train/rl.py).
+"""`picochat train base|mid|sft|rl`: each stage's flags, how it makes a fresh run's model, tokenizer and
+settings, and its loaders; the start and tail every stage shares and the one training loop are in
+train/loop.py (RL's stage lives in train/rl.py).
 
     picochat train base --depth 4                       pretraining (also under torchrun)
     picochat train base --depth 4 --arch nanochat-2026  nanochat's 2026 design
@@ -14,7 +15,7 @@ from __future__ import annotations
 import time
 
 from picochat.common import THREADS_HELP, nonneg_float, nonneg_int, positive_int
-from picochat.train.settings import SETTINGS_FLAGS, check_fresh, resume_run, settings_from_args, stage_default
+from picochat.train.settings import SETTINGS_FLAGS, settings_from_args, stage_default
 
 COMPILE_HELP = (
     "torch.compile mode: off | default (fused kernels) | reduce-overhead (default + CUDA graphs: replays the "
@@ -37,8 +38,8 @@ def add_train_flags(p, stage: str):
     from picochat.data.workers import default_workers
     named = "d<depth>" if stage == "base" else "<last part of --model>"
     p.add_argument("--tag", help=f"checkpoint tag to write (unset: {stage}/{named})")
-    _flags(p, [("--" + name.replace("_", "-"), kind, stage_default(stage, name), what)
-               for name, kind, what in SETTINGS_FLAGS])
+    _flags(p, [("--" + f.name.replace("_", "-"), f.metadata["type"], stage_default(stage, f.name), f.metadata["help"])
+               for f in SETTINGS_FLAGS])
     p.add_argument("--compile", default=None, help=COMPILE_HELP)
     p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute each block's activations "
                    "in backward (torch.utils.checkpoint, non-reentrant): less activation memory, ~1 extra forward of "
@@ -68,45 +69,23 @@ def loader_kwargs(args) -> dict:
     return {"workers": workers, "tokenizer_batch": args.tokenizer_batch_size, "prefetch": args.prefetch}
 
 
-def run_stage(args, model, settings, grad_accum, make_loader, val_batches, tok, device, info, resume, t0) -> None:
-    """The shared tail of every training command: run the loop, report, tear down torchrun."""
-    import torch
-    from picochat.eval.bpb import token_byte_lengths
-    from picochat.train.loop import run_training
-    summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
-                           token_bytes=token_byte_lengths(tok, device), resume=resume, stop_after=args.stop_after,
-                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb, tokenizer=tok,
-                           grad_accum=grad_accum)
-    if info.is_master:
-        print(f"wall time {time.time() - t0:.1f}s, {summary['tok_per_s']:,.0f} tokens/s, "
-              f"{100 * summary['data_wait_share']:.1f}% of step time waiting for data")
-    if info.enabled:
-        torch.distributed.destroy_process_group()
-
-
 def cmd_train_base(args):
     import torch
     from picochat.common import data_dir, tokenizer_dir
-    from picochat.device import init_distributed, pick_device
     from picochat.data.corpus import list_shards
     from picochat.data.loader import PretrainLoader
     from picochat.model.config import config_from_depth
     from picochat.model.gpt import GPT
     from picochat.tokenizer import Tokenizer
+    from picochat.train.loop import run_stage, start_stage
 
     t0 = time.time()
-    device = pick_device(args.device)
-    info = init_distributed(device)
-    tag = args.tag or f"base/d{args.depth}"
-    resume = None
-    if args.resume:
-        resume, settings, model, tok = resume_run(args, device, tag)
-    else:
-        check_fresh(tag, args)
+    args.tag = args.tag or f"base/d{args.depth}"  # --resume needs no --tag here: it follows --depth
+
+    def fresh(tag, device, info):
         tok = Tokenizer.load(tokenizer_dir())
         settings = settings_from_args(args, "base", tag, args.seq_len, {"data": args.data})
-    grad_accum = settings.validate(info.world_size)  # the one check, before any model is built
-    if not resume:
+        settings.validate(info.world_size)  # before any model is built
         config = config_from_depth(args.depth, tok.vocab_size, args.seq_len, attention=args.attention,
                                    n_kv_head=args.n_kv_head, kv_lora_rank=args.kv_lora_rank,
                                    qk_rope_head_dim=args.qk_rope_head_dim, q_lora_rank=args.q_lora_rank,
@@ -114,7 +93,10 @@ def cmd_train_base(args):
         torch.manual_seed(args.seed)
         model = GPT(config).to(device)
         model.init_weights()
-    model.train()
+        return settings, model, tok
+
+    run = start_stage(args, args.tag, fresh)
+    device, info, _, settings, _, tok, grad_accum = run
     B, T = settings.device_batch_size, settings.seq_len
     data = data_dir(settings.extra["data"])
     list_shards(data, "train")  # clear error if the corpus is missing
@@ -126,34 +108,30 @@ def cmd_train_base(args):
     def val_batches():
         return PretrainLoader(data, tok, B, T, "val", info.rank, info.world_size, 1, None, device=device)
 
-    run_stage(args, model, settings, grad_accum, make_loader, val_batches, tok, device, info, resume, t0)
+    run_stage(args, run, make_loader, t0, val_batches)
 
 
 def cmd_train_chat(args):
     """Midtraining (packed conversations, all tokens) or SFT (padded, assistant tokens only)."""
     from picochat import checkpoint as ck
-    from picochat.device import init_distributed, pick_device
     from picochat.data.chat_loader import MidLoader, SFTLoader
     from picochat.tasks import build_mixture
+    from picochat.train.loop import run_stage, start_stage
 
     t0 = time.time()
     stage = args.stage
-    device = pick_device(args.device)
-    info = init_distributed(device)
-    resume = None
-    if args.resume:
-        resume, settings, model, tok = resume_run(args, device)
-    else:
+
+    def fresh(tag, device, info):
         model, source = ck.load_model(args.model, device=device)
         tok = ck.load_tokenizer(args.model)  # the model's own: an imported model keeps its tokenizer
-        tag = args.tag or f"{stage}/" + args.model.split("/")[-1]
-        check_fresh(tag, args)
         settings = settings_from_args(args, stage, tag, args.seq_len or model.config.sequence_len,
                                       {"source": args.model, "source_step": source.step,
                                        "tasks": args.tasks.split(",") if args.tasks else [], "data": args.data or [],
                                        "task_size": args.task_size})
-    grad_accum = settings.validate(info.world_size)
-    model.train()
+        return settings, model, tok
+
+    run = start_stage(args, f"{stage}/" + args.model.split("/")[-1], fresh)
+    device, info, _, settings, _, tok, grad_accum = run
     extra = settings.extra
     mixture = build_mixture(extra["tasks"], extra["data"], "train", extra["task_size"], seed=settings.seed)
     offline = [t for t in extra["tasks"] if t.split("=")[0] in ("spelling", "arithmetic")]
@@ -171,8 +149,7 @@ def cmd_train_chat(args):
     def val_batches():
         return SFTLoader(val_mixture, tok, B, T, info.rank, info.world_size, 1, None, device=device)
 
-    run_stage(args, model, settings, grad_accum, make_loader, val_batches if val_mixture is not None else None, tok,
-              device, info, resume, t0)
+    run_stage(args, run, make_loader, t0, val_batches if val_mixture is not None else None)
 
 
 def cmd_train_rl(args):

@@ -7,7 +7,8 @@ hooks: its loader generates and grades rollouts and yields batches of per-token 
 `loss_fn` turns such a batch into the policy-gradient loss, and an `eval_fn` adds held-out
 metrics at eval points; the loader's `step_metrics()` (rewards, rollout speed) join the history.
 Resume is exact: weights, optimizer moments, loader position, step and metric history all come
-back from the checkpoint.
+back from the checkpoint. start_stage and run_stage are what every `picochat train` command does
+before and after the loop (device, torchrun, --resume or a fresh tag; report and teardown).
 
 Performance knobs (docs/performance.md has the measurements): `compile` (torch.compile modes,
 see compile_model for what each costs and the CPU fallbacks), `grad_checkpoint` (per-block
@@ -30,8 +31,8 @@ from tqdm import tqdm
 
 from picochat import checkpoint as ckpt_mod
 from picochat.common import DistInfo, PicochatError, print0
-from picochat.device import autocast_ctx
-from picochat.eval.bpb import evaluate_bpb
+from picochat.device import autocast_ctx, init_distributed, pick_device
+from picochat.eval.bpb import evaluate_bpb, token_byte_lengths
 from picochat.model.gpt import GPT
 from picochat.train.optim import apply_schedule, build_optimizers
 from picochat.train.settings import TrainSettings
@@ -214,6 +215,58 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
             "data_wait_share": data_wait / max(session_time, 1e-9), "history": history,
             "optimizer_state_bytes": sum(t.numel() * t.element_size() for opt in optimizers
                                          for st in opt.state.values() for t in st.values() if torch.is_tensor(t))}
+
+
+def start_stage(args, default_tag: str, fresh) -> tuple:
+    """What every stage starts with: the device, torchrun, then either --resume (the run under --tag: its
+    settings, except that --compile and --grad-checkpoint apply when given again, its model and tokenizer)
+    or a fresh run under --tag or `default_tag`: fresh(tag, device, info) -> (settings, model, tokenizer).
+    Returns (device, info, resume, settings, model, tok, grad_accum), the settings checked, the model in
+    training mode."""
+    device = pick_device(args.device)
+    info = init_distributed(device)
+    resume = None
+    if args.resume:
+        if not args.tag:
+            raise PicochatError("--resume needs --tag (the run to continue)")
+        resume = ckpt_mod.read_checkpoint(args.tag)
+        settings = TrainSettings(**resume.meta["settings"])
+        if args.compile is not None:
+            settings.compile = args.compile
+        if args.grad_checkpoint:
+            settings.grad_checkpoint = True
+        model, _ = ckpt_mod.load_model(args.tag, device=device)
+        tok = ckpt_mod.load_tokenizer(args.tag)
+    else:
+        tag = args.tag or default_tag
+        # a fresh run must not silently mix into an existing run's checkpoints
+        if (ckpt_mod.tag_dir(tag) / "latest").exists() and not args.overwrite:
+            raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to "
+                                "start over")
+        settings, model, tok = fresh(tag, device, info)
+    grad_accum = settings.validate(info.world_size)
+    model.train()
+    return device, info, resume, settings, model, tok, grad_accum
+
+
+def run_stage(args, run: tuple, make_loader, t0: float, val_batches=None, report=None, **hooks) -> dict:
+    """Every stage's tail: the one training loop (RL adds its hooks), the closing lines on rank 0
+    (report(summary, wall_s); default: speed and data waits), torchrun's teardown."""
+    device, info, resume, settings, model, tok, grad_accum = run
+    summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
+                           token_bytes=token_byte_lengths(tok, device) if val_batches else None, resume=resume,
+                           stop_after=args.stop_after, base_meta={"tokenizer_vocab": tok.vocab_size},
+                           wandb_project=args.wandb, tokenizer=tok, grad_accum=grad_accum, **hooks)
+    if info.is_master:
+        (report or _report_speed)(summary, time.time() - t0)
+    if info.enabled:
+        dist.destroy_process_group()
+    return summary
+
+
+def _report_speed(summary: dict, wall_s: float) -> None:
+    print(f"wall time {wall_s:.1f}s, {summary['tok_per_s']:,.0f} tokens/s, "
+          f"{100 * summary['data_wait_share']:.1f}% of step time waiting for data")
 
 
 def _wandb_logger(project: str | None, settings: TrainSettings):

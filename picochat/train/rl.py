@@ -228,23 +228,15 @@ def options_from_args(args) -> RLOptions:
 def train_rl(args) -> dict:
     """The `picochat train rl` command: set up (fresh or --resume), run the loop, report."""
     from picochat import checkpoint as ck
-    from picochat.train.settings import check_fresh, resume_run, settings_from_args
-    from picochat.device import init_distributed, pick_device
     from picochat.tasks import make_eval_task, parse_weighted
-    from picochat.train.loop import run_training
+    from picochat.train.loop import run_stage, start_stage
+    from picochat.train.settings import settings_from_args
 
     t0 = time.time()
-    device = pick_device(args.device)
-    info = init_distributed(device)
-    resume = None
-    if args.resume:
-        resume, settings, model, tok = resume_run(args, device)
-        opts = RLOptions(**settings.extra["rl"])
-    else:
+
+    def fresh(tag, device, info):
         opts = options_from_args(args)
         opts.validate(info.world_size)
-        tag = args.tag or "rl/" + args.model.split("/")[-1]
-        check_fresh(tag, args)
         model, source = ck.load_model(args.model, device=device)
         if source.meta.get("stage") == "base":
             raise PicochatError(f"{args.model} is a base model: RL needs a chat model that answers in the chat "
@@ -258,10 +250,14 @@ def train_rl(args) -> dict:
         args.total_batch_size = opts.prompts * opts.samples * opts.max_new_tokens
         settings = settings_from_args(args, "rl", tag, opts.max_new_tokens,
                                       {"source": args.model, "source_step": source.step, "rl": asdict(opts)})
+        return settings, model, tok
+
+    run = start_stage(args, "rl/" + args.model.split("/")[-1], fresh)
+    device, info, resume, settings, model, tok, grad_accum = run
+    opts = RLOptions(**settings.extra["rl"])
     opts.validate(info.world_size)
     if settings.compile != "off":
         raise PicochatError("train rl runs uncompiled: rollout rows change length every step")
-    grad_accum = settings.validate(info.world_size)
     specs = [parse_weighted(s) for s in opts.tasks]
     tasks = load_reward_tasks([n for n, _ in specs], opts.data_files or {}, opts.task_size)
     ref_model = ck.load_model(settings.extra["source"], device=device)[0] if opts.kl_coef else None
@@ -286,17 +282,13 @@ def train_rl(args) -> dict:
         return RolloutLoader(model, tok, tasks, [w for _, w in specs], opts, info.rank, info.world_size, grad_accum,
                              device, state, seed=settings.seed, ref_model=ref_model, log_every=settings.log_every)
 
-    summary = run_training(model, settings, make_loader, device, info, resume=resume, stop_after=args.stop_after,
-                           base_meta={"tokenizer_vocab": tok.vocab_size}, wandb_project=args.wandb, tokenizer=tok,
-                           loss_fn=policy_loss, eval_fn=eval_fn, grad_accum=grad_accum)
-    after = {k: v for k, v in summary["history"][-1].items() if k.startswith("heldout_")}
-    if info.is_master:
+    def report(summary: dict, wall_s: float) -> None:
+        after = {k: v for k, v in summary["history"][-1].items() if k.startswith("heldout_")}
         if after and summary["step"] >= settings.steps:
             print(f"held-out after RL ({settings.tag}): {_fmt(after)}")
-        print(f"wall time {time.time() - t0:.1f}s, {100 * summary['data_wait_share']:.0f}% of step time in rollouts")
-    if info.enabled:
-        torch.distributed.destroy_process_group()
-    return summary
+        print(f"wall time {wall_s:.1f}s, {100 * summary['data_wait_share']:.0f}% of step time in rollouts")
+
+    return run_stage(args, run, make_loader, t0, report=report, loss_fn=policy_loss, eval_fn=eval_fn)
 
 
 def _fmt(metrics: dict) -> str:

@@ -1,42 +1,49 @@
-"""The training settings: one dataclass whose defaults are the `picochat train` flags' defaults, the
-per-stage differences next to it, the flag table built from them, the one validation (which also gives
-gradient accumulation), and building or resuming a run's settings from the command line.
+"""The training settings: one dataclass whose fields carry the `picochat train` flags' defaults, types and
+help, the per-stage differences next to it, the one validation (which also gives gradient accumulation),
+and building a fresh run's settings from the command line (train/cli.py's start_stage resumes one).
 
 Torch-free, so the CLI parser can read the defaults without loading the training loop.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from picochat.common import PicochatError, nonneg_float, nonneg_int, positive_int
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def flag(default, kind, what: str):
+    """A TrainSettings field that is also a `picochat train` flag, with its type and help."""
+    return field(default=default, metadata={"type": kind, "help": what})
+
+
 @dataclass
 class TrainSettings:
     stage: str                          # base | mid | sft | rl (recorded in checkpoints and the report)
     tag: str                            # checkpoint tag to write, e.g. base/d4
-    steps: int = 300                    # optimizer steps
-    device_batch_size: int = 8          # rows per micro-batch per process
-    seq_len: int = 256                  # tokens per row
-    total_batch_size: int = -1          # tokens per optimizer step; -1 = one micro-batch per process
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
+    steps: int = flag(300, positive_int, "optimizer steps")
+    device_batch_size: int = flag(8, positive_int, "rows per micro-batch per process")
+    seq_len: int = 256                  # tokens per row (each stage has its own --seq-len flag)
+    total_batch_size: int = flag(-1, int, "tokens per optimizer step; a multiple of device_batch x seq_len x "
+                                 "processes; the rest is made up by gradient accumulation; -1 = one micro-batch "
+                                 "per process")
+    matrix_lr: float = flag(0.02, nonneg_float, "Muon learning rate for hidden matrices")
+    embedding_lr: float = flag(0.2, nonneg_float, "AdamW lr for the token embedding, scaled by width")
+    unembedding_lr: float = flag(0.004, nonneg_float, "AdamW lr for lm_head, scaled by width")
+    weight_decay: float = flag(0.0, nonneg_float, "AdamW weight decay")
+    warmup_ratio: float = flag(0.0, nonneg_float, "fraction of steps with linear lr warmup")
+    warmdown_ratio: float = flag(0.2, nonneg_float, "fraction of steps with linear lr decay at the end")
     final_lr_frac: float = 0.0
-    eval_every: int = 100               # steps between val bpb evals (0 = only at the end)
-    eval_batches: int = 8
-    save_every: int = 0                 # steps between checkpoints (0 = only at the end)
-    keep: int = 2                       # checkpoints kept per tag
-    log_every: int = 10
+    eval_every: int = flag(100, nonneg_int, "steps between val bits-per-byte evals; 0 = only at the end")
+    eval_batches: int = flag(8, positive_int, "val batches per eval")
+    save_every: int = flag(0, nonneg_int, "steps between checkpoints; 0 = only at the end")
+    log_every: int = flag(10, positive_int, "steps between loss entries in the run history")
+    keep: int = flag(2, positive_int, "checkpoints kept per tag")
     compile: str = "off"
     grad_checkpoint: bool = False
-    seed: int = 0
+    seed: int = flag(0, int, "seed for weight init")
     extra: dict = field(default_factory=dict)  # stage-specific facts for meta.json (data mixture, ...)
 
     def validate(self, world_size: int = 1) -> int:
@@ -79,53 +86,12 @@ def stage_default(stage: str, name: str):
     return TrainSettings.__dataclass_fields__[name].default
 
 
-# the flags that are TrainSettings fields: (field, type, help); each stage's default comes from
-# train/settings.py (stage_default) and the help shows it, so the two cannot drift apart
-SETTINGS_FLAGS = (
-    ("steps", positive_int, "optimizer steps"),
-    ("device_batch_size", positive_int, "rows per micro-batch per process"),
-    ("total_batch_size", int, "tokens per optimizer step; a multiple of device_batch x seq_len x processes; the "
-                              "rest is made up by gradient accumulation; -1 = one micro-batch per process"),
-    ("matrix_lr", nonneg_float, "Muon learning rate for hidden matrices"),
-    ("embedding_lr", nonneg_float, "AdamW lr for the token embedding, scaled by width"),
-    ("unembedding_lr", nonneg_float, "AdamW lr for lm_head, scaled by width"),
-    ("weight_decay", nonneg_float, "AdamW weight decay"),
-    ("warmup_ratio", nonneg_float, "fraction of steps with linear lr warmup"),
-    ("warmdown_ratio", nonneg_float, "fraction of steps with linear lr decay at the end"),
-    ("eval_every", nonneg_int, "steps between val bits-per-byte evals; 0 = only at the end"),
-    ("eval_batches", positive_int, "val batches per eval"),
-    ("save_every", nonneg_int, "steps between checkpoints; 0 = only at the end"),
-    ("log_every", positive_int, "steps between loss entries in the run history"),
-    ("keep", positive_int, "checkpoints kept per tag"),
-    ("seed", int, "seed for weight init"),
-)
+# the flags that are TrainSettings fields, in this order; each stage's default comes from stage_default
+# and the help shows it, so the two cannot drift apart
+SETTINGS_FLAGS = [f for f in fields(TrainSettings) if "help" in f.metadata]
 
 
 def settings_from_args(args, stage: str, tag: str, seq_len: int, extra: dict):
     return TrainSettings(stage=stage, tag=tag, seq_len=seq_len, compile=args.compile or "off",
                          grad_checkpoint=bool(args.grad_checkpoint), extra=extra,
-                         **{name: getattr(args, name) for name, _, _ in SETTINGS_FLAGS})
-
-
-def check_fresh(tag: str, args) -> None:
-    """A fresh run must not silently mix into an existing run's checkpoints."""
-    from picochat import checkpoint as ck
-    if (ck.tag_dir(tag) / "latest").exists() and not args.overwrite:
-        raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to start over")
-
-
-def resume_run(args, device, tag: str | None = None):
-    """--resume: the checkpoint under `tag` (base: from --depth) or --tag, its settings (except the
-    execution knobs given again on the command line), its model and its tokenizer."""
-    from picochat import checkpoint as ck
-    tag = tag or args.tag
-    if not tag:
-        raise PicochatError("--resume needs --tag (the run to continue)")
-    resume = ck.read_checkpoint(tag)
-    settings = TrainSettings(**resume.meta["settings"])
-    if args.compile is not None:
-        settings.compile = args.compile
-    if args.grad_checkpoint:
-        settings.grad_checkpoint = True
-    model, _ = ck.load_model(tag, device=device)
-    return resume, settings, model, ck.load_tokenizer(tag)
+                         **{f.name: getattr(args, f.name) for f in SETTINGS_FLAGS})
