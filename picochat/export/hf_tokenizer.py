@@ -1,13 +1,14 @@
 """picochat's BPE tokenizer <-> a Hugging Face fast tokenizer (`tokenizer.json`) + chat template.
 
 Export: our tiktoken-style byte-level BPE (rank table + split regex + 9 specials after the ranks)
-becomes Split(regex, isolated) -> ByteLevel(no regex) -> BPE(vocab = ranks, ignore_merges=True).
-The vocab spells each token's bytes with GPT-2's byte->unicode map; the merge list holds, for every
-token, each split into two existing tokens, ordered by the token's rank. tiktoken merges the
-adjacent pair whose concatenation has the lowest rank; listing every such pair at that rank makes
-HF's "lowest merge index first" pick the same pair. ignore_merges=True mirrors tiktoken's "a whole
-regex piece that is itself a token is one token" shortcut. The chat template prints exactly the
-token stream `Tokenizer.render_conversation` builds (the two known differences: docs/export.md).
+becomes (through transformers' TikTokenConverter) Split(regex, isolated) -> ByteLevel(no regex) ->
+BPE(vocab = ranks, ignore_merges=True). The vocab spells each token's bytes with GPT-2's
+byte->unicode map; the merge list holds, for every token, each split into two existing tokens,
+ordered by the token's rank. tiktoken merges the adjacent pair whose concatenation has the lowest
+rank; listing every such pair at that rank makes HF's "lowest merge index first" pick the same
+pair. ignore_merges=True mirrors tiktoken's "a whole regex piece that is itself a token is one
+token" shortcut. The chat template prints exactly the token stream `Tokenizer.render_conversation`
+builds (the two known differences: docs/export.md).
 
 Import: the reverse for a `tokenizer.json` of that shape (what transformers' nanochat converter
 ships). Anything else is refused with the reason; the result is verified by encoding sample text.
@@ -73,32 +74,16 @@ SAMPLE_TEXTS = [
 def build_fast_tokenizer(tok: Tokenizer):
     """A `tokenizers.Tokenizer` that encodes any text exactly as `tok` does, with the specials at
     the same ids; plain `encode(text)` prepends <|bos|> like `picochat sample` does."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers import AddedToken, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    spelling = bytes_to_unicode()  # GPT-2's reversible byte -> printable character map
+    class Converter(TikTokenConverter):  # transformers' tiktoken -> BPE conversion, as described above
+        def load_tiktoken_bpe(self, _):
+            # the Tokenizer keeps its rank table private; reading it here (rather than re-parsing
+            # tokenizer.tiktoken) keeps one source of truth for what picochat encodes
+            return tok._ranks
 
-    def spell(token: bytes) -> str:
-        return "".join(spelling[b] for b in token)
-
-    # the Tokenizer keeps its rank table and split regex private; reading them here (rather than
-    # re-parsing tokenizer.tiktoken) keeps one source of truth for what picochat encodes
-    ranks, pattern = tok._ranks, tok._pattern
-    vocab = {spell(t): r for t, r in ranks.items()}
-    merges = []
-    for t, r in ranks.items():
-        for i in range(1, len(t)):
-            left, right = t[:i], t[i:]
-            if left in ranks and right in ranks:
-                merges.append((r, ranks[left], ranks[right], spell(left), spell(right)))
-    merges.sort()
-    fast = FastTokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], fuse_unk=False, ignore_merges=True))
-    fast.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    fast.decoder = decoders.ByteLevel()
+    fast = Converter(pattern=tok._pattern).converted()
     fast.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
     for s in SPECIAL_TOKENS:
         if fast.token_to_id(s) != tok.encode_special(s):
