@@ -15,13 +15,12 @@ import os
 import random
 import re
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from picochat.common import PicochatError
 from picochat.safety.config import RoleConfig, SafetyConfig, request_params
 from picochat.safety.store import CallCache, request_key
-from picochat.safety.usage import UsageLog, cost_of, totals
+from picochat.safety.usage import RoleStats, UsageLog, cost_of, totals
 
 
 class LLMCallError(Exception):
@@ -43,17 +42,6 @@ class Reply:
     text: str
     finish_reason: str | None
     cached: bool
-
-
-@dataclass
-class RoleStats:
-    requests: int = 0          # HTTP requests actually sent (retries included)
-    completed: int = 0         # calls answered by the endpoint
-    cache_hits: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    retries: Counter = field(default_factory=Counter)   # by kind: 429, 500, timeout, empty, ...
-    failures: Counter = field(default_factory=Counter)  # calls given up on, by kind
 
 
 def api_key_for(role: RoleConfig) -> str:
@@ -113,6 +101,7 @@ class LLM:
             self.usage.close()
 
     def _log(self, role: str, **fields) -> None:
+        self.stats[role].add(fields)  # what this process did, counted as usage.jsonl counts it
         if self.usage is not None:
             self.usage.record(self.roles[role], **fields)
 
@@ -146,7 +135,6 @@ class LLM:
         if hit is None and key in self._inflight:  # the same request is already on the wire: share its answer
             hit = await asyncio.shield(self._inflight[key])
         if hit is not None:
-            self.stats[role].cache_hits += 1
             self._log(role, event="cache_hit")
             return Reply(hit["text"], hit.get("finish_reason"), True)
         fut = asyncio.get_running_loop().create_future()
@@ -176,11 +164,10 @@ class LLM:
 
     async def _call(self, role: str, messages, body: dict) -> dict:
         from openai import APIConnectionError, APIStatusError, APITimeoutError
-        r, st = self.roles[role], self.stats[role]
+        r = self.roles[role]
         for attempt in range(r.max_retries + 1):
             try:
                 async with self._sems[role]:
-                    st.requests += 1
                     try:
                         # extra_body: the fields go out under exactly the names the role's config gives
                         resp = await self._client(role).chat.completions.create(
@@ -194,7 +181,6 @@ class LLM:
                             raise _Retry("429", _retry_after(e.response.headers)) from None
                         if e.status_code >= 500 or e.status_code == 408:
                             raise _Retry(str(e.status_code), _retry_after(e.response.headers)) from None
-                        st.failures[f"http_{e.status_code}"] += 1
                         self._log(role, event="request", ok=False, failure=f"http_{e.status_code}")
                         raise LLMCallError(role, f"http_{e.status_code}", self._redact(str(e))[:200]) from None
                     except ValueError as e:  # a 200 whose body is not JSON (malformed or truncated)
@@ -207,7 +193,6 @@ class LLM:
                         raise _Retry("bad_response", detail="no choices in the reply") from None
                     if not text.strip():
                         raise _Retry("empty")
-                st.completed += 1
                 usage = getattr(resp, "usage", None)
                 est = usage is None or usage.prompt_tokens is None  # no usage sent: chars/4 it is
                 if est:
@@ -215,18 +200,14 @@ class LLM:
                     tout = len(text) // 4
                 else:
                     tin, tout = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
-                st.input_tokens += tin
-                st.output_tokens += tout
                 self._log(role, event="request", ok=True, **{"in": tin, "out": tout}, est=est,
                           trunc=finish == "length", cost=round(cost_of(r, tin, tout), 8))
                 return {"text": text, "finish_reason": finish, "usage": {"input": tin, "output": tout},
                         "model": r.model, "time": time.time()}
             except _Retry as e:
-                st.retries[e.kind] += 1
                 last = attempt >= r.max_retries
                 self._log(role, event="request", ok=False, retry=e.kind, failure=e.kind if last else None)
                 if last:
-                    st.failures[e.kind] += 1
                     raise LLMCallError(role, e.kind, f"gave up after {attempt + 1} attempts {e.detail}".strip()) from None
                 if e.wait is not None:  # the server said how long: obey it, within reason
                     delay = min(e.wait, r.retry_after_max_s)
@@ -237,9 +218,7 @@ class LLM:
 
     def costs(self) -> dict:
         """This process's usage per role, in usage.aggregate's shape: the table a stage prints at its end."""
-        roles = {name: {"model": self.roles[name].model, "requests": st.requests, "cache_hits": st.cache_hits,
-                        "input_tokens": st.input_tokens, "output_tokens": st.output_tokens,
-                        "retries": dict(st.retries), "failures": dict(st.failures),
-                        "cost_usd": round(cost_of(self.roles[name], st.input_tokens, st.output_tokens), 6)}
+        roles = {name: dict(st.entry(), model=self.roles[name].model,
+                            cost_usd=round(cost_of(self.roles[name], st.input_tokens, st.output_tokens), 6))
                  for name, st in self.stats.items()}
         return {"roles": roles, "total": totals(roles.values())}

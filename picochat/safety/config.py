@@ -170,7 +170,9 @@ def _unknown(what: str, allowed, key: str) -> PicochatError:
     return PicochatError(f"unknown {what} (allowed: {', '.join(allowed)}){hint}")
 
 
-def _fill(cls, where: str, data: dict, base=None):
+def _fill(cls, where: str, data, base=None):
+    if not isinstance(data, dict):
+        raise PicochatError(f"[{where}] must be a table/object")
     obj = dataclasses.replace(base) if base is not None else cls()
     kinds = {k: v for k, v in get_type_hints(cls).items() if k != "name"}
     for key, value in data.items():
@@ -252,18 +254,13 @@ def _roles(value) -> dict:
     """[roles]: [roles.default] is inherited by every named role."""
     if not isinstance(value, dict):
         raise PicochatError("[roles] must be a table/object of role tables")
-    default = value.get("default", {})
-    if not isinstance(default, dict):
-        raise PicochatError("[roles.default] must be a table/object")
-    base = _fill(RoleConfig, "roles.default", default)
+    base = _fill(RoleConfig, "roles.default", value.get("default", {}))
     roles = {}
     for name, spec in value.items():
         if name == "default":
             continue
         if name not in ROLE_NAMES:
             raise PicochatError(f"unknown role {name!r} (roles: {', '.join(ROLE_NAMES)}, plus 'default')")
-        if not isinstance(spec, dict):
-            raise PicochatError(f"[roles.{name}] must be a table/object")
         roles[name] = dataclasses.replace(_fill(RoleConfig, f"roles.{name}", spec, base), name=name)
     return roles
 
@@ -279,8 +276,6 @@ def from_dict(data: dict, base_dir: Path | None = None) -> SafetyConfig:
         if kind is None:
             raise _unknown(f"top-level key {key!r}", kinds, key)
         if dataclasses.is_dataclass(kind):  # a [section]
-            if not isinstance(value, dict):
-                raise PicochatError(f"[{key}] must be a table/object")
             setattr(cfg, key, _fill(kind, key, value))
         elif key == "roles":
             cfg.roles = _roles(value)
@@ -297,18 +292,13 @@ def from_dict(data: dict, base_dir: Path | None = None) -> SafetyConfig:
 def load(path: str | Path | None) -> SafetyConfig:
     """Load a config file (.toml or .json); None gives the defaults (no roles: fine for `report`)."""
     if path is None:
-        cfg = SafetyConfig()
-        validate(cfg)
-        return cfg
+        return from_dict({})
     path = Path(path).expanduser()
     if not path.is_file():
         raise PicochatError(f"config file {path} not found")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = tomllib.loads(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise PicochatError(f"{path}: cannot parse config ({e})") from None
     return from_dict(data, base_dir=path.resolve().parent)

@@ -76,13 +76,11 @@ async def _score(llm: LLM, store: JsonlStore, retries: int, system_prompt: str, 
     done = {q["id"] for q in questions
             if rid_of[q["id"]] in store and not J.needs_rejudge(store.get(rid_of[q["id"]]), retries)}
     prog = Progress(f"optimize[{label}]", len(questions), len(done))
-    results: dict[str, dict] = {}
 
     async def one(q):
         rid = rid_of[q["id"]]
         if q["id"] in done:
-            results[q["id"]] = store.get(rid)
-            return
+            return store.get(rid)
         old = store.get(rid)  # a stored judge error with samples left: judge the same answer again
         rec = {"id": rid, "prompt_hash": ph, "question_id": q["id"], "domain": q["domain"],
                "strategy": q["strategy"], "question": q["question"], "kind": q.get("kind", "attack")}
@@ -93,9 +91,8 @@ async def _score(llm: LLM, store: JsonlStore, retries: int, system_prompt: str, 
                 ans = await llm.chat("blue", [{"role": "system", "content": system_prompt},
                                               {"role": "user", "content": q["question"]}])
             except LLMCallError as e:  # transient: not stored, so the next run tries again
-                results[q["id"]] = dict(rec, error="blue_" + e.kind)
                 prog.tick(False)
-                return
+                return dict(rec, error="blue_" + e.kind)
             rec["answer"] = ans.text
         res = await J.judge_turn(llm, [{"role": "user", "content": q["question"]},
                                        {"role": "assistant", "content": rec["answer"]}], retries,
@@ -105,11 +102,10 @@ async def _score(llm: LLM, store: JsonlStore, retries: int, system_prompt: str, 
             # a parse/schema error is kept with the samples it used: a rerun does not pay for it again
             # unless judge_retries is raised (then it goes on with new samples)
             store.replace(rec)
-        results[q["id"]] = rec
         prog.tick("judgement" in res)
+        return rec
 
-    await for_each(questions, one)
-    return [results[q["id"]] for q in questions]
+    return await for_each(questions, one)
 
 
 def _scores(results: list[dict]) -> dict:

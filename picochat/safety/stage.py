@@ -88,6 +88,7 @@ def run_stage(cfg: SafetyConfig, stage: str, roles: list[str], body: Callable[[L
         sys.stdout.flush()
 
 
-async def for_each(items, fn):
-    """Run fn(item) for all items concurrently (the LLM semaphores bound the real concurrency)."""
-    await asyncio.gather(*(fn(it) for it in items))
+async def for_each(items, fn) -> list:
+    """Run fn(item) for all items concurrently (the LLM semaphores bound the real concurrency); the results
+    in item order."""
+    return await asyncio.gather(*(fn(it) for it in items))

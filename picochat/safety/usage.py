@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from picochat.common import write_json_atomic
@@ -58,9 +59,41 @@ class UsageLog:
             self._fd = None
 
 
-def _role_entry() -> dict:
-    return {"model": "", "requests": 0, "completed": 0, "cache_hits": 0, "input_tokens": 0, "output_tokens": 0,
-            "estimated_tokens": False, "truncated": 0, "retries": Counter(), "failures": Counter(), "cost_usd": 0.0}
+@dataclass
+class RoleStats:
+    """One role's counts, from its usage lines: the client's live counts and aggregate()'s use one rule."""
+    model: str = ""
+    requests: int = 0          # HTTP requests actually sent (retries included)
+    completed: int = 0         # calls answered by the endpoint
+    cache_hits: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated_tokens: bool = False
+    truncated: int = 0
+    retries: Counter = field(default_factory=Counter)   # by kind: 429, 500, timeout, empty, ...
+    failures: Counter = field(default_factory=Counter)  # calls given up on, by kind
+    cost_usd: float = 0.0
+
+    def add(self, line: dict) -> None:
+        if line.get("event") == "cache_hit":
+            self.cache_hits += 1
+            return
+        self.requests += 1
+        self.completed += bool(line.get("ok"))
+        self.input_tokens += int(line.get("in", 0))
+        self.output_tokens += int(line.get("out", 0))
+        self.estimated_tokens |= bool(line.get("est"))
+        self.truncated += bool(line.get("trunc"))
+        self.cost_usd += float(line.get("cost", 0.0))
+        if line.get("retry"):
+            self.retries[line["retry"]] += 1
+        if line.get("failure"):
+            self.failures[line["failure"]] += 1
+
+    def entry(self) -> dict:
+        """As costs.json has it: counters as {kind: n}, the cost rounded."""
+        return dict(vars(self), retries=dict(self.retries), failures=dict(self.failures),
+                    cost_usd=round(self.cost_usd, 6))
 
 
 def aggregate(path: str | os.PathLike) -> dict:
@@ -76,28 +109,13 @@ def aggregate(path: str | os.PathLike) -> dict:
             continue  # a torn line from a kill -9: at most one request lost from the count
         if not isinstance(ln, dict) or "stage" not in ln or "role" not in ln:
             continue
-        r = stages.setdefault(ln["stage"], {}).setdefault(ln["role"], _role_entry())
+        r = stages.setdefault(ln["stage"], {}).setdefault(ln["role"], RoleStats())
         runs.setdefault(ln["stage"], set()).add(ln.get("run"))
-        r["model"] = ln.get("model", r["model"])
-        if ln.get("event") == "cache_hit":
-            r["cache_hits"] += 1
-            continue
-        r["requests"] += 1
-        r["completed"] += bool(ln.get("ok"))
-        r["input_tokens"] += int(ln.get("in", 0))
-        r["output_tokens"] += int(ln.get("out", 0))
-        r["estimated_tokens"] |= bool(ln.get("est"))
-        r["truncated"] += bool(ln.get("trunc"))
-        r["cost_usd"] += float(ln.get("cost", 0.0))
-        if ln.get("retry"):
-            r["retries"][ln["retry"]] += 1
-        if ln.get("failure"):
-            r["failures"][ln["failure"]] += 1
+        r.model = ln.get("model", r.model)
+        r.add(ln)
     out = {"stages": {}}
-    for stage, roles in stages.items():
-        for r in roles.values():
-            r["retries"], r["failures"] = dict(r["retries"]), dict(r["failures"])
-            r["cost_usd"] = round(r["cost_usd"], 6)
+    for stage, stats in stages.items():
+        roles = {name: r.entry() for name, r in stats.items()}
         out["stages"][stage] = {"roles": roles, "total": totals(roles.values()), "runs": len(runs[stage])}
     out["total"] = {k: sum(s["total"][k] for s in out["stages"].values()) for k in TOTAL_KEYS}
     out["total"]["cost_usd"] = round(out["total"]["cost_usd"], 6)
