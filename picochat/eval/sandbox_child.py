@@ -117,23 +117,17 @@ def _install_guard(root):
         for mod in (os, posix):
             path_guard(mod, name, 2)
     for mod in (os, posix):
-        orig_sym = getattr(mod, "symlink")
-
-        def symlink(src, dst, target_is_directory=False, *, dir_fd=None, _orig=orig_sym):
+        def symlink(src, dst, target_is_directory=False, *, dir_fd=None, _orig=mod.symlink):
             if not inside(dst, dir_fd):  # where the link is created; writes through it are checked
                 deny(f"symlink at {dst!r} outside the sandbox dir")
             return _orig(src, dst, target_is_directory, dir_fd=dir_fd)
 
-        mod.symlink = symlink
-    for mod in (os, posix):
-        orig_os_open = getattr(mod, "open")
-
-        def os_open(path, flags, mode=0o777, *, dir_fd=None, _orig=orig_os_open):
+        def os_open(path, flags, mode=0o777, *, dir_fd=None, _orig=mod.open):
             if flags & writing and not inside(path, dir_fd):
                 deny(f"writing {path!r} outside the sandbox dir")
             return _orig(path, flags, mode, dir_fd=dir_fd)
 
-        mod.open = os_open
+        mod.symlink, mod.open = symlink, os_open
     orig_open = builtins.open
 
     def open(file, mode="r", buffering=-1, encoding=None, errors=None, newline=None,
