@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from picochat.data.loader import DEFAULT_PREFETCH, PackedLoader
-from picochat.data.workers import BackgroundLoader, Prefetcher, WorkerPool
+from picochat.data.loader import DEFAULT_PREFETCH, BackgroundLoader, PackedLoader
+from picochat.data.workers import Prefetcher, WorkerPool
 from picochat.tasks.base import Task
 
 
@@ -57,18 +57,10 @@ class SFTLoader(BackgroundLoader):
         if pad_to is not None and pad_to < max_len:
             raise ValueError(f"pad_to ({pad_to}) must be >= max_len ({max_len})")
         self.mixture, self.tok = mixture, tokenizer
-        self.B, self.max_len, self.grad_accum = batch_size, max_len, grad_accum
-        self.device = torch.device(device)
-        self.n_slots = world_size * grad_accum
-        self.slots = [rank * grad_accum + a for a in range(grad_accum)]
-        state = state or {}
-        if state and state.get("n_slots") != self.n_slots:
-            raise ValueError(f"loader state was saved with {state.get('n_slots')} slots, now {self.n_slots} "
-                             f"(world_size x grad_accum must match to resume)")
+        self.B, self.max_len, self.pad_to = batch_size, max_len, pad_to
+        saved = self._layout("sft", rank, world_size, grad_accum, state, device)
         # slot s serves conversation rows s*B .. s*B+B-1 of every "global batch" of n_slots*B
-        self.next = {s: int(state.get("slots", {}).get(str(s), s * batch_size)) for s in self.slots}
-        self.micro = state.get("micro", 0)
-        self.pad_to = pad_to
+        self.next = {s: int(saved.get(str(s), s * batch_size)) for s in self.slots}
         if workers:
             self.pool = WorkerPool(self._render, workers, name="sft")
             self._consumed = self._live_state()
@@ -76,8 +68,7 @@ class SFTLoader(BackgroundLoader):
 
     def _advance(self) -> int:
         """Claim the next micro-step's batch: returns its first conversation index."""
-        slot = self.slots[self.micro % self.grad_accum]
-        self.micro = (self.micro + 1) % self.grad_accum
+        slot = self.slots[self._next_micro()]
         start = self.next[slot]
         self.next[slot] = start + self.n_slots * self.B
         return start
@@ -93,12 +84,9 @@ class SFTLoader(BackgroundLoader):
             self.pool.submit(self._advance())
             states.append(self._live_state())
         while True:
-            x, y = self.pool.get(stop=stop)
+            x, y = (self._pinned(torch.from_numpy(a)) for a in self.pool.get(stop=stop))
             self.pool.submit(self._advance())
             states.append(self._live_state())
-            x, y = torch.from_numpy(x), torch.from_numpy(y)
-            if self.device.type == "cuda":
-                x, y = x.pin_memory(), y.pin_memory()
             yield (x, y), states.pop(0)
 
     def __next__(self):
@@ -108,7 +96,6 @@ class SFTLoader(BackgroundLoader):
             x, y = (torch.from_numpy(a) for a in self._render(self._advance()))
         return x.to(self.device, non_blocking=x.is_pinned()), y.to(self.device, non_blocking=y.is_pinned())
 
-    def _live_state(self) -> dict:
-        return {"split": "sft", "n_slots": self.n_slots, "micro": self.micro,
-                "slots": {str(s): v for s, v in self.next.items()}}
+    def _positions(self) -> dict:
+        return {str(s): v for s, v in self.next.items()}
 

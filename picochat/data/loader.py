@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from picochat.data.corpus import count_documents, iter_documents
-from picochat.data.workers import BackgroundLoader, OrderedStreams, Prefetcher, WorkerPool, in_worker
+from picochat.data.workers import OrderedStreams, Prefetcher, WorkerPool, in_worker
 
 DEFAULT_PREFETCH = 4  # ready batches queued per process: enough to hide a slow chunk, small in memory
 
@@ -122,6 +122,61 @@ class _SlotStream:
         return {"v": int(v), "offset": int(start)}
 
 
+class BackgroundLoader:
+    """What the pretraining and chat loaders share: the slot layout and its resume check, the
+    micro-step order, and with workers the state to save, which is the one after the last batch
+    handed out (`_consumed`), not the prefetched ones; closing (also on garbage collection) stops
+    the prefetch thread and the worker pool. Subclasses call _layout() and define _positions()."""
+    pool: WorkerPool | None = None
+    prefetcher: Prefetcher | None = None
+    _consumed: dict | None = None
+
+    def _layout(self, split: str, rank: int, world_size: int, grad_accum: int, state: dict | None, device) -> dict:
+        """Set this rank's slots and the micro-step from `state`; return its per-slot positions."""
+        self.split, self.grad_accum, self.device = split, grad_accum, torch.device(device)
+        self.n_slots = world_size * grad_accum
+        self.slots = range(rank * grad_accum, (rank + 1) * grad_accum)
+        state = state or {}
+        if state and (state.get("n_slots") != self.n_slots or state.get("split") != split):
+            raise ValueError(f"loader state was saved with {state.get('n_slots')} slots on split {state.get('split')!r}; "
+                             f"now {self.n_slots} slots on {split!r} (world_size x grad_accum must match to resume)")
+        self.micro = state.get("micro", 0)
+        return state.get("slots", {})
+
+    def _next_micro(self) -> int:
+        """Which of this rank's slots (0 .. grad_accum - 1) the next micro-step reads."""
+        a = self.micro % self.grad_accum
+        self.micro = (self.micro + 1) % self.grad_accum
+        return a
+
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
+        # pinned (in the prefetch thread when there is one, off the training thread): the copy is then async
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _live_state(self) -> dict:
+        return {"split": self.split, "n_slots": self.n_slots, "micro": self.micro, "slots": self._positions()}
+
+    def state_dict(self) -> dict:
+        """Positions after the last batch handed out (merge across ranks with merge_states under DDP)."""
+        return self._live_state() if self._consumed is None else self._consumed
+
+    def close(self) -> None:
+        """Stop the prefetch thread and the worker processes (idempotent)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    def __iter__(self):
+        return self
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class PackedLoader(BackgroundLoader):
     """Yields (x, y) int64 tensors of shape (B, T) for this rank's micro-steps, in order.
 
@@ -139,19 +194,9 @@ class PackedLoader(BackgroundLoader):
         if tokenizer_batch < 1 or workers < 0:
             raise ValueError(f"tokenizer_batch must be >= 1 and workers >= 0, got {tokenizer_batch}, {workers}")
         self.B, self.T = batch_size, seq_len
-        self.grad_accum = grad_accum
-        self.device = torch.device(device)
-        n_slots = world_size * grad_accum
-        state = state or {}
-        if state and (state.get("n_slots") != n_slots or state.get("split") != split):
-            raise ValueError(f"loader state was saved with {state.get('n_slots')} slots on split {state.get('split')!r}; "
-                             f"now {n_slots} slots on {split!r} (world_size x grad_accum must match to resume)")
-        saved = state.get("slots", {})
-        self.split, self.n_slots = split, n_slots
-        self.streams = [_SlotStream(n_docs, s, n_slots, saved.get(str(s), {}).get("v"),
-                                    saved.get(str(s), {}).get("offset", 0), tokenizer_batch)
-                        for s in range(rank * grad_accum, (rank + 1) * grad_accum)]
-        self.micro = state.get("micro", 0)
+        saved = self._layout(split, rank, world_size, grad_accum, state, device)
+        self.streams = [_SlotStream(n_docs, s, self.n_slots, saved.get(str(s), {}).get("v"),
+                                    saved.get(str(s), {}).get("offset", 0), tokenizer_batch) for s in self.slots]
         if workers == 0:
             for stream in self.streams:  # one reader per slot, in this process
                 stream.fetch = lambda indices, docs=make_docs(): [np.asarray(t, dtype=np.int64) for t in docs(indices)]
@@ -178,11 +223,7 @@ class PackedLoader(BackgroundLoader):
         self.prefetcher = Prefetcher(produce, prefetch)
 
     def _pack(self) -> torch.Tensor:
-        stream = self.streams[self.micro % self.grad_accum]
-        self.micro = (self.micro + 1) % self.grad_accum
-        buf = torch.from_numpy(stream.take(self.B * self.T + 1))
-        # pinned (in the prefetch thread when there is one, off the training thread): the copy is then async
-        return buf.pin_memory() if self.device.type == "cuda" else buf
+        return self._pinned(torch.from_numpy(self.streams[self._next_micro()].take(self.B * self.T + 1)))
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.prefetcher is not None:
@@ -192,9 +233,8 @@ class PackedLoader(BackgroundLoader):
         buf = buf.to(self.device, non_blocking=buf.is_pinned())
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
-    def _live_state(self) -> dict:
-        return {"split": self.split, "n_slots": self.n_slots, "micro": self.micro,
-                "slots": {str(s.slot): s.state() for s in self.streams}}
+    def _positions(self) -> dict:
+        return {str(s.slot): s.state() for s in self.streams}
 
 
 def PretrainLoader(data_dir, tokenizer, batch_size: int, seq_len: int, split: str = "train", *args,

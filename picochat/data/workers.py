@@ -246,32 +246,3 @@ class Prefetcher:
         self.stop.set()
         self.thread.join(timeout=5.0)
 
-
-class BackgroundLoader:
-    """What the pretraining and chat loaders share when they run with workers: the state to save is
-    the one after the last batch handed out (`_consumed`), not the prefetched ones, and closing (also
-    on garbage collection) stops the prefetch thread and the worker pool. Subclasses set pool,
-    prefetcher, _consumed and define _live_state()."""
-    pool: WorkerPool | None = None
-    prefetcher: Prefetcher | None = None
-    _consumed: dict | None = None
-
-    def state_dict(self) -> dict:
-        """Positions after the last batch handed out (merge across ranks with merge_states under DDP)."""
-        return self._live_state() if self._consumed is None else self._consumed
-
-    def close(self) -> None:
-        """Stop the prefetch thread and the worker processes (idempotent)."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-        if self.pool is not None:
-            self.pool.close()
-
-    def __iter__(self):
-        return self
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
