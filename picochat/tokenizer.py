@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import hashlib
 import itertools
 import json
@@ -262,7 +261,7 @@ class Tokenizer:
     def render_for_completion(self, conversation) -> list[int]:
         """Prompt ids for generation: drops a trailing assistant turn (if any; it is the answer to
         be generated) and ends with <|assistant_start|>."""
-        messages = copy.copy(_messages(conversation))
+        messages = _messages(conversation)  # a new list: popping from it leaves the caller's intact
         if messages[-1]["role"] == "assistant":
             messages.pop()
         if not messages or messages[-1]["role"] != "user":
