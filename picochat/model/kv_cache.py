@@ -13,16 +13,17 @@ different numbers of tokens.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
 class KVCache:
     def __init__(self, batch_size: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None, pad: torch.Tensor | list[int] | None = None):
+                 pad: torch.Tensor | list[int] | None = None):
         self.batch_size = batch_size
         self.max_len = max_len
         self.device = torch.device(device)
-        self.dtype = dtype
         self.pos = 0
         self.layers: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}
         if pad is None:
@@ -46,7 +47,7 @@ class KVCache:
         if name not in layer:
             shape = list(x.shape)
             shape[seq_dim] = self.max_len
-            buf = torch.zeros(shape, dtype=self.dtype or x.dtype, device=x.device)
+            buf = torch.zeros(shape, dtype=x.dtype, device=x.device)
             layer[name] = (buf, seq_dim)
         buf, seq_dim = layer[name]
         buf.narrow(seq_dim, self.pos, T).copy_(x)
@@ -82,29 +83,17 @@ class KVCache:
         cache (batch_size 0) simply adopts `other`. Costs one copy of both caches."""
         mine = self.batch_size > 0
         end = max(self.pos, other.pos) if mine else other.pos
-        parts = ([self] if mine else []) + [other]
+        parts = ([copy.copy(self)] if mine else []) + [other]
         pads = torch.cat([c.pad.to(self.device) + (end - c.pos) for c in parts])
-        drop = int(pads.min()) if len(pads) else 0
-        new_pos = end - drop
-        max_len = max(max_len, new_pos)
-        layers: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}
-        for layer_idx, names in other.layers.items():
-            for name, (obuf, seq_dim) in names.items():
-                shape = list(obuf.shape)
-                shape[0], shape[seq_dim] = sum(c.batch_size for c in parts), max_len
-                buf = torch.zeros(shape, dtype=obuf.dtype, device=obuf.device)
-                row = 0
-                for c in parts:
-                    src, _ = c.layers[layer_idx][name]
-                    start = max(0, drop - (end - c.pos))     # columns that are padding in every row
-                    dst = start + end - c.pos - drop
-                    n = c.pos - start
-                    buf.narrow(0, row, c.batch_size).narrow(seq_dim, dst, n).copy_(src.narrow(seq_dim, start, n))
-                    row += c.batch_size
-                layers.setdefault(layer_idx, {})[name] = (buf, seq_dim)
-        self.layers, self.pos, self.max_len = layers, new_pos, max_len
-        self.pad, self.batch_size = pads - drop, len(pads)
+        drop = int(pads.min()) if len(pads) else 0  # leading columns that are padding in every row
+        self.layers, self.pos, self.batch_size = {}, end - drop, len(pads)
+        self.max_len = max(max_len, self.pos)
+        self.pad = pads - drop
         self._pad_changed()
+        row = 0
+        for c in parts:
+            self._copy_in(torch.arange(row, row + c.batch_size, device=self.device), c)
+            row += c.batch_size
 
     def place(self, rows: torch.Tensor | list[int], other: "KVCache") -> None:
         """Copy everything `other` has cached into rows `rows` of this cache, right-aligned to end
@@ -113,17 +102,22 @@ class KVCache:
         Allocates this cache's buffers on first use; `pad` must already describe the result."""
         if other.pos > self.pos:
             raise ValueError(f"cannot place {other.pos} positions before position {self.pos}")
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self._copy_in(torch.as_tensor(rows, dtype=torch.long, device=self.device), other)
+
+    def _copy_in(self, rows: torch.Tensor, other: "KVCache") -> None:
+        """Copy the last min(other.pos, pos) positions of `other` into rows `rows`, ending at `pos`;
+        buffers this cache does not have yet are allocated (zeros, batch_size x max_len)."""
+        n = min(other.pos, self.pos)
         for layer_idx, names in other.layers.items():
             layer = self.layers.setdefault(layer_idx, {})
             for name, (src, seq_dim) in names.items():
                 if name not in layer:
                     shape = list(src.shape)
                     shape[0], shape[seq_dim] = self.batch_size, self.max_len
-                    layer[name] = (torch.zeros(shape, dtype=self.dtype or src.dtype, device=src.device), seq_dim)
+                    layer[name] = (torch.zeros(shape, dtype=src.dtype, device=src.device), seq_dim)
                 buf, _ = layer[name]
-                dst = buf.narrow(seq_dim, self.pos - other.pos, other.pos)
-                dst.index_copy_(0, rows.to(buf.device), src.narrow(seq_dim, 0, other.pos))
+                dst = buf.narrow(seq_dim, self.pos - n, n)
+                dst.index_copy_(0, rows.to(buf.device), src.narrow(seq_dim, other.pos - n, n))
 
     def shift_right(self, shift: torch.Tensor | list[int]) -> None:
         """Move row b's cached positions right by shift[b] and grow its left padding by as much.
