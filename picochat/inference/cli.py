@@ -8,11 +8,11 @@ Wired into the main CLI through `register(subparsers, data_subparsers)`.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 from picochat.common import THREADS_HELP, PicochatError, nonneg_float, nonneg_int, number_type, positive_int
 from picochat.device import add_inference_flags, pick_device
+from picochat.inference.sampling import Sampling
 
 
 def _engine(args):
@@ -26,37 +26,30 @@ def _engine(args):
     return Engine(model, tok, decode_step=args.decode_step), tok
 
 
-def _sampling(args, seed=None):
-    from picochat.inference.sampling import Sampling
-    return Sampling(args.temperature, args.top_k, args.top_p, seed)
-
-
 def cmd_sample(args):
     from picochat.inference.chat import Detokenizer
-    _sampling(args)  # bad values fail before the model loads
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before the model loads
     engine, tok = _engine(args)
     prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         text = Detokenizer(tok)
-        sys.stdout.write(args.prompt)
-        seed = None if args.seed is None else args.seed + i
-        for step in engine.generate_stream([prompt], args.max_tokens, _sampling(args, seed),
+        print(args.prompt, end="")
+        for step in engine.generate_stream([prompt], args.max_tokens, sampling.reseeded(i),  # sample i: seed + i
                                            stop_tokens={tok.bos_token_id}):
             if step[0] is None or step[0] == tok.bos_token_id:
                 break
             new = text.add(step[0])
             if new is not None:
-                sys.stdout.write(new)
-                sys.stdout.flush()
-        sys.stdout.write(text.rest() + "\n")
+                print(new, end="", flush=True)
+        print(text.rest())
 
 
 def cmd_chat(args):
     """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
     from picochat.inference.chat import Reply, stream_chat
-    sampling = _sampling(args, args.seed)  # bad values fail before the model loads
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before the model loads
     engine, tok = _engine(args)
     history: list[dict] = []
     if args.system:
@@ -66,9 +59,8 @@ def cmd_chat(args):
         history.append({"role": "user", "content": text})
         reply = Reply()
         for piece in stream_chat(engine, tok, history, args.max_tokens, sampling, reply=reply):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            print(piece, end="", flush=True)
+        print()
         history.append({"role": "assistant", "content": reply.content() or " "})
 
     if args.prompt is not None:
@@ -90,7 +82,7 @@ def cmd_chat(args):
             continue
         if not text:
             continue
-        sys.stdout.write("Assistant: ")
+        print("Assistant: ", end="")
         turn(text)
 
 

@@ -149,8 +149,6 @@ def probs_from_logits(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=N
     B, V = logits.shape
     if params is None:
         params = SamplingParams.make(B, temperature, top_k, top_p, logits.device, V)
-    if params.all_greedy:
-        return torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
     t = params.temperature
     scaled = logits / torch.where(t > 0, t, torch.ones_like(t))[:, None]
     if params.filtered:
