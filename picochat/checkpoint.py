@@ -114,6 +114,12 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta.get("step", 0))
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(self.path / "model.safetensors"), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+            raise PicochatError(f"checkpoint {self.path} has unreadable weights ({e})") from None
+
 
 def resolve(tag: str, step: int | None = None) -> Path:
     root = tag_dir(tag)
@@ -152,11 +158,8 @@ def load_model(tag: str, device: torch.device | str = "cpu", step: int | None = 
                dtype: torch.dtype | None = None) -> tuple[GPT, Checkpoint]:
     """Rebuild the model of a checkpoint, in eval mode, on `device`."""
     ckpt = read_checkpoint(tag, step)
-    try:
-        weights = load_file(str(ckpt.path / "model.safetensors"), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers/truncation
-        raise PicochatError(f"checkpoint {ckpt.path} has unreadable weights ({e})") from None
-    return build_model(ckpt.config, weights, f"checkpoint {ckpt.path} does not fit its config", device, dtype), ckpt
+    misfit = f"checkpoint {ckpt.path} does not fit its config"
+    return build_model(ckpt.config, ckpt.weights(), misfit, device, dtype), ckpt
 
 
 def build_model(config: GPTConfig, weights: dict[str, torch.Tensor], misfit: str, device: torch.device | str = "cpu",

@@ -211,10 +211,7 @@ def export_hf(tag: str, out, step: int | None = None, dtype: str = "checkpoint",
     config = ckpt.config
     check_exportable(config)
     tok = ck.load_tokenizer(tag, step)
-    try:
-        raw = load_file(str(ckpt.path / "model.safetensors"))
-    except Exception as e:  # noqa: BLE001 - safetensors has its own error types
-        raise PicochatError(f"checkpoint {ckpt.path} has unreadable weights ({e})") from None
+    raw = ckpt.weights()
     names = weight_names(config.n_layer)
     extra = sorted(set(raw) - set(names))
     if extra:
