@@ -25,7 +25,6 @@ hash of the ranks file so a half-finished save is detected instead of silently m
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import itertools
 import json
@@ -149,7 +148,7 @@ class Tokenizer:
             try:
                 b64, rank = line.split(" ")
                 ranks[base64.b64decode(b64, validate=True)] = int(rank)
-            except (ValueError, binascii.Error):
+            except ValueError:  # binascii.Error (bad base64) is one too
                 raise corrupt(ranks_path, f"line {lineno} is not '<base64> <rank>'") from None
         try:
             tok = cls(ranks, pattern)
@@ -297,8 +296,7 @@ def _messages(conversation) -> list[dict]:
     if messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ValueError("a system message must be followed by a user message")
-        first_user = dict(messages[1])
-        first_user["content"] = _as_text(messages[0], 0) + "\n\n" + _as_text(messages[1], 1)
+        first_user = {**messages[1], "content": _as_text(messages[0], 0) + "\n\n" + _as_text(messages[1], 1)}
         messages, offset = [first_user] + messages[2:], 1
     for i, m in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
