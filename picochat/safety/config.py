@@ -205,7 +205,7 @@ def _validate_role(r: RoleConfig) -> None:
         if not (v is False or v is True or (isinstance(v, str) and _ENV_NAME.match(v))):
             raise PicochatError(f"{w}.params.{k} must be false (do not send it) or the name to send it under, "
                                 f"got {v!r}")
-    sent = {k if v is True else v for k, v in {p: r.params.get(p, True) for p in STD_PARAMS}.items() if v}
+    sent = sent_names(r)
     for k, v in r.extra.items():
         # extra is saved in config.json next to the outputs: a credential must never ride along in it
         if re.search(r"key|secret|auth|password", k, re.IGNORECASE) or (isinstance(v, str) and re.match(r"sk-\w{6}", v)):
@@ -313,14 +313,12 @@ def to_public_dict(cfg: SafetyConfig) -> dict[str, Any]:
     return d
 
 
+def sent_names(r: RoleConfig) -> dict[str, str]:
+    """{the name a standard parameter is sent under: the parameter}, as the role's `params` rename or drop them."""
+    return {(k if v is True else v): k for k in STD_PARAMS if (v := r.params.get(k, True)) is not False}
+
+
 def request_params(r: RoleConfig, temperature: float, max_tokens: int, seed: int | None) -> dict:
     """The JSON body fields besides model and messages, as the role's `params` and `extra` say."""
     std = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-    body = {}
-    for k in STD_PARAMS:
-        name = r.params.get(k, True)
-        if name is False or std[k] is None:
-            continue
-        body[k if name is True else name] = std[k]
-    body.update(r.extra)
-    return body
+    return {name: std[k] for name, k in sent_names(r).items() if std[k] is not None} | r.extra

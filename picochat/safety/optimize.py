@@ -207,16 +207,15 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
             body = parts["prompt"] if parts["prompt"] is not None else reply.text
             reasons = (["missing '### PROMPT' section"] if parts["prompt"] is None else []) + guard(
                 body, min_chars=oc.guard_min_chars, max_chars=oc.guard_max_chars, assistant_name=oc.assistant_name)
-            if reasons:
-                new_version(body, parent=best["version"], iteration=it, status="rejected_guard", adopted=False,
+            status = "rejected_guard" if reasons else "candidate"
+            v = new_version(body, parent=best["version"], iteration=it, status=status, adopted=False,
                             guard_reasons=reasons, diagnosis=parts["diagnosis"], rules=parts["rules"])
-                history.append(f"a candidate was rejected before scoring: {'; '.join(reasons)}")
-                log(f"optimize: iteration {it}: candidate rejected by the guard: {'; '.join(reasons)}")
-                save()
-                continue
-            cand = new_version(body, parent=best["version"], iteration=it, status="candidate", adopted=False,
-                               guard_reasons=[], diagnosis=parts["diagnosis"], rules=parts["rules"])
-            break
+            if not reasons:
+                cand = v
+                break
+            history.append(f"a candidate was rejected before scoring: {'; '.join(reasons)}")
+            log(f"optimize: iteration {it}: candidate rejected by the guard: {'; '.join(reasons)}")
+            save()
         if cand is None:
             continue
         full = render(cand["body"], oc.assistant_name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from picochat.common import PicochatError
-from picochat.safety.config import STD_PARAMS, request_params
+from picochat.safety.config import request_params, sent_names
 
 PROBE = "Preflight check: reply with the word OK."
 PROBE_TOKENS = 16  # enough for "OK"; a reasoning model may spend it thinking, which is fine (status is what counts)
@@ -29,7 +29,7 @@ def _rejected_param(e, body: dict) -> str | None:
 
 
 def _fix_for(role, param: str) -> str:
-    std = {(k if v is True else v): k for k in STD_PARAMS if (v := role.params.get(k, True))}  # sent name -> param
+    std = sent_names(role)
     where = f"[roles.{role.name}]"
     if param in role.extra:
         return f"remove {param} from {where} extra"
