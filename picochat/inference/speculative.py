@@ -171,8 +171,7 @@ def generate_speculative_batch(target, draft, prompts: list[list[int]], max_new_
     stats, out = SpecStats(), [[] for _ in prompts]
     if max_new_tokens == 0:
         return out, stats
-    seed = sampling.seed
-    gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
+    gen = None if sampling.seed is None else torch.Generator(device=dev).manual_seed(int(sampling.seed))
     pad = [L - len(p) for p in prompts]
     seq = torch.full((B, cap), pad_id, dtype=torch.long, device=dev)
     seq[:, :L] = torch.tensor([[pad_id] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long)
