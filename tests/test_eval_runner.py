@@ -131,7 +131,7 @@ def test_graders():
     assert grade_humaneval(ex, "Sure:\n```python\ndef add(a, b):\n    return b + a\n```\nDone.")
     assert not grade_humaneval(ex, "    return a - b\n")
     assert not grade_humaneval(ex, "    import sys; sys.exit(0)\n")  # exiting early is not passing
-    assert humaneval_completion(ex, "    return 1\nprint(add(1, 2))") == "    return 1"
+    assert humaneval_completion("    return 1\nprint(add(1, 2))") == "    return 1"
 
 
 def test_flag_parsing_errors():

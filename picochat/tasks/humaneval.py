@@ -18,7 +18,7 @@ _CODE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
 _STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(")  # where a base model's function body ends
 
 
-def completion(ex: dict, reply: str) -> str:
+def completion(reply: str) -> str:
     """Code to run after the prompt: a fenced block if the reply has one, else the reply itself
     (a base model continues the function body; a chat model may restate the whole function,
     which then simply redefines it)."""
@@ -32,7 +32,7 @@ def completion(ex: dict, reply: str) -> str:
 
 def grade(ex: dict, reply: str) -> bool:
     from picochat.eval.sandbox import check_program
-    return check_program(ex["prompt"], completion(ex, reply), ex["test"], ex["entry_point"]).passed
+    return check_program(ex["prompt"], completion(reply), ex["test"], ex["entry_point"]).passed
 
 
 def _rows(data_file: str | None, limit: int | None) -> tuple[list[dict], str]:
@@ -47,8 +47,8 @@ def _rows(data_file: str | None, limit: int | None) -> tuple[list[dict], str]:
         data_file = str(path)
     rows = []
     for i, r in enumerate(read_jsonl(data_file, "humaneval"), 1):
-        where = f"{data_file}: example {i}"
-        rows.append({"task_id": str(r.get("task_id", i)), **{k: need(r, k, where) for k in ("prompt", "entry_point", "test")}})
+        code = {k: need(r, k, f"{data_file}: example {i}") for k in ("prompt", "entry_point", "test")}
+        rows.append({"task_id": str(r.get("task_id", i)), **code})
     return rows, data_file
 
 
