@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from picochat.model.gpt import GPT
+
 # quintic Newton-Schulz coefficients (Keller Jordan's Muon; the same as torch.optim.Muon)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -66,8 +68,6 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
         return loss
 
-from picochat.model.gpt import GPT
-
 
 SCALAR_LR = 0.5  # nanochat 2026's scalar_lr: x0 lambdas train at it, resid lambdas at 1/100 of it
 
@@ -75,16 +75,13 @@ SCALAR_LR = 0.5  # nanochat 2026's scalar_lr: x0 lambdas train at it, resid lamb
 def build_optimizers(model: GPT, matrix_lr: float = 0.02, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
                      weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
     scale = (model.config.n_embd / 768) ** -0.5
-    matrix, other = [], []
-    for p in model.transformer.h.parameters():
-        (matrix if p.ndim == 2 else other).append(p)
+    # every block parameter is a matrix; anything else would be caught below as without a group
+    matrix = [p for p in model.transformer.h.parameters() if p.ndim == 2]
     adam_groups = [
         dict(params=list(model.lm_head.parameters()), lr=unembedding_lr * scale),
         dict(params=list(model.transformer.wte.parameters()), lr=embedding_lr * scale),
+        *nanochat_2026_groups(model, embedding_lr * scale),
     ]
-    if other:  # vectors inside blocks (none in the classic GPT; an extension may add some)
-        adam_groups.append(dict(params=other, lr=unembedding_lr * scale))
-    adam_groups += nanochat_2026_groups(model, embedding_lr * scale)
     covered = {id(p) for g in adam_groups for p in g["params"]} | {id(p) for p in matrix}
     stray = [n for n, p in model.named_parameters() if id(p) not in covered]
     if stray:  # a new parameter must be given a group on purpose, not silently left untrained
