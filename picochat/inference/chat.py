@@ -7,7 +7,7 @@ text and as structured assistant parts, so multi-turn history renders exactly as
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from picochat.calculator import run_tool
@@ -61,8 +61,10 @@ def _add(parts: list[dict], kind: str, text: str) -> None:
 
 
 def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, sampling: Sampling = Sampling(0.8, 50),
-                max_tool_calls: int = 4, reply: Reply | None = None) -> Iterator[str]:
-    """Yield text pieces of the assistant reply as they are generated; fill `reply` as we go."""
+                max_tool_calls: int = 4, reply: Reply | None = None,
+                on_tool: Callable[[str, str], None] | None = None) -> Iterator[str]:
+    """Yield text pieces of the assistant reply as they are generated; fill `reply` as we go.
+    on_tool(code, result) hears of each calculator call just before its '[calculator: ...]' piece."""
     reply = reply if reply is not None else Reply()
     tok = tokenizer
     special = {name: tok.encode_special(name) for name in
@@ -100,6 +102,8 @@ def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, 
             result = run_tool(code)
             tool_calls += 1
             _add(reply.parts, "python_output", result)
+            if on_tool is not None:
+                on_tool(code, result)
             yield f"[calculator: {code} = {result}] "
             ids = ids + [special["<|output_start|>"]] + tok.encode(result) + [special["<|output_end|>"]]
             mode, segment = "text", Detokenizer(tok)

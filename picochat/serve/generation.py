@@ -106,26 +106,21 @@ class ScheduledEngine:
 
 # (engine, reply) -> iterator of text pieces and tool runs ({"type": "calculator", "input", "output"})
 PieceFn = Callable[[ScheduledEngine, Reply], Iterator["str | dict"]]
-_CALC = "[calculator: "
 
 
 def chat_turn(tokenizer, messages: list[dict], max_tokens: int, sampling: Sampling) -> PieceFn:
     """inference/chat.py's stream_chat for the API: the text pieces of the reply, without
-    special-token strings, and each calculator call as a tool run instead of the '[calculator:
-    expr = result] ' text stream_chat shows a terminal user. The result is read from the reply's
-    newest python_output part (what was added since the previous piece), the expression from the
-    rest of that text, so both are exact whatever they contain."""
+    special-token strings, and each calculator call (from its on_tool) as a tool run instead of
+    the '[calculator: expr = result] ' text stream_chat shows a terminal user."""
     def run(engine, reply: Reply):
-        seen = (0, 0)  # (number of parts, length of the last part) after the previous piece
-        for piece in stream_chat(engine, tokenizer, messages, max_tokens, sampling, reply=reply):
-            last = reply.parts[-1] if reply.parts else None
-            if last is not None and last["type"] == "python_output" and piece.startswith(_CALC):
-                output = last["text"][seen[1]:] if seen[0] == len(reply.parts) else last["text"]
-                expr = piece[len(_CALC):len(piece) - len(f" = {output}] ")]
+        calls = []  # the call on_tool reported just before its '[calculator: ...]' piece
+        for piece in stream_chat(engine, tokenizer, messages, max_tokens, sampling, reply=reply,
+                                 on_tool=lambda code, result: calls.append((code, result))):
+            if calls:
+                expr, output = calls.pop()
                 yield {"type": "calculator", "input": strip_special(expr), "output": strip_special(output)}
             elif strip_special(piece):
                 yield strip_special(piece)
-            seen = (len(reply.parts), len(reply.parts[-1]["text"]) if reply.parts else 0)
     return run
 
 
