@@ -20,8 +20,6 @@ import torch
 
 
 def _as_list(value, B: int | None, name: str) -> list:
-    if isinstance(value, torch.Tensor):
-        value = value.tolist() if value.dim() else value.item()
     if isinstance(value, (list, tuple)):
         if B is not None and len(value) != B:
             raise ValueError(f"{name} has {len(value)} values for a batch of {B} rows")
@@ -176,7 +174,7 @@ def draw_uniforms(batch_size: int, steps: int, seed=None, device="cpu") -> torch
     if seed is None:
         return torch.rand(batch_size, steps, device=device)
     seeds = _as_list(seed, batch_size, "seed")
-    if not isinstance(seed, (list, tuple, torch.Tensor)):
+    if not isinstance(seed, (list, tuple)):
         seeds = [int(seed) + i for i in range(batch_size)]
     rows = [torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(rows).to(device)
