@@ -303,10 +303,9 @@ def core_lines(all_runs: list[dict]) -> list[str]:
     return L
 
 
-def render(root: Path, dollars_per_hour: float, plots: dict[str, bool]) -> str:
+def render(root: Path, all_runs: list[dict], dollars_per_hour: float, plots: dict[str, bool]) -> str:
     hw = hardware()
     data = corpora(root)
-    all_runs = runs()
     evals = eval_rows(all_runs)
     times = wall_times(root)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -393,8 +392,8 @@ def write_report(out_dir: str | Path | None = None, dollars_per_hour: float = 0.
     root = home()
     out = Path(out_dir) if out_dir else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    all_runs = runs() if plots else []
+    all_runs = runs()
     made = write_plots(all_runs, eval_rows(all_runs), out) if plots else {}
     path = out / "report.md"
-    write_text_atomic(path, render(root, dollars_per_hour, made))
+    write_text_atomic(path, render(root, all_runs, dollars_per_hour, made))
     return path
