@@ -317,9 +317,12 @@ def olmo_subset() -> list[CoreTask] | None:
                 for r in validation("super_glue/copa")]
 
     def winogrande():  # the blank filled by each option; the rest of the sentence is the continuation
-        return [{"context_options": [r["sentence"][:r["sentence"].index("_")] + o for o in (r["option1"], r["option2"])],
-                 "continuation": r["sentence"][r["sentence"].index("_") + 1:].strip(), "gold": int(r["answer"]) - 1}
-                for r in validation("winogrande/winogrande_xl")]
+        rows = []
+        for r in validation("winogrande/winogrande_xl"):
+            blank = r["sentence"].index("_")
+            rows.append({"context_options": [r["sentence"][:blank] + o for o in (r["option1"], r["option2"])],
+                         "continuation": r["sentence"][blank + 1:].strip(), "gold": int(r["answer"]) - 1})
+        return rows
 
     loaders = {"hellaswag_zeroshot": lambda: mc("hellaswag/rc_0shot"), "jeopardy": lambda: lm(
         "jeopardy/bpb_5shot", lambda d: d["answer"]), "arc_easy": lambda: mc("arc_easy/test_rc_5shot"),
