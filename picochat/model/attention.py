@@ -60,8 +60,7 @@ class AttnContext:
     cos: torch.Tensor                       # (B or 1, T, 1, rope_dim/2) rotary angles for these positions
     sin: torch.Tensor
     kv_cache: KVCache | None = None
-    attn_mask: torch.Tensor | None = None   # (B, 1, T, S) bool, True = attend; None with is_causal
-    is_causal: bool = True                  # plain causal over exactly the T new tokens
+    attn_mask: torch.Tensor | None = None   # (B, 1, T, S) bool, True = attend; None: plain causal
 
 
 def window_mask(T: int, window: int, device) -> torch.Tensor:
@@ -76,7 +75,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, en
     if ctx.attn_mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, enable_gqa=enable_gqa)
     # with a cache and no mask we decode one token over all cached keys: nothing to mask
-    causal = ctx.is_causal and q.size(2) == k.size(2) and q.size(2) > 1
+    causal = q.size(2) == k.size(2) and q.size(2) > 1
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
 
 

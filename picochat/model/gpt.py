@@ -181,11 +181,10 @@ class GPT(nn.Module):
 
         def context(window: int | None) -> AttnContext:
             if kv_cache is not None:
-                return AttnContext(cos=cos, sin=sin, kv_cache=kv_cache, attn_mask=kv_cache.attn_mask(T, window),
-                                   is_causal=False)
+                return AttnContext(cos=cos, sin=sin, kv_cache=kv_cache, attn_mask=kv_cache.attn_mask(T, window))
             if window is None or window >= T - 1:
                 return AttnContext(cos=cos, sin=sin)
-            return AttnContext(cos=cos, sin=sin, attn_mask=window_mask(T, window, idx.device), is_causal=False)
+            return AttnContext(cos=cos, sin=sin, attn_mask=window_mask(T, window, idx.device))
 
         x = norm(self.transformer.wte(idx))
         if c.smear:
