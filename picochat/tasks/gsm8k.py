@@ -28,10 +28,10 @@ def last_number(text: str) -> Fraction | None:
 def train_task(name: str, split: str, size: int | None) -> ListTask:
     convs = []
     for r in hf_rows("openai/gsm8k", "main", split, size):
-        reasoning, answer = r["answer"].split("####")
+        reasoning, answer = (part.strip() for part in r["answer"].split("####"))
         convs.append({"messages": [{"role": "user", "content": r["question"]},
-                                   {"role": "assistant", "content": f"{reasoning.strip()}\nThe answer is {answer.strip()}."}],
-                      "answer": answer.strip().replace(",", "")})
+                                   {"role": "assistant", "content": f"{reasoning}\nThe answer is {answer}."}],
+                      "answer": answer.replace(",", "")})
     return ListTask(convs, "gsm8k")
 
 
