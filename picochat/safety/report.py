@@ -150,7 +150,7 @@ def pipeline_counts(run_dir: Path) -> dict:
     return out
 
 
-def _score_bars(plt, scores: dict, path: Path, prefix: str) -> None:
+def _score_bars(plt, scores: dict, prefix: str):
     dims = list(scores)
     fig, axes = plt.subplots(1, len(dims), figsize=(2.4 * len(dims), 2.6), squeeze=False)
     for ax, d in zip(axes[0], dims):
@@ -158,9 +158,7 @@ def _score_bars(plt, scores: dict, path: Path, prefix: str) -> None:
         ax.bar([int(k) for k in c], list(c.values()), color="#c44e52" if prefix else "#4c72b0")
         ax.set_title(prefix + d.replace("_", " "), fontsize=8)
         ax.set_xticks([1, 2, 3, 4, 5])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _plots(a: dict, out: Path) -> list[str]:
@@ -168,18 +166,21 @@ def _plots(a: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
     files = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+
     for key, name in (("scores", "scores.png"), ("rejected_scores", "scores_rejected.png")):
         if a.get(key):
-            _score_bars(plt, a[key], out / name, "rejected: " if key == "rejected_scores" else "")
-            files.append(name)
+            save(_score_bars(plt, a[key], "rejected: " if key == "rejected_scores" else ""), name)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.hist(a["_assistant_lengths"], bins=30, color="#55a868")
     ax.set_xlabel("assistant reply length (chars)")
     ax.set_ylabel("replies")
-    fig.tight_layout()
-    fig.savefig(out / "lengths.png", dpi=100)
-    plt.close(fig)
-    files.append("lengths.png")
+    save(fig, "lengths.png")
     if a["domain_strategy"]:
         doms, strs, grid = _grid(a["domain_strategy"])
         fig, ax = plt.subplots(figsize=(1 + 0.9 * len(strs), 1 + 0.45 * len(doms)))
@@ -190,10 +191,7 @@ def _plots(a: dict, out: Path) -> list[str]:
             for j, v in enumerate(row):
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
         fig.colorbar(im)
-        fig.tight_layout()
-        fig.savefig(out / "domain_strategy.png", dpi=100)
-        plt.close(fig)
-        files.append("domain_strategy.png")
+        save(fig, "domain_strategy.png")
     return files
 
 

@@ -12,9 +12,8 @@ from collections import Counter
 from typing import Awaitable, Callable
 
 from picochat.common import write_json_atomic
-from picochat.safety.client import LLM
+from picochat.safety.client import LLM, preflight
 from picochat.safety.config import SafetyConfig, to_public_dict
-from picochat.safety.preflight import preflight
 from picochat.safety.usage import UsageLog, format_costs, write_costs
 
 NO_WORK_STAGES = ("check", "preflight")  # endpoint checks only: they leave the run's config.json alone
