@@ -65,9 +65,7 @@ class AttnContext:
 
 def window_mask(T: int, window: int, device) -> torch.Tensor:
     """(1, 1, T, T) causal mask that also hides keys more than `window` positions back."""
-    q = torch.arange(T, device=device)[:, None]
-    k = torch.arange(T, device=device)[None, :]
-    return ((k <= q) & (q - k <= window))[None, None]
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril().triu(-window)[None, None]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, enable_gqa: bool = False) -> torch.Tensor:

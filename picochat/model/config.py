@@ -52,7 +52,7 @@ class GPTConfig:
     def validate(self) -> None:
         if self.attention not in ATTENTION_TYPES:
             raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "pad_vocab_to"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
@@ -69,8 +69,6 @@ class GPTConfig:
             raise ValueError(f"rope_sign must be -1 or 1, got {self.rope_sign}")
         if self.rope_table_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"rope_table_dtype must be float32 or bfloat16, got {self.rope_table_dtype!r}")
-        if self.pad_vocab_to < 1:
-            raise ValueError(f"pad_vocab_to must be >= 1, got {self.pad_vocab_to}")
         if self.attention == "mla" and (self.value_embeds or self.qk_scale != 1.0):
             raise ValueError("value_embeds and qk_scale belong to MHA/GQA attention; MLA has neither")
         if self.attention == "mla":
