@@ -44,7 +44,6 @@ def sft_arrays(conversations: list[dict], tokenizer, max_len: int, pad_to: int |
 
 def sft_batch(conversations: list[dict], tokenizer, max_len: int,
               pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """sft_arrays as tensors."""
     return tuple(torch.from_numpy(a) for a in sft_arrays(conversations, tokenizer, max_len, pad_to))
 
 
