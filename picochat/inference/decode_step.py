@@ -45,7 +45,6 @@ class DecodeStep:
 
     def __init__(self, model, mode: str = "eager"):
         self.model, self.mode = model, mode
-        self._marked: set[int] = set()
         self._compiled_once = False
         # dynamic=None: torch.compile makes a dimension symbolic once it has seen it change, so
         # generations of other sizes reuse the compiled step (CUDA graphs are recorded per size)
@@ -83,9 +82,7 @@ class DecodeStep:
         return logits
 
     def _mark_static(self, cache: KVCache) -> None:
-        # the cache buffers live across replays and are written in place by the graph
+        # the cache buffers live across replays and are written in place by the graph (marking is idempotent)
         for layer in cache.layers.values():
             for buf, _ in layer.values():
-                if id(buf) not in self._marked:
-                    torch._dynamo.mark_static_address(buf)
-                    self._marked.add(id(buf))
+                torch._dynamo.mark_static_address(buf)
