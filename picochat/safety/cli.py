@@ -19,11 +19,9 @@ import asyncio
 import importlib
 from pathlib import Path
 
-from picochat.common import PicochatError, number_type
+from picochat.common import PicochatError, nonneg_int, number_type, positive_int
 
 
-_pos = number_type(int, lambda v: v >= 1, "a positive integer")
-_nonneg = number_type(int, lambda v: v >= 0, "an integer >= 0")
 _unit = number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _nonneg_f = number_type(float, lambda v: v >= 0, "a number >= 0")
 
@@ -164,14 +162,14 @@ def _common(p, config_required: bool = True):
 STAGE_FLAGS = {
     "questions": (
         ("seed_bank", _path, "FILE", "seed bank JSON", "the one shipped with picochat"),
-        ("num_seeds", _pos, "N", "root seeds to use, spread evenly over domains", None),
-        ("per_seed", _pos, "N", "questions per root seed, one attack strategy each", None),
+        ("num_seeds", positive_int, "N", "root seeds to use, spread evenly over domains", None),
+        ("per_seed", positive_int, "N", "questions per root seed, one attack strategy each", None),
         ("test_fraction", _unit, "F", "share of root seeds held out per domain", None),
         ("dedup_threshold", _unit, "F", "shingle Jaccard above which questions are near-duplicates", None)),
     "optimize": (
-        ("iterations", _nonneg, "N", "optimizer iterations", None),
-        ("opt_size", _pos, "N", "questions the optimizer learns from", None),
-        ("heldout_size", _pos, "N", "held-out questions that decide adoption", None),
+        ("iterations", nonneg_int, "N", "optimizer iterations", None),
+        ("opt_size", positive_int, "N", "questions the optimizer learns from", None),
+        ("heldout_size", positive_int, "N", "held-out questions that decide adoption", None),
         ("min_gain", _nonneg_f, "F", "held-out mean gain a candidate needs to be adopted", None),
         ("initial_prompt", _path, "FILE", "prompt body to start from", "built-in v0")),
     "respond": (
@@ -179,7 +177,7 @@ STAGE_FLAGS = {
         ("multi_turn_fraction", _unit, "F", "share of questions that become multi-turn", None),
         ("max_user_turns", number_type(int, lambda v: v >= 2, "an integer >= 2"), "N",
          "user turns in a multi-turn conversation: 2..N", None),
-        ("limit", _nonneg, "N", "answer at most N questions; 0 = all", None),
+        ("limit", nonneg_int, "N", "answer at most N questions; 0 = all", None),
         ("splits", _names, "SPLITS", "comma-separated question splits to answer", None)),
     "filter": (
         ("input", _path, "FILE", "conversation JSONL to filter", "<out>/respond/conversations.jsonl"),
@@ -190,7 +188,7 @@ STAGE_FLAGS = {
         ("questions", _path, "FILE", "attack questions JSONL; split 'test' is used", "<out>/questions/questions.jsonl"),
         ("benign", _path, "FILE", "benign look-alike prompts JSON", "shipped benign_lookalikes.json"),
         ("system_prompt", _path, "FILE", "system prompt sent to the target", "none"),
-        ("limit", _nonneg, "N", "at most N attack and N benign prompts; 0 = all", None),
+        ("limit", nonneg_int, "N", "at most N attack and N benign prompts; 0 = all", None),
         ("name", None, "NAME", "results directory name under <out>/eval/", "<model>-<hash>")),
 }
 

@@ -213,16 +213,14 @@ def run_questions(cfg: SafetyConfig) -> dict:
     write_jsonl_atomic(out / "questions.jsonl", kept)
     write_jsonl_atomic(out / "duplicates.jsonl", [dict(r, duplicate_of=dups[r["id"]]["of"], dup_kind=dups[r["id"]]["kind"],
                                                        jaccard=dups[r["id"]]["jaccard"]) for r in raw if r["id"] in dups])
-    train_roots = {r for r, s in split.items() if s == "train"}
-    test_roots = {r for r, s in split.items() if s == "test"}
-    assert not train_roots & test_roots
+    roots = {s: sorted(r for r, x in split.items() if x == s) for s in ("train", "test")}
     summary = {
         "seeds": len(seeds), "seeds_per_domain": {d: per_domain.get(d, 0) for d in domains},
         "planned": len(plan), "generated": len(raw), "failed": sum(failures.values()), "failures": dict(failures),
         "failed_ids": failed_ids,  # all of them (retried on the next run); nothing is cut off
         "duplicates_removed": len(dups), "kept": len(kept),
         "split": {s: sum(r["split"] == s for r in kept) for s in ("train", "test")},
-        "roots": {"train": sorted(train_roots), "test": sorted(test_roots)},
+        "roots": roots,
         "strategy_counts_planned": counts_table(plan, list(domains)),
         "strategy_counts_kept": counts_table(kept, list(domains)),
     }
@@ -233,7 +231,7 @@ def run_questions(cfg: SafetyConfig) -> dict:
           f"(train {summary['split']['train']}, test {summary['split']['test']}).", "",
           "## Strategy x domain, planned (round-robin assignment)", "", table_md(summary["strategy_counts_planned"]), "",
           "## Strategy x domain, kept after dedup", "", table_md(summary["strategy_counts_kept"]), "",
-          f"Held-out (test) roots: {', '.join(sorted(test_roots)) or '(none)'}", ""]
+          f"Held-out (test) roots: {', '.join(roots['test']) or '(none)'}", ""]
     write_text_atomic(out / "questions.md", "\n".join(md))
     log(f"questions: {len(kept)} kept ({summary['split']['train']} train / {summary['split']['test']} test), "
         f"{len(dups)} near/exact duplicates removed, {summary['failed']} failed -> {out / 'questions.jsonl'}")
