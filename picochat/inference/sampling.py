@@ -64,16 +64,13 @@ class Sampling:
             raise TypeError(f"pass a Sampling or the keywords {sorted(knobs)}, not both")
         return sampling
 
-    @property
-    def greedy(self) -> bool:
-        return all(float(t) == 0 for t in _as_list(self.temperature, None, "temperature"))
-
     def params(self, batch_size: int, device, vocab_size: int) -> "SamplingParams":
         return SamplingParams.make(batch_size, self.temperature, self.top_k, self.top_p, device, vocab_size)
 
     def uniforms(self, batch_size: int, steps: int, device) -> torch.Tensor | None:
         """Each row's pre-drawn uniforms (draw_uniforms), None when every row is greedy."""
-        return None if self.greedy else draw_uniforms(batch_size, steps, self.seed, device)
+        greedy = all(float(t) == 0 for t in _as_list(self.temperature, None, "temperature"))
+        return None if greedy else draw_uniforms(batch_size, steps, self.seed, device)
 
     def reseeded(self, offset: int) -> "Sampling":
         """seed + offset (an int seed): a later tool-call segment must not replay the same random
