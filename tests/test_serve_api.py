@@ -244,6 +244,26 @@ def test_malformed_bodies_are_4xx_never_5xx(server):
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize("path,body,param,says", [
+    # a union field (str | list) names the field and the member that got furthest, not pydantic's member tag
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.1.type", "Input should be 'text'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+     "messages.0.content", "a valid string or a valid list"),
+    ("/v1/chat/completions", {"messages": MSGS, "stop": 5}, "stop", "a valid string or a valid list"),
+    ("/v1/chat/completions", {"messages": MSGS, "stop": ["a", 3]}, "stop.1", "a valid string"),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt.0", "a valid string"),
+    ("/v1/chat/completions", {"messages": MSGS, "temperature": "hot"}, "temperature", "a valid number"),
+])
+def test_invalid_field_errors_name_the_field_as_the_client_wrote_it(server, path, body, param, says):
+    r = httpx.post(server.url + path, json=body, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "invalid_value", r.text
+    assert err["param"] == param and err["message"].startswith(f"Invalid value for '{param}': ")
+    assert says in err["message"], err["message"]
+
+
 def test_batch_endpoint_answers_each_request(server, model, tok):
     q2 = [{"role": "user", "content": "Tell me about the fox."}]
     body = {"requests": [{"messages": MSGS}, {"messages": q2, "max_tokens": 4}, {"messages": q2, "stop": ["zz"]}],

@@ -32,7 +32,7 @@ from picochat.inference.scheduler import Scheduler
 from picochat.serve.generation import ChoiceResult, Generation, chat_turn, text_turn
 from picochat.serve.guard import Guard
 from picochat.serve.schemas import (APIError, BatchRequest, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                    SamplingFields, error_body)
+                                    SamplingFields, error_body, first_error)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -62,8 +62,8 @@ async def _validation_error(request, exc: RequestValidationError):
     if err.get("type") == "model_attributes_type" and not loc:
         return JSONResponse(error_body("The request body must be a JSON object (Content-Type: application/json).",
                                        code="invalid_json"), status_code=400)
-    param = ".".join(loc) or None
-    msg = f"Invalid value for '{param}': {err.get('msg')}" if param else f"Invalid request: {err.get('msg')}"
+    param, why = first_error(exc.errors())
+    msg = f"Invalid value for '{param}': {why}" if param else f"Invalid request: {why}"
     return JSONResponse(error_body(msg, param=param, code="invalid_value"), status_code=400)
 
 

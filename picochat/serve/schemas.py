@@ -6,6 +6,7 @@ anything is queued. Responses are plain dicts built in app.py: they are output, 
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
@@ -102,6 +103,36 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
                code: str | None = None) -> dict:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool)$|\[")  # how pydantic names a union member in `loc`
+
+
+def first_error(errors: list[dict]) -> tuple[str | None, str]:
+    """The (param, message) to report for a failed validation: the first error, by its field path.
+
+    A field typed as a union (`content: str | list[TextPart]`, `stop`, `prompt`) fails once per
+    member, each with the member's name in `loc`. A client wants the field's own path and the
+    member that matched furthest: an image part is "messages.0.content.1.type: Input should be
+    'text'", not "content.str: Input should be a valid string". If no member got past the field
+    itself (content: 5), the message lists what each member wanted.
+    """
+    def path(loc):
+        return [str(x) for x in loc if x != "body" and not _UNION_MEMBER.search(str(x))]
+
+    err = errors[0]
+    loc = list(err.get("loc", ()))
+    at = next((i for i, x in enumerate(loc) if _UNION_MEMBER.search(str(x))), None)
+    msg = err.get("msg", "invalid request")
+    if at is not None:
+        union = [e for e in errors if list(e.get("loc", ()))[:at] == loc[:at] and len(e.get("loc", ())) > at]
+        deepest = max(union, key=lambda e: len(e["loc"]))
+        if len(deepest["loc"]) > at + 1:
+            err, msg = deepest, deepest["msg"]
+        else:  # every member failed on the value itself: "a valid string or a valid list"
+            wants = [e["msg"].removeprefix("Input should be ") for e in union]
+            msg = "Input should be " + " or ".join(dict.fromkeys(wants))
+    return ".".join(path(err.get("loc", ()))) or None, msg
 
 
 class APIError(Exception):
