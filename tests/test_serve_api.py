@@ -244,6 +244,24 @@ def test_malformed_bodies_are_4xx_never_5xx(server):
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize("path,field,asked", [
+    ("/v1/chat/completions", "logprobs", True), ("/v1/chat/completions", "top_logprobs", 2),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}), ("/v1/completions", "logprobs", 0),
+    ("/v1/completions", "echo", True), ("/v1/completions", "suffix", "end"), ("/v1/completions", "best_of", 3),
+])
+def test_fields_that_change_a_replys_meaning_are_refused_not_ignored(server, path, field, asked):
+    body = {"messages": MSGS} if "chat" in path else {"prompt": "The quick"}
+    r = httpx.post(server.url + path, json=body | {field: asked, "max_tokens": 2}, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == field, r.text
+    assert f"{field} is not supported" in err["message"]
+    # their "off" values are what many clients send by default: accepted
+    off = {"logprobs": False if "chat" in path else None, "top_logprobs": 0, "response_format": {"type": "text"},
+           "echo": False, "suffix": "", "best_of": 1}
+    ok = httpx.post(server.url + path, json=body | {field: off[field], "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["logprobs"] is None, ok.text
+
+
 @pytest.mark.parametrize("path,body,param,says", [
     # a union field (str | list) names the field and the member that got furthest, not pydantic's member tag
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [

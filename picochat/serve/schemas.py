@@ -1,13 +1,13 @@
 """Request models of the OpenAI-compatible API (pydantic) and OpenAI's error shape.
 
-Unknown fields are ignored (clients send e.g. `user`, `logit_bias`, `presence_penalty`), values
-are range-checked here so that every bad request becomes a 400 with the offending `param`, before
+Unknown fields are ignored (clients send e.g. `user`, `logit_bias`, `presence_penalty`), except
+the few OpenAI fields that change what a reply means (UNSUPPORTED), values are range-checked here so that every bad request becomes a 400 with the offending `param`, before
 anything is queued. Responses are plain dicts built in app.py: they are output, not validated.
 """
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
@@ -17,6 +17,17 @@ MAX_BATCH = 256    # requests per /v1/batch/completions call
 # seed: a signed 64-bit integer (OpenAI's range). Choice i, each later tool-call segment and each
 # speculative chunk derive seed + small offsets, which stay below 2**64, torch's seed limit.
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
+# OpenAI fields this server does not do and that change what a reply means: asked for, they are a 400,
+# not ignored, because a client would read a missing log-probability or an un-echoed prompt as data.
+# Their "off" values (null, false, 0, best_of 1, response_format {"type": "text"}) are accepted.
+UNSUPPORTED = {
+    "logprobs": "this server does not return token log-probabilities",
+    "top_logprobs": "this server does not return token log-probabilities",
+    "echo": "replies do not repeat the prompt",
+    "suffix": "there is no fill-in-the-middle",
+    "best_of": "ask for n choices and pick among them",
+    "response_format": "there is no structured (JSON) output mode; only {\"type\": \"text\"}",
+}
 
 
 class _Lenient(BaseModel):
@@ -50,6 +61,21 @@ class SamplingFields(_Lenient):
     top_k: int | None = Field(None, ge=0)           # extension: 0 or None = off
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    response_format: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v, info):
+        off = v is None or v is False or v == {"type": "text"} or (info.field_name, v) in (
+            ("top_logprobs", 0), ("best_of", 1), ("suffix", ""))
+        if not off:
+            raise ValueError(f"{info.field_name} is not supported: {UNSUPPORTED[info.field_name]}")
+        return None
 
     @field_validator("stop")
     @classmethod
