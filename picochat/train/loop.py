@@ -70,18 +70,15 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
                  token_bytes: torch.Tensor | None = None, resume: ckpt_mod.Checkpoint | None = None,
                  stop_after: int | None = None, base_meta: dict | None = None, wandb_project: str | None = None,
                  write_checkpoints: bool = True, tokenizer=None, loss_fn: Callable | None = None,
-                 eval_fn: Callable[[], dict] | None = None, grad_accum: int | None = None) -> dict:
+                 eval_fn: Callable[[], dict] | None = None) -> dict:
     """Train `model` in place for settings.steps optimizer steps; returns a summary dict.
 
     loss_fn(train_model, batch) -> scalar loss (default: train_model(*batch), the cross-entropy of (x, y)).
     eval_fn() -> {metric: value}, logged with val bpb at every eval point (every rank calls it).
     wandb_project: log the run history to Weights & Biases (optional dependency, off by default).
     write_checkpoints=False: save nothing (benchmarks); the history is in the returned summary.
-    tokenizer: stored with every checkpoint (checkpoint.load_tokenizer reads it back).
-    grad_accum: what the caller's settings.validate() returned (the CLI stages check before loading
-    anything); None = validate here."""
-    if grad_accum is None:
-        grad_accum = settings.validate(dist_info.world_size)
+    tokenizer: stored with every checkpoint (checkpoint.load_tokenizer reads it back)."""
+    grad_accum = settings.validate(dist_info.world_size)  # the CLI stages checked already, before loading anything
     model.grad_checkpoint = settings.grad_checkpoint
     optimizers = build_optimizers(model, settings.matrix_lr, settings.embedding_lr, settings.unembedding_lr,
                                   settings.weight_decay)
@@ -252,11 +249,11 @@ def start_stage(args, default_tag: str, fresh) -> tuple:
 def run_stage(args, run: tuple, make_loader, t0: float, val_batches=None, report=None, **hooks) -> dict:
     """Every stage's tail: the one training loop (RL adds its hooks), the closing lines on rank 0
     (report(summary, wall_s); default: speed and data waits), torchrun's teardown."""
-    device, info, resume, settings, model, tok, grad_accum = run
+    device, info, resume, settings, model, tok, _ = run
     summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
                            token_bytes=token_byte_lengths(tok, device) if val_batches else None, resume=resume,
                            stop_after=args.stop_after, base_meta={"tokenizer_vocab": tok.vocab_size},
-                           wandb_project=args.wandb, tokenizer=tok, grad_accum=grad_accum, **hooks)
+                           wandb_project=args.wandb, tokenizer=tok, **hooks)
     if info.is_master:
         (report or _report_speed)(summary, time.time() - t0)
     if info.enabled:
