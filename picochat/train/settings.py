@@ -1,6 +1,6 @@
 """The training settings: one dataclass whose fields carry the `picochat train` flags' defaults, types and
 help, the per-stage differences next to it, the one validation (which also gives gradient accumulation),
-and building a fresh run's settings from the command line (train/cli.py's start_stage resumes one).
+and building a fresh run's settings from the command line (train/loop.py's start_stage resumes one).
 
 Torch-free, so the CLI parser can read the defaults without loading the training loop.
 """
