@@ -106,3 +106,23 @@ def test_sft_loader_resume_and_slots(tok):
     # rank r of 2 with no accumulation sees exactly micro-step r of one process with accumulation 2
     r0, r1 = SFTLoader(task, tok, 2, 32, rank=0, world_size=2), SFTLoader(task, tok, 2, 32, rank=1, world_size=2)
     assert torch.equal(next(r0)[0], batches[0][0]) and torch.equal(next(r1)[0], batches[1][0])
+
+
+def test_sample_cli_refuses_an_over_long_budget_before_printing_anything(tmp_path, tok, monkeypatch, capsys):
+    """`picochat sample` echoes the prompt as it generates: a budget past the context is one error line with
+    nothing on stdout (not the prompt followed by the error), and a fitting one prints prompt + continuation."""
+    from picochat.checkpoint import save_checkpoint
+    from picochat.cli import main
+    from picochat.model.config import GPTConfig
+    from picochat.model.gpt import GPT
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(cfg)
+    save_checkpoint("base/tiny", 1, model, cfg, {"stage": "base"})
+    tok.save(tmp_path / "tokenizer")
+    assert main(["sample", "--model", "base/tiny", "-p", "The quick", "--max-tokens", "100000"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("picochat: error: prompt (") and len(err.strip().splitlines()) == 1, (out, err)
+    assert main(["sample", "--model", "base/tiny", "-p", "The quick", "--max-tokens", "3", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The quick")

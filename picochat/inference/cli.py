@@ -12,7 +12,7 @@ import time
 
 from picochat.common import THREADS_HELP, PicochatError, nonneg_float, nonneg_int, number_type, positive_int
 from picochat.device import add_inference_flags, pick_device
-from picochat.inference.sampling import Sampling
+from picochat.inference.sampling import Sampling, check_request
 
 
 def _engine(args):
@@ -31,6 +31,8 @@ def cmd_sample(args):
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before the model loads
     engine, tok = _engine(args)
     prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
+    # the engine's own check, before the prompt is echoed (else the error line follows the prompt's text)
+    check_request([prompt], args.max_tokens, engine.model.config.vocab_size, engine.model.cos.size(0), fed=1)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
