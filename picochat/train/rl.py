@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from picochat.common import PicochatError, print0
 from picochat.device import autocast_ctx
@@ -92,14 +93,10 @@ def rollout_batches(traces: list[tuple[list[int], list[bool]]], advantages: torc
     weight = advantage x scale on the tokens the model sampled."""
     out = []
     for a in range(0, len(traces), rows):
-        chunk = traces[a:a + rows]
-        L = max(len(ids) for ids, _ in chunk) - 1
-        x = torch.full((len(chunk), L), pad_id, dtype=torch.long)
-        y = torch.full((len(chunk), L), -1, dtype=torch.long)
-        for i, (ids, sampled) in enumerate(chunk):
-            n = len(ids) - 1
-            x[i, :n] = torch.tensor(ids[:-1])
-            y[i, :n] = torch.where(torch.tensor(sampled[1:]), torch.tensor(ids[1:]), -1)
+        chunk = [(torch.tensor(ids, dtype=torch.long), torch.tensor(sampled)) for ids, sampled in traces[a:a + rows]]
+        x = pad_sequence([ids[:-1] for ids, _ in chunk], batch_first=True, padding_value=pad_id)
+        y = pad_sequence([torch.where(sampled[1:], ids[1:], -1) for ids, sampled in chunk], batch_first=True,
+                         padding_value=-1)
         w = (y >= 0) * (advantages[a:a + rows, None].float() * scale)
         out.append(RLBatch(x.to(device), y.to(device), w.to(device)))
     return out
