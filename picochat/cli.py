@@ -6,7 +6,7 @@ subcommands, flags and defaults through `register(subparsers)` (COMMAND_MODULES 
     picochat train base --depth 4                 pretraining (also under torchrun; train/cli.py)
     picochat sample --model base/d4 -p "..."      generate text from a checkpoint (inference/cli.py)
 
-Errors the user can fix (PicochatError, bad flags) print one line and exit non-zero.
+Errors the user can fix (PicochatError, bad flags, a path the OS refuses) print one line and exit non-zero.
 """
 from __future__ import annotations
 
@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PICOCHAT_DEBUG") and not isinstance(e, PicochatError):
             raise
         print(f"picochat: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a path the user chose that cannot be written or read: missing folder, no permission, full disk
+        if os.environ.get("PICOCHAT_DEBUG"):
+            raise
+        print(f"picochat: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("picochat: interrupted", file=sys.stderr)

@@ -136,6 +136,10 @@ def test_bad_input_gives_one_clear_line(env, tmp_path):
     one_line_error(run([*TRAIN, "--compile", "turbo"], env, check=False), "--compile")
     one_line_error(run([*TRAIN, "--total-batch-size", "100"], env, check=False), "--total-batch-size")
     one_line_error(run(["sample", "--model", "base/full", "--top-p", "1.5"], env, check=False), "top_p")
+    # a path the OS refuses (here $PICOCHAT_HOME below a regular file) is one line too, not a traceback
+    (tmp_path / "a_file").write_text("")
+    under_file = dict(env, PICOCHAT_HOME=str(tmp_path / "a_file" / "home"))
+    one_line_error(run(["data", "prepare", "--source", "embedded"], under_file, check=False), "Not a directory")
     # existing tag is never overwritten by accident
     before = (Path(env["PICOCHAT_HOME"]) / "checkpoints/base/full/latest").read_text()
     one_line_error(run([*TRAIN, "--tag", "base/full"], env, check=False), "--resume")
