@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from picochat.common import THREADS_HELP, nonneg_float, nonneg_int, positive_int
-from picochat.train.settings import SETTINGS_FLAGS, settings_from_args, stage_default
+from picochat.common import THREADS_HELP, nonneg_int, positive_int
+from picochat.train.settings import SETTINGS_FLAGS, RLOptions, flag_fields, settings_from_args, stage_default
 
 COMPILE_HELP = (
     "torch.compile mode: off | default (fused kernels) | reduce-overhead (default + CUDA graphs: replays the "
@@ -202,18 +202,7 @@ def register(sub) -> None:
         ("--model", str, "sft/d4", "chat checkpoint to start from"),
         ("--tasks", str, "arithmetic", "comma-separated NAME[=WEIGHT] with a reward: arithmetic, spelling (offline), "
                                        "gsm8k, aime, humaneval"),
-        ("--samples-per-prompt", positive_int, 16, "K replies per prompt; the advantage is a reply's reward minus its "
-                                                   "K-group's mean (>= 2)"),
-        ("--prompts-per-step", positive_int, 8, "P prompts per optimizer step, all processes together; P x K rows "
-                                                "are generated in one batch"),
-        ("--max-new-tokens", positive_int, 64, "reply budget in tokens"),
-        ("--temperature", nonneg_float, 1.0, "sampling temperature"),
-        ("--top-k", nonneg_int, 0, "top-k of the rollouts; 0 = off"),
-        ("--kl-coef", nonneg_float, 0.0, "weight of a per-token KL penalty to the starting checkpoint (loads it a "
-                                         "second time); 0 = no reference model"),
-        ("--task-size", positive_int, 5000, "training problems per task"),
-        ("--eval-limit", nonneg_int, 100, "held-out arithmetic/spelling problems graded greedily before, at "
-                                          "--eval-every and after training; 0 = none"),
+        *[(name, f.metadata["type"], f.default, f.metadata["help"]) for name, f in flag_fields(RLOptions)],
     ))
     p.add_argument("--data-file", action="append", metavar="[TASK=]FILE.jsonl", help="a task's problems from "
                    "JSONL (fields as for `picochat eval`); repeatable as TASK=PATH")

@@ -33,32 +33,9 @@ from picochat.eval.generate import generate_replies
 from picochat.inference.engine import Engine
 from picochat.inference.sampling import Sampling
 from picochat.train.rewards import add_agreement, heldout_metrics, load_reward_tasks, sum_over_ranks
+from picochat.train.settings import RLOptions, flag_fields
 
 HELDOUT_TASKS = ("arithmetic", "spelling")  # offline test problems: the held-out monitor needs no network
-
-
-@dataclass
-class RLOptions:
-    tasks: list[str]                  # "name=weight" specs
-    samples: int = 16                 # K replies per prompt
-    prompts: int = 8                  # P prompts per optimizer step (global)
-    max_new_tokens: int = 64          # reply budget (tool outputs not counted)
-    temperature: float = 1.0          # 1.0: the samples follow the policy whose log-probs are trained
-    top_k: int = 0                    # 0 = off (top-k also makes the samples off-policy)
-    kl_coef: float = 0.0              # KL(policy || starting checkpoint) per token; 0 = no reference model
-    task_size: int = 5000             # training problems per procedural task
-    data_files: dict | None = None    # task -> JSONL of problems (eval's --data-file fields)
-    eval_limit: int = 100             # held-out problems per offline task at eval points; 0 = none
-
-    def validate(self, world_size: int = 1) -> None:
-        if self.samples < 2:
-            raise PicochatError(f"--samples-per-prompt must be >= 2, got {self.samples}: the advantage compares "
-                                f"a reply with the other samples of its prompt")
-        if self.prompts < 1 or self.prompts % world_size:
-            raise PicochatError(f"--prompts-per-step {self.prompts} must be a positive multiple of the "
-                                f"{world_size} processes (prompts are sharded by rank)")
-        if self.max_new_tokens < 1:
-            raise PicochatError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -216,10 +193,8 @@ def options_from_args(args) -> RLOptions:
     if args.total_batch_size != -1:
         raise PicochatError("train rl sizes its batch by --prompts-per-step x --samples-per-prompt; "
                             "drop --total-batch-size (use --device-batch-size for micro-batches)")
-    return RLOptions(tasks=[f"{n}={w:g}" for n, w in specs], samples=args.samples_per_prompt,
-                     prompts=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_k=args.top_k, kl_coef=args.kl_coef, task_size=args.task_size,
-                     data_files=parse_data_files(args.data_file, names), eval_limit=args.eval_limit)
+    return RLOptions(tasks=[f"{n}={w:g}" for n, w in specs], data_files=parse_data_files(args.data_file, names),
+                     **{f.name: getattr(args, flag[2:].replace("-", "_")) for flag, f in flag_fields(RLOptions)})
 
 
 def train_rl(args) -> dict:

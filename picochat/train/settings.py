@@ -1,6 +1,7 @@
 """The training settings: one dataclass whose fields carry the `picochat train` flags' defaults, types and
 help, the per-stage differences next to it, the one validation (which also gives gradient accumulation),
-and building a fresh run's settings from the command line (train/loop.py's start_stage resumes one).
+and building a fresh run's settings from the command line (train/loop.py's start_stage resumes one);
+`train rl`'s own options (RLOptions) the same way.
 
 Torch-free, so the CLI parser can read the defaults without loading the training loop.
 """
@@ -14,9 +15,14 @@ from picochat.common import PicochatError, nonneg_float, nonneg_int, positive_in
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def flag(default, kind, what: str):
-    """A TrainSettings field that is also a `picochat train` flag, with its type and help."""
-    return field(default=default, metadata={"type": kind, "help": what})
+def flag(default, kind, what: str, name: str | None = None):
+    """A settings field that is also a `picochat train` flag (--<field-name> unless `name`), with its type and help."""
+    return field(default=default, metadata={"type": kind, "help": what, "flag": name})
+
+
+def flag_fields(cls) -> list[tuple[str, object]]:
+    """(flag, field) for each field of dataclass `cls` that is a flag, in declaration order."""
+    return [(f.metadata["flag"] or "--" + f.name.replace("_", "-"), f) for f in fields(cls) if "help" in f.metadata]
 
 
 @dataclass
@@ -88,7 +94,38 @@ def stage_default(stage: str, name: str):
 
 # the flags that are TrainSettings fields, in this order; each stage's default comes from stage_default
 # and the help shows it, so the two cannot drift apart
-SETTINGS_FLAGS = [f for f in fields(TrainSettings) if "help" in f.metadata]
+SETTINGS_FLAGS = [f for _, f in flag_fields(TrainSettings)]
+
+
+@dataclass
+class RLOptions:
+    """`picochat train rl`'s own options (the flags after --model and --tasks take defaults and help from here)."""
+    tasks: list[str]                  # "name=weight" specs
+    samples: int = flag(16, positive_int, "K replies per prompt; the advantage is a reply's reward minus its "
+                        "K-group's mean (>= 2)", "--samples-per-prompt")
+    prompts: int = flag(8, positive_int, "P prompts per optimizer step, all processes together; P x K rows are "
+                        "generated in one batch", "--prompts-per-step")
+    # reply budget; tool outputs are not counted
+    max_new_tokens: int = flag(64, positive_int, "reply budget in tokens")
+    # 1.0: the samples follow the policy whose log-probs are trained (top-k makes them off-policy too)
+    temperature: float = flag(1.0, nonneg_float, "sampling temperature")
+    top_k: int = flag(0, nonneg_int, "top-k of the rollouts; 0 = off")
+    kl_coef: float = flag(0.0, nonneg_float, "weight of a per-token KL penalty to the starting checkpoint (loads "
+                          "it a second time); 0 = no reference model")
+    task_size: int = flag(5000, positive_int, "training problems per task")
+    data_files: dict | None = None    # task -> JSONL of problems (eval's --data-file fields)
+    eval_limit: int = flag(100, nonneg_int, "held-out arithmetic/spelling problems graded greedily before, at "
+                           "--eval-every and after training; 0 = none")
+
+    def validate(self, world_size: int = 1) -> None:
+        if self.samples < 2:
+            raise PicochatError(f"--samples-per-prompt must be >= 2, got {self.samples}: the advantage compares "
+                                f"a reply with the other samples of its prompt")
+        if self.prompts < 1 or self.prompts % world_size:
+            raise PicochatError(f"--prompts-per-step {self.prompts} must be a positive multiple of the "
+                                f"{world_size} processes (prompts are sharded by rank)")
+        if self.max_new_tokens < 1:
+            raise PicochatError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def settings_from_args(args, stage: str, tag: str, seq_len: int, extra: dict):
