@@ -1,5 +1,6 @@
 """The one `picochat` command: a dispatcher. Each command group lives next to its code and adds its own
-subcommands, flags and defaults through `register(subparsers)` (COMMAND_MODULES below).
+subcommands, flags and defaults through `register(subparsers)` (COMMAND_MODULES below); a command line
+imports only its command's module, so parsing never loads torch (`picochat safety` is HTTP only).
 
     picochat data prepare --source embedded       corpus -> parquet shards (data/cli.py)
     picochat tokenizer train|eval                 BPE tokenizer (tokenizer_cli.py)
@@ -25,7 +26,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. Given the command line, only its command's module is imported, so that `picochat safety`
+    (HTTP only) never loads torch; without one, or for --help or an unknown command, every module is."""
     parser = _Parser(prog="picochat", description="Train, evaluate and serve your own small ChatGPT.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -35,24 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
     data = data_cli.register(sub)
     inference_cli.register(sub, data)  # also picochat sample|chat
     # command groups that live next to their code: each module has register(subparsers)
-    for name in COMMAND_MODULES:
+    command = next((a for a in argv or () if not a.startswith("-")), None)
+    if command in sub.choices:  # data, sample, chat: registered above
+        return parser
+    for name in dict.fromkeys([COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()):
         importlib.import_module(name).register(sub)
     return parser
 
 
-COMMAND_MODULES = (
-    "picochat.tokenizer_cli",  # picochat tokenizer train|eval
-    "picochat.train.cli",      # picochat train base|mid|sft|rl
-    "picochat.safety.cli",     # picochat safety ...
-    "picochat.serve.cli",      # picochat serve
-    "picochat.eval.cli",       # picochat eval base|chat, picochat report
-    "picochat.bench.cli",      # picochat bench attention|train
-    "picochat.export.cli",     # picochat export hf / import hf
-)
+COMMAND_MODULES = {  # the command -> the module that registers it
+    "tokenizer": "picochat.tokenizer_cli",  # picochat tokenizer train|eval
+    "train": "picochat.train.cli",          # picochat train base|mid|sft|rl
+    "safety": "picochat.safety.cli",        # picochat safety ...
+    "serve": "picochat.serve.cli",          # picochat serve
+    "eval": "picochat.eval.cli",            # picochat eval base|chat
+    "report": "picochat.eval.cli",          # picochat report
+    "bench": "picochat.bench.cli",          # picochat bench attention|train
+    "export": "picochat.export.cli",        # picochat export hf
+    "import": "picochat.export.cli",        # picochat import hf|nanochat
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     apply_threads(getattr(args, "threads", None))  # before any torch work of the command
     try:

@@ -104,6 +104,20 @@ positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 nonneg_float = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # device.DTYPES maps them to torch dtypes
+DECODE_STEPS = ("auto", "eager", "compiled", "cuda-graphs")
+
+
+def add_inference_flags(p) -> None:
+    """--dtype and --decode-step, the same on every command that runs a model for inference."""
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="weights, activations and KV "
+                   "cache (sampling is always fp32): auto = bf16 on a CUDA card with bf16, fp32 otherwise; fp16 needs "
+                   "a GPU, bf16 on CPU needs AVX512-BF16/AMX (default %(default)s)")
+    p.add_argument("--decode-step", default="auto", choices=DECODE_STEPS, help="how each decoded token runs: eager; "
+                   "compiled (torch.compile of a static-shape step: fewer launches, minutes of compile on CPU); "
+                   "cuda-graphs (the compiled step replayed as one CUDA graph, CUDA only); auto = cuda-graphs on CUDA, "
+                   "eager elsewhere (default %(default)s)")
+
 
 # --------------------------------------------------------------------------- distributed
 

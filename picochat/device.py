@@ -28,8 +28,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     return dev
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DECODE_STEPS = ("auto", "eager", "compiled", "cuda-graphs")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # common.DTYPE_NAMES, as torch
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -56,17 +55,6 @@ def cpu_has_bf16() -> bool:
     if platform.machine().lower() in ("arm64", "aarch64"):
         return True
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def add_inference_flags(p) -> None:
-    """--dtype and --decode-step, the same on every command that runs a model for inference."""
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights, activations and KV cache "
-                   "(sampling is always fp32): auto = bf16 on a CUDA card with bf16, fp32 otherwise; fp16 needs a GPU, "
-                   "bf16 on CPU needs AVX512-BF16/AMX (default %(default)s)")
-    p.add_argument("--decode-step", default="auto", choices=DECODE_STEPS, help="how each decoded token runs: eager; "
-                   "compiled (torch.compile of a static-shape step: fewer launches, minutes of compile on CPU); "
-                   "cuda-graphs (the compiled step replayed as one CUDA graph, CUDA only); auto = cuda-graphs on CUDA, "
-                   "eager elsewhere (default %(default)s)")
 
 
 def autocast_ctx(device: torch.device):

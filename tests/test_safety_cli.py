@@ -122,3 +122,25 @@ def test_failed_preflight_leaves_an_existing_run_untouched(fake, tmp_path, capsy
         assert main(["safety", stage, "--config", bad]) == 1
         assert "cannot reach http://127.0.0.1:9/v1" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_safety_workflow_never_imports_torch():
+    """It only talks HTTP: `picochat safety ...` parses its command line and imports every stage with torch
+    unimportable (the dispatcher imports only the named command's module; torch costs seconds per command)."""
+    import subprocess
+    import sys
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('torch imported')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "import picochat.safety\n"
+        "from picochat.cli import build_parser\n"
+        "build_parser(['safety', 'run']).parse_args(['safety', 'run', '--config', 'x.toml'])\n"
+        "for m in pkgutil.iter_modules(picochat.safety.__path__):\n"
+        "    importlib.import_module('picochat.safety.' + m.name)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

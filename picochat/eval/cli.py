@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from picochat.common import THREADS_HELP, PicochatError, nonneg_float, positive_int
-from picochat.device import add_inference_flags
+from picochat.common import THREADS_HELP, PicochatError, add_inference_flags, nonneg_float, positive_int
 
 
 def parse_tasks(spec: str) -> list[str]:

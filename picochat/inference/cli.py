@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import time
 
-from picochat.common import THREADS_HELP, PicochatError, nonneg_float, nonneg_int, number_type, positive_int
-from picochat.device import add_inference_flags, pick_device
-from picochat.inference.sampling import Sampling, check_request
+from picochat.common import (THREADS_HELP, PicochatError, add_inference_flags, nonneg_float, nonneg_int, number_type,
+                             positive_int)
 
 
 def _engine(args):
     """An Engine over the model (in the dtype the inference flags ask for), and its tokenizer."""
     from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.inference.engine import Engine
     device = pick_device(args.device)
@@ -28,6 +28,7 @@ def _engine(args):
 
 def cmd_sample(args):
     from picochat.inference.chat import Detokenizer
+    from picochat.inference.sampling import Sampling, check_request
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before the model loads
     engine, tok = _engine(args)
     prompt = tok.encode(args.prompt, prepend=tok.bos_token_id)
@@ -51,6 +52,7 @@ def cmd_sample(args):
 def cmd_chat(args):
     """Multi-turn chat in the terminal (or one-shot with -p), streaming tokens as they come."""
     from picochat.inference.chat import Reply, stream_chat
+    from picochat.inference.sampling import Sampling
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before the model loads
     engine, tok = _engine(args)
     history: list[dict] = []
@@ -98,6 +100,7 @@ def cmd_data_distill(args):
 
     from picochat.checkpoint import load_model, load_tokenizer
     from picochat.common import data_dir
+    from picochat.device import pick_device
     from picochat.data.corpus import iter_documents, prepare
     from picochat.inference.distill import distill_samples
     out = data_dir(args.name)

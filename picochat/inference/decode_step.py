@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from picochat.device import DECODE_STEPS as MODES, resolve_dtype
-from picochat.common import PicochatError
+from picochat.common import DECODE_STEPS as MODES, PicochatError
+from picochat.device import resolve_dtype
 from picochat.model.kv_cache import KVCache, StaticStep
 
 

@@ -13,8 +13,7 @@ import os
 import socket
 import sys
 
-from picochat.common import PicochatError, nonneg_int, number_type, positive_int
-from picochat.device import add_inference_flags, pick_device
+from picochat.common import PicochatError, add_inference_flags, nonneg_int, number_type, positive_int
 
 _port = number_type(int, lambda v: 0 <= v <= 65535, "a port number in [0, 65535]")
 
@@ -69,6 +68,7 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.serve.app import create_app
 
