@@ -83,6 +83,33 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face Hub ($HF_ENDPOINT) answers: a fast offline check before the hub libraries
+    start their own retries (data sources, AIME). Runs in a daemon thread because a hanging DNS lookup
+    ignores socket timeouts. Any HTTP answer counts as up; urllib goes through $HTTPS_PROXY like the hub
+    libraries do. Plain urllib, not huggingface_hub: the hub library has no bounded reachability check
+    (its calls retry), and the check must come before any hub call (tests/test_corpus.py pins both)."""
+    import threading
+    import urllib.error
+    import urllib.request
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/api/datasets?limit=1"
+    result: list[bool] = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass
+        except Exception:  # URLError, timeout, refused, TLS...
+            return
+        result.append(True)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    return bool(result)
+
+
 # --------------------------------------------------------------------------- CLI flag types
 
 def number_type(cast, ok, what: str):

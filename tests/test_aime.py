@@ -262,7 +262,7 @@ def test_load_aime_accepts_hf_field_names(tmp_path):
 
 
 def test_load_aime_hf_offline_fails_fast(monkeypatch):
-    monkeypatch.setattr(aime, "_hf_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(aime, "hub_reachable", lambda timeout=5.0: False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     t0 = time.monotonic()

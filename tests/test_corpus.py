@@ -312,7 +312,7 @@ def test_hf_offline_fails_fast(monkeypatch, tmp_path, how):
     elif how == "unreachable":
         monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # closed port: refused at once
     elif how == "connect_error":
-        monkeypatch.setattr(cs, "_hub_reachable", lambda timeout=5.0: True)
+        monkeypatch.setattr(cs, "hub_reachable", lambda timeout=5.0: True)
     t0 = time.time()
     with pytest.raises(PicochatError) as e:
         c.prepare("hf:HuggingFaceFW/fineweb-edu", tmp_path / "o", hf_config="sample-10BT")
@@ -328,6 +328,33 @@ def test_hf_offline_fails_fast(monkeypatch, tmp_path, how):
     assert not (tmp_path / "o").exists()
 
 
+def test_hub_reachable_counts_any_http_answer_and_refuses_a_closed_port(monkeypatch):
+    """The one offline probe (data sources and AIME): an endpoint that answers at all, even 404, is up."""
+    import http.server
+    import threading
+
+    from picochat.common import hub_reachable
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)  # loopback, not through a proxy
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert hub_reachable(timeout=5)
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert not hub_reachable(timeout=5)
+
+
 def test_hf_parquet_files_with_fake_hub(monkeypatch, tmp_path):
     files = {}
     for j, name in enumerate(["sample/10BT/000.parquet", "sample/10BT/001.parquet", "sample/10BT/002.parquet",
@@ -337,7 +364,7 @@ def test_hf_parquet_files_with_fake_hub(monkeypatch, tmp_path):
         files[name] = p
     calls = []
     fake_hub(monkeypatch, files, calls)
-    monkeypatch.setattr(cs, "_hub_reachable", lambda timeout=5.0: True)
+    monkeypatch.setattr(cs, "hub_reachable", lambda timeout=5.0: True)
     meta = c.prepare("hf:HuggingFaceFW/fineweb-edu", tmp_path / "o", hf_config="sample-10BT", max_docs=40)
     assert (meta["train_docs"], meta["val_docs"]) == (38, 2) and meta["hf_files"] == 3
     got = docs(tmp_path / "o", "train") + docs(tmp_path / "o", "val")

@@ -14,16 +14,13 @@ import json
 import math
 import os
 import re
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, hub_reachable
 
 LOCAL_EXTS = (".txt", ".jsonl", ".parquet")
 VALID_SOURCES = "embedded | hf:REPO | local:PATH (or an existing file/folder path)"
@@ -237,29 +234,6 @@ def _hf_offline(repo: str) -> PicochatError:
                          f"use `--source embedded` or `--source local:DIR`")
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    """Fast offline check before the hub libraries start their own retries. Runs in a daemon
-    thread because a hanging DNS lookup ignores socket timeouts. Any HTTP answer counts as up.
-    Plain urllib, not huggingface_hub: the hub library has no bounded reachability check (its
-    calls retry), and the check must come before any hub call (tests/test_corpus.py pins both)."""
-    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/api/datasets?limit=1"
-    result: list[bool] = []
-
-    def probe():
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-        except urllib.error.HTTPError:
-            pass
-        except Exception:  # URLError, timeout, refused, TLS...
-            return
-        result.append(True)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 1)
-    return bool(result)
-
-
 def _hf_error(repo: str, e: Exception) -> PicochatError:
     name = type(e).__name__
     if "RepositoryNotFound" in name or "GatedRepo" in name:
@@ -284,7 +258,7 @@ def _hf_source(repo: str, hf_config: str | None, text_field: str, val_fraction: 
     huggingface_hub, datasets = _optional_import("huggingface_hub"), _optional_import("datasets")
     if huggingface_hub is None and datasets is None:
         raise PicochatError(f"hf:{repo} needs huggingface_hub (or datasets): pip install 'picochat[hf]'")
-    if not _hub_reachable():
+    if not hub_reachable():
         raise _hf_offline(repo)
     files: list[str] = []
     if huggingface_hub is not None:

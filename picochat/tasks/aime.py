@@ -46,13 +46,11 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
-import threading
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
-from picochat.common import PicochatError, read_jsonl_numbered
+from picochat.common import PicochatError, hub_reachable, read_jsonl_numbered
 from picochat.tasks.base import EvalTask
 
 KIND = "generative"
@@ -264,26 +262,6 @@ _HF_SOURCES = {
 }
 
 
-def _hf_reachable(timeout: float = 3.0) -> bool:
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # can't probe through a proxy cheaply; let datasets try
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
-    ok: list[bool] = []
-
-    def probe():  # in a thread: a DNS lookup has no timeout of its own
-        try:
-            with socket.create_connection((host, 443), timeout=timeout):
-                ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 2.0)
-    return bool(ok)
-
-
 def load_aime_hf(year: int) -> list[dict]:
     """Download AIME `year` (2024 or 2025) from the Hugging Face Hub (needs `datasets`)."""
     hint = "pass --data-file path.jsonl (one {\"question\", \"answer\"} object per line)"
@@ -295,7 +273,7 @@ def load_aime_hf(year: int) -> list[dict]:
         raise PicochatError(f"loading AIME {year} online needs `pip install datasets`; or {hint}") from None
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                   for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-    if not offline and not _hf_reachable():
+    if not offline and not hub_reachable():
         raise PicochatError(f"cannot reach the Hugging Face Hub to download AIME {year} (offline?); {hint}")
     errors = []
     for parts in _HF_SOURCES[year]:
