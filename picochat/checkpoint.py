@@ -24,14 +24,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from picochat.common import PicochatError, home, tokenizer_dir, write_text_atomic
+from picochat.common import PicochatError, atomic_dir, home, tokenizer_dir, write_text_atomic
 from picochat.model.config import GPTConfig
 from picochat.model.gpt import GPT
 from picochat.tokenizer import META_FILE, Tokenizer
@@ -70,11 +69,9 @@ def save_checkpoint(tag: str, step: int, model: torch.nn.Module, config: GPTConf
     """Write a complete checkpoint for `step` and point `latest` at it. Returns its directory.
     `tokenizer` (the one the model reads) is stored with it; load it back with load_tokenizer."""
     root = tag_dir(tag)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_dir(final) as tmp:  # re-saving a step (final save == periodic save) replaces it
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -89,12 +86,6 @@ def save_checkpoint(tag: str, step: int, model: torch.nn.Module, config: GPTConf
         for p in tmp.iterdir():  # durable before the rename makes it visible
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        if final.exists():  # re-saving the same step (e.g. final save == periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(root / "latest", name + "\n")
     # prune old steps, never the one just written
     steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)

@@ -56,6 +56,22 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary folder next to `out` to build it in; only if the block succeeds does it replace
+    `out` (replace_dir). A crash leaves the old `out` intact and at most a stray .<name>.*.tmp folder."""
+    import shutil
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; artifacts should be readable like any other
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

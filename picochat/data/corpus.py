@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from picochat.common import PicochatError, data_dir as default_data_dir, replace_dir, write_json_atomic
+from picochat.common import PicochatError, atomic_dir, data_dir as default_data_dir, write_json_atomic
 from picochat.data.sources import Source, default_name, open_source
 
 SPLITS = ("train", "val")
@@ -167,9 +165,7 @@ def prepare(source: str, out_dir=None, *, overwrite: bool = False, val_fraction:
     out = Path(out_dir).expanduser() if out_dir is not None else default_data_dir(default_name(source))
     src = open_source(source, hf_config=hf_config, text_field=text_field, val_fraction=val_fraction, seed=seed)
     _refuse_occupied(out, overwrite)  # checked again at the final rename
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         train, val = (_ShardWriter(tmp, split, shard_chars, row_group_docs, seed) for split in SPLITS)
         carved = _write_splits(src, train, val, val_fraction, max_docs, max_chars)
         if train.docs + val.docs == 0:
@@ -184,13 +180,7 @@ def prepare(source: str, out_dir=None, *, overwrite: bool = False, val_fraction:
                 "max_docs": max_docs, "max_chars": max_chars, "hf_config": hf_config, "text_field": text_field,
                 "seed": seed, **src.info}
         write_json_atomic(tmp / "meta.json", meta)
-        for p in (tmp, tmp / "meta.json"):  # mkdtemp/mkstemp make owner-only files; a corpus is shared data
-            p.chmod(0o755 if p.is_dir() else 0o644)
         _refuse_occupied(out, overwrite)  # it may have appeared while we were writing
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

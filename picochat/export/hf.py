@@ -16,16 +16,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from picochat import checkpoint as ck
-from picochat.common import PicochatError, home, replace_dir, tokenizer_dir, write_json_atomic
+from picochat.common import PicochatError, atomic_dir, home, tokenizer_dir, write_json_atomic
 from picochat.export import DEFAULT_ATOL, DTYPE_NAMES
 from picochat.export import hf_tokenizer as hft
 from picochat.model.config import GPTConfig
@@ -229,9 +226,7 @@ def export_hf(tag: str, out, step: int | None = None, dtype: str = "checkpoint",
     n_params = sum(t.numel() for t in weights.values())
     del raw  # with --dtype checkpoint `weights` shares its tensors; otherwise one less copy in memory
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         hf_cfg = hf_config(config, tok, target)
         hf_cfg.save_pretrained(str(tmp))
         GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
@@ -265,11 +260,6 @@ def export_hf(tag: str, out, step: int | None = None, dtype: str = "checkpoint",
                                                   report if report.is_file() else None, tmp), encoding="utf-8")
         write_json_atomic(tmp / "picochat_export.json", {"tag": tag, "step": ckpt.step, "meta": ckpt.meta,
                                                          "picochat_config": config.to_dict(), "check": check})
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 directories
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "tag": tag, "step": ckpt.step, "dtype": str(target), **check}
 
 
