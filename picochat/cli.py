@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"picochat: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # a path the user chose that cannot be written or read: missing folder, no permission, full disk
+    except OSError as e:  # a path the OS refuses: missing folder, a file in the way, no permission, full disk
         if os.environ.get("PICOCHAT_DEBUG"):
             raise
         print(f"picochat: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)

@@ -1,8 +1,9 @@
 """Request models of the OpenAI-compatible API (pydantic) and OpenAI's error shape.
 
-Unknown fields are ignored (clients send e.g. `user`, `logit_bias`, `presence_penalty`), except
-the few OpenAI fields that change what a reply means (UNSUPPORTED), values are range-checked here so that every bad request becomes a 400 with the offending `param`, before
-anything is queued. Responses are plain dicts built in app.py: they are output, not validated.
+Unknown fields are ignored (clients send e.g. `user`, `logit_bias`, `presence_penalty`), except the
+few OpenAI fields that change what a reply means (UNSUPPORTED). Values are range-checked here so that
+every bad request becomes a 400 with the offending `param`, before anything is queued. Responses are
+plain dicts built in app.py: they are output, not validated.
 """
 from __future__ import annotations
 
