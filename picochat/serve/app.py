@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.inference.sampling import Sampling
+from picochat.serve import DEFAULT_MAX_TOKENS, MAX_BATCH, MAX_BODY_BYTES, MAX_QUEUE
 from picochat.inference.scheduler import Scheduler
 from picochat.serve.generation import ChoiceResult, Generation, chat_turn, text_turn
 from picochat.serve.guard import Guard
@@ -298,8 +299,8 @@ class Routes:
 
 
 def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, api_key: str | None = None,
-               max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1 << 20,
-               default_max_tokens: int = 512, spec_chunk: int = 16, context_length: int | None = None,
+               max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, max_body_bytes: int = MAX_BODY_BYTES,
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, spec_chunk: int = 16, context_length: int | None = None,
                body_timeout_s: float = 30.0, decode_step: str = "eager") -> FastAPI:
     """Build the app. `model` is a GPT in eval mode on its device; `draft` an optional smaller GPT
     with the same vocabulary for speculative decoding. context_length: prompt + max_tokens limit per

@@ -14,6 +14,7 @@ import socket
 import sys
 
 from picochat.common import PicochatError, add_inference_flags, nonneg_int, number_type, positive_int
+from picochat.serve import DEFAULT_MAX_TOKENS, MAX_BATCH, MAX_BODY_BYTES, MAX_QUEUE
 
 _port = number_type(int, lambda v: 0 <= v <= 65535, "a port number in [0, 65535]")
 
@@ -119,13 +120,14 @@ def register(subparsers) -> None:
     key.add_argument("--api-key", default=None, metavar="KEY",
                      help="the same with KEY on the command line, where other users of the machine can see it "
                           "(prefer --api-key-file or $" + API_KEY_ENV + ")")
-    p.add_argument("--max-batch", type=positive_int, default=16,
+    p.add_argument("--max-batch", type=positive_int, default=MAX_BATCH,
                    help="most requests decoded together in the continuous batch (default %(default)s)")
-    p.add_argument("--max-queue", type=nonneg_int, default=64,
+    p.add_argument("--max-queue", type=nonneg_int, default=MAX_QUEUE,
                    help="requests waiting beyond the batch before new ones get 503 + Retry-After (default %(default)s)")
-    p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="request body size limit, else 413 (default %(default)s)")
-    p.add_argument("--default-max-tokens", type=positive_int, default=512,
-                   help="reply length when a request sets no max_tokens (capped by the context; default 512)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
+                   help="request body size limit, else 413 (default %(default)s)")
+    p.add_argument("--default-max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
+                   help="reply length when a request sets no max_tokens (capped by the context; default %(default)s)")
     p.add_argument("--context-length", type=positive_int, default=None, metavar="N",
                    help="max prompt + completion tokens per request; up to 10x the trained context is allowed, "
                         "but quality degrades past it (default: the model's trained sequence length)")
