@@ -149,10 +149,11 @@ nonneg_float = number_type(float, lambda v: 0 <= v < float("inf"), "a finite num
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # device.DTYPES maps them to torch dtypes
 DECODE_STEPS = ("auto", "eager", "compiled", "cuda-graphs")
+QUANT_MODES = ("none", "int8", "int4")  # inference/quant.py
 
 
 def add_inference_flags(p) -> None:
-    """--dtype and --decode-step, the same on every command that runs a model for inference."""
+    """--dtype, --quant and --decode-step, the same on every command that runs a model for inference."""
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="weights, activations and KV "
                    "cache (sampling is always fp32): auto = bf16 on a CUDA card with bf16, fp32 otherwise; fp16 needs "
                    "a GPU, bf16 on CPU needs AVX512-BF16/AMX (default %(default)s)")
@@ -160,6 +161,9 @@ def add_inference_flags(p) -> None:
                    "compiled (torch.compile of a static-shape step: fewer launches, minutes of compile on CPU); "
                    "cuda-graphs (the compiled step replayed as one CUDA graph, CUDA only); auto = cuda-graphs on CUDA, "
                    "eager elsewhere (default %(default)s)")
+    p.add_argument("--quant", default="none", choices=QUANT_MODES, help="weights in fewer bits, for speed and memory: "
+                   "int8 (per output channel; on CPU activations per token, FBGEMM), int4 (groups of 32 input "
+                   "channels, lm_head int8); docs/inference.md measures speed and quality (default %(default)s)")
 
 
 # --------------------------------------------------------------------------- distributed

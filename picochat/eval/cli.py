@@ -72,13 +72,14 @@ def _summary(r: dict) -> str:
 
 def cmd_eval(args):
     import torch
-    from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.checkpoint import load_tokenizer
     from picochat.common import write_json_atomic
     from picochat.device import init_distributed, pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.eval import runner
     from picochat.tasks import make_eval_task
     from picochat.inference.engine import Engine
+    from picochat.inference.quant import load_for_inference
 
     tasks = parse_tasks(args.tasks)
     files = parse_data_files(args.data_file, tasks)
@@ -90,7 +91,7 @@ def cmd_eval(args):
     try:
         # the data first: a bad file should fail before a model is loaded
         loaded = [make_eval_task(n, files.get(n), None if n == "bpb" else args.limit, args.corpus) for n in tasks]
-        model, ckpt = load_model(args.model, device=device, dtype=dtype)
+        model, ckpt = load_for_inference(args.model, device, dtype, args.quant)
         tok = load_tokenizer(args.model)
         engine = Engine(model, tok, decode_step=args.decode_step)
         opts = runner.EvalOptions(chat=args.kind == "chat", batch_size=args.batch_size, max_tokens=args.max_tokens,
@@ -116,12 +117,14 @@ def cmd_eval(args):
                 q = q.get("question") or q.get("task_id") or ""
                 print(f"    {'✓' if ex['correct'] else '✗'} {q[:60]!r} -> {ex['reply'][:80]!r}")
         if info.is_master:
-            out = ckpt.path.parent / f"eval_{args.kind}_{ckpt.path.name}.json"
+            # a quantized model's results sit beside the full-precision ones, not over them
+            quant = "" if args.quant == "none" else f"eval-{args.quant}_"
+            out = ckpt.path.parent / f"{quant or 'eval_'}{args.kind}_{ckpt.path.name}.json"
             try:
                 old = json.loads(out.read_text()).get("results", {})
             except (OSError, ValueError, AttributeError):
                 old = {}  # no old file, or an unreadable one: it is replaced, not merged
-            write_json_atomic(out, {"model": args.model, "step": ckpt.step, "kind": args.kind,
+            write_json_atomic(out, {"model": args.model, "step": ckpt.step, "kind": args.kind, "quant": args.quant,
                                     "stage": ckpt.meta.get("stage"), "results": {**old, **results}})
             print(f"results -> {out}")
     finally:

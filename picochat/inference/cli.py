@@ -16,12 +16,13 @@ from picochat.common import (THREADS_HELP, PicochatError, add_inference_flags, n
 
 def _engine(args):
     """An Engine over the model (in the dtype the inference flags ask for), and its tokenizer."""
-    from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.checkpoint import load_tokenizer
     from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
     from picochat.inference.engine import Engine
+    from picochat.inference.quant import load_for_inference
     device = pick_device(args.device)
-    model, _ = load_model(args.model, device=device, dtype=resolve_flags(args, device))
+    model, _ = load_for_inference(args.model, device, resolve_flags(args, device), args.quant)
     tok = load_tokenizer(args.model)
     return Engine(model, tok, decode_step=args.decode_step), tok
 

@@ -31,6 +31,9 @@ MODES = ("auto", "absorb", "expand")
 
 
 class MultiHeadLatentAttention(nn.Module):
+    # read as matrices by absorbed decoding (absorbed_output_weight, forward): no quantized stand-ins
+    DENSE_WEIGHTS = ("c_uk", "c_uv", "c_proj")
+
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

@@ -68,20 +68,21 @@ def banner(args, app, port: int, device, with_draft: bool, api_key: str | None) 
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from picochat.checkpoint import load_model, load_tokenizer
+    from picochat.checkpoint import load_tokenizer
     from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
+    from picochat.inference.quant import load_for_inference
     from picochat.serve.app import create_app
 
     api_key = resolve_api_key(args)
     _listen(args.host, args.port).close()  # fail fast, before loading anything
     device = pick_device(args.device)
     dtype = resolve_flags(args, device)
-    model, _ = load_model(args.model, device=device, dtype=dtype)
+    model, _ = load_for_inference(args.model, device, dtype, args.quant)
     tok = load_tokenizer(args.model)  # each checkpoint carries its own (an imported model keeps nanochat's)
     draft = None
     if args.draft:
-        draft, _ = load_model(args.draft, device=device, dtype=dtype)
+        draft, _ = load_for_inference(args.draft, device, dtype, args.quant)
         if draft.config.vocab_size != model.config.vocab_size or not load_tokenizer(args.draft).same_encoding(tok):
             raise PicochatError(f"--draft {args.draft} has another vocabulary than --model {args.model} "
                                 f"({draft.config.vocab_size} vs {model.config.vocab_size} tokens, or the same size "
