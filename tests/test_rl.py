@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 
 from evalkit import REPO, TEXT, make_home, tiny_model
 from picochat import checkpoint as ck
-from picochat.common import DistInfo, PicochatError
+from picochat.common import PicochatError
 from picochat.eval.generate import generate_replies
 from picochat.tasks import EvalTask, make_eval_task
 from picochat.inference.chat import Reply
 from picochat.inference.sampling import Sampling
 from picochat.tokenizer import Tokenizer
-from picochat.train.loop import TrainSettings, run_training
+from picochat.train.loop import Stage, TrainSettings, run_training
 from picochat.train.rewards import calculator_agreement, check_reward_tasks
 from picochat.train.rl import RLOptions, RolloutLoader, group_advantages, policy_loss, rollout_batches
 from test_eval_runner import ScriptedEngine
@@ -145,7 +145,7 @@ def test_loss_equals_reference_computation(tok):
             total = 0.0
             for b in batches:
                 with torch.no_grad():
-                    b.ref_logp = -ref_model(b.x, b.y, loss_reduction="none").view_as(b.y)
+                    b.ref_logp = -ref_model(b.inputs, b.targets, loss_reduction="none").view_as(b.targets)
                 b.kl_weight = kl * accum / n
                 total = total + policy_loss(model, b) / accum  # what the loop does with grad_accum
             torch.testing.assert_close(total, expected, atol=1e-6, rtol=1e-5)
@@ -185,8 +185,8 @@ def test_toy_task_expected_reward_rises(tok):
     settings = TrainSettings(stage="rl", tag="rl/toy", steps=25, device_batch_size=64, seq_len=1,
                              matrix_lr=0.01, embedding_lr=0.05, unembedding_lr=0.02, warmdown_ratio=0.0,
                              eval_every=0, log_every=1)
-    summary = run_training(model, settings, lambda state: loader, torch.device("cpu"), DistInfo(False, 0, 0, 1),
-                           loss_fn=policy_loss, write_checkpoints=False)
+    summary = run_training(Stage(settings, model, tok, torch.device("cpu")), lambda state: loader,
+                           loss_fn=policy_loss, save_checkpoints=False)
     rewards = [h["reward"] for h in summary["history"] if "reward" in h]
     assert len(rewards) == 25 and all(0 <= h["live_groups"] <= 1 for h in summary["history"] if "reward" in h)
     p_after = expected_reward()

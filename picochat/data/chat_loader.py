@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from picochat.data.loader import DEFAULT_PREFETCH, BackgroundLoader, PackedLoader
-from picochat.data.workers import Prefetcher, WorkerPool
+from picochat.data.loader import DEFAULT_PREFETCH, PackedLoader, SlotLoader
 from picochat.tasks.base import Task
 
 
@@ -47,23 +46,23 @@ def sft_batch(conversations: list[dict], tokenizer, max_len: int,
     return tuple(torch.from_numpy(a) for a in sft_arrays(conversations, tokenizer, max_len, pad_to))
 
 
-class SFTLoader(BackgroundLoader):
-    """Yields padded (x, y) batches of whole conversations; state = next index per slot."""
+class SFTLoader(SlotLoader):
+    """Yields Batches of padded whole conversations; state = next conversation index per slot."""
 
     def __init__(self, mixture: Task, tokenizer, batch_size: int, max_len: int, rank: int = 0, world_size: int = 1,
                  grad_accum: int = 1, state: dict | None = None, device="cpu", workers: int = 0,
                  pad_to: int | None = None, prefetch: int = DEFAULT_PREFETCH):
         if pad_to is not None and pad_to < max_len:
             raise ValueError(f"pad_to ({pad_to}) must be >= max_len ({max_len})")
+        super().__init__("sft", rank, world_size, grad_accum, state, device)
         self.mixture, self.tok = mixture, tokenizer
         self.B, self.max_len, self.pad_to = batch_size, max_len, pad_to
-        saved = self._layout("sft", rank, world_size, grad_accum, state, device)
         # slot s serves conversation rows s*B .. s*B+B-1 of every "global batch" of n_slots*B
-        self.next = {s: int(saved.get(str(s), s * batch_size)) for s in self.slots}
-        if workers:
-            self.pool = WorkerPool(self._render, workers, name="sft")
-            self._consumed = self._live_state()
-            self.prefetcher = Prefetcher(self._produce, prefetch)
+        self.next = {s: int(self.saved.get(str(s), s * batch_size)) for s in self.slots}
+        if workers:  # optional speed-up: whole batches rendered in forked processes (workers.py)
+            from picochat.data.workers import Background, WorkerPool
+            pool = WorkerPool(self._render, workers, name="sft")
+            self.background = Background(self, pool, lambda stop: self._render_ahead(pool, stop), prefetch)
 
     def _advance(self) -> int:
         """Claim the next micro-step's batch: returns its first conversation index."""
@@ -76,24 +75,20 @@ class SFTLoader(BackgroundLoader):
         convs = [self.mixture[(start + i) % len(self.mixture)] for i in range(self.B)]
         return sft_arrays(convs, self.tok, self.max_len, self.pad_to)
 
-    def _produce(self, stop):
+    def _produce(self):
+        return tuple(torch.from_numpy(a) for a in self._render(self._advance()))
+
+    def _render_ahead(self, pool, stop):
         """Prefetch thread: batches are independent, so keep ~2 requests per worker in flight."""
         states = []
-        for _ in range(2 * self.pool.n):
-            self.pool.submit(self._advance())
-            states.append(self._live_state())
+        for _ in range(2 * pool.n):
+            pool.submit(self._advance())
+            states.append(self.live_state())
         while True:
-            x, y = (self._pinned(torch.from_numpy(a)) for a in self.pool.get(stop=stop))
-            self.pool.submit(self._advance())
-            states.append(self._live_state())
+            x, y = (self._pinned(torch.from_numpy(a)) for a in pool.get(stop=stop))
+            pool.submit(self._advance())
+            states.append(self.live_state())
             yield (x, y), states.pop(0)
-
-    def __next__(self):
-        if self.prefetcher is not None:
-            (x, y), self._consumed = self.prefetcher.get()
-        else:
-            x, y = (torch.from_numpy(a) for a in self._render(self._advance()))
-        return x.to(self.device, non_blocking=x.is_pinned()), y.to(self.device, non_blocking=y.is_pinned())
 
     def _positions(self) -> dict:
         return {str(s): v for s, v in self.next.items()}

@@ -5,8 +5,12 @@
   or speed of the workers (2 workers give the 0-worker stream: tested). The parent waits on each
   worker's pipe *and* its process sentinel, so a worker that dies (OOM killer, SIGKILL, segfault)
   raises LoaderWorkerError within a fraction of a second instead of hanging on a queue forever.
-- Prefetcher(produce, depth): a thread that runs the packing generator and keeps a bounded queue
-  of ready items, so the training step only pops a finished batch.
+- OrderedStreams(pool, ahead): one ordered result stream per loader slot over one pool.
+- Background(loader, pool, run, depth): a thread that runs the packing generator and keeps a
+  bounded queue of ready batches, each with the loader's state right after it, so the training step
+  only pops a finished batch and a checkpoint saves the position of the batches handed out.
+- tokenize_in_background wires a PackedLoader's slot streams to a pool (SFTLoader renders whole
+  batches in its own, chat_loader.py).
 
 Workers are forked, not spawned: they inherit the tokenizer, the task mixture and the document
 readers without pickling anything and start in milliseconds. They never touch torch or CUDA, so
@@ -25,6 +29,8 @@ import traceback
 from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable, Iterator
+
+import numpy as np
 
 from picochat.common import PicochatError
 
@@ -198,16 +204,24 @@ class OrderedStreams:
         self._submit(key)
         return self.ready[key].popleft()
 
+    def chunks(self, key) -> Iterator[list[np.ndarray]]:
+        """Key's tokenized chunks, in order: each result (flat tokens, per-doc lengths) split per doc."""
+        while True:
+            flat, lens = self.next(key)
+            yield np.split(flat, np.cumsum(lens)[:-1])
 
-class Prefetcher:
-    """A thread that runs `produce()` and keeps up to `depth` of its items ready in a queue.
 
+class Background:
+    """A loader's batches made ahead in a thread: `run(stop)` yields (batch, the loader's state right
+    after it) and up to `depth` of them wait in a queue. get() returns the next batch and makes its
+    state `state`, which the loader's state_dict() returns (the queued batches are not consumed yet).
     Errors in the thread (a dead worker included) are re-raised by get() in the training thread."""
 
-    def __init__(self, produce: Callable[[threading.Event], Iterator], depth: int):
+    def __init__(self, loader, pool: WorkerPool, run: Callable[[threading.Event], Iterator], depth: int):
+        self.pool, self.state = pool, loader.live_state()  # before the thread starts moving the loader on
         self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(produce,), name="picochat-prefetch", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(run,), name="picochat-prefetch", daemon=True)
         self.thread.start()
 
     def _put(self, entry) -> bool:
@@ -220,9 +234,9 @@ class Prefetcher:
                 continue
         return False
 
-    def _run(self, produce) -> None:
+    def _run(self, run) -> None:
         try:
-            for item in produce(self.stop):
+            for item in run(self.stop):
                 if not self._put(("ok", item)):
                     return
         except _Stopped:
@@ -240,9 +254,47 @@ class Prefetcher:
                 continue
             if status == "error":
                 raise item
-            return item
+            batch, self.state = item
+            return batch
 
     def close(self) -> None:
+        """Stop the thread, then the worker processes (idempotent)."""
         self.stop.set()
         self.thread.join(timeout=5.0)
+        self.pool.close()
 
+
+def _tokenize_job(make_docs):
+    """Worker-side function: (slot, doc indices) -> (flat int32 tokens, per-doc lengths).
+
+    Each worker keeps one document reader per slot (created on first use), so reads stay sequential.
+    Flat numpy arrays pickle as one memcpy, unlike lists of Python ints."""
+    readers: dict = {}
+
+    def run(request):
+        slot, indices = request
+        if slot not in readers:
+            readers[slot] = make_docs()
+        ids = readers[slot](indices)
+        lens = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=int(lens.sum()))
+        return flat, lens
+    return run
+
+
+def tokenize_in_background(loader, make_docs, workers: int, prefetch: int) -> Background:
+    """A PackedLoader's speed-up: its slot streams' chunks tokenized by `workers` forked processes (the
+    same requests it would make in process, so the same tokens), batches packed ahead in a thread."""
+    pool = WorkerPool(_tokenize_job(make_docs), workers, name=loader.split)
+    # keep every worker busy: at least 2 chunks in flight per slot, ~2 per worker overall
+    ordered = OrderedStreams(pool, ahead=max(2, -(-2 * workers // loader.grad_accum)))
+    for stream in loader.streams:
+        ordered.add(stream.slot, ((stream.slot, indices) for indices in stream.requests()))
+        stream.chunks = ordered.chunks(stream.slot)
+
+    def run(stop):
+        ordered.stop = stop  # closing interrupts a wait on the pool
+        while True:
+            yield loader._produce(), loader.live_state()
+
+    return Background(loader, pool, run, prefetch)

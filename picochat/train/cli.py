@@ -1,6 +1,6 @@
 """`picochat train base|mid|sft|rl`: each stage's flags, how it makes a fresh run's model, tokenizer and
-settings, and its loaders; the start and tail every stage shares and the one training loop are in
-train/loop.py (RL's stage lives in train/rl.py).
+settings, and its loaders; then the steps every stage shares, in train/loop.py: start_stage (a Stage:
+settings, model, tokenizer, device), run_training (the one loop), finish_stage. RL's lives in train/rl.py.
 
     picochat train base --depth 4                       pretraining (also under torchrun)
     picochat train base --depth 4 --arch nanochat-2026  nanochat's 2026 design
@@ -77,7 +77,7 @@ def cmd_train_base(args):
     from picochat.model.config import config_from_depth
     from picochat.model.gpt import GPT
     from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import run_stage, start_stage
+    from picochat.train.loop import finish_stage, run_training, start_stage
 
     t0 = time.time()
     args.tag = args.tag or f"base/d{args.depth}"  # --resume needs no --tag here: it follows --depth
@@ -95,20 +95,20 @@ def cmd_train_base(args):
         model.init_weights()
         return settings, model, tok
 
-    run = start_stage(args, args.tag, fresh)
-    device, info, _, settings, _, tok, grad_accum = run
-    B, T = settings.device_batch_size, settings.seq_len
-    data = data_dir(settings.extra["data"])
+    stage = start_stage(args, args.tag, fresh)
+    info, tok, B, T = stage.dist, stage.tok, stage.settings.device_batch_size, stage.settings.seq_len
+    data = data_dir(stage.settings.extra["data"])
     list_shards(data, "train")  # clear error if the corpus is missing
 
     def make_loader(state):
-        return PretrainLoader(data, tok, B, T, "train", info.rank, info.world_size, grad_accum, state, device=device,
-                              **loader_kwargs(args))
+        return PretrainLoader(data, tok, B, T, "train", info.rank, info.world_size, stage.grad_accum, state,
+                              device=stage.device, **loader_kwargs(args))
 
-    def val_batches():
-        return PretrainLoader(data, tok, B, T, "val", info.rank, info.world_size, 1, None, device=device)
+    def val_loader():
+        return PretrainLoader(data, tok, B, T, "val", info.rank, info.world_size, 1, None, device=stage.device)
 
-    run_stage(args, run, make_loader, t0, val_batches)
+    summary = run_training(stage, make_loader, val_loader, stop_after=args.stop_after, wandb_project=args.wandb)
+    finish_stage(stage, summary, time.time() - t0)
 
 
 def cmd_train_chat(args):
@@ -116,40 +116,42 @@ def cmd_train_chat(args):
     from picochat import checkpoint as ck
     from picochat.data.chat_loader import MidLoader, SFTLoader
     from picochat.tasks import build_mixture
-    from picochat.train.loop import run_stage, start_stage
+    from picochat.train.loop import finish_stage, run_training, start_stage
 
     t0 = time.time()
-    stage = args.stage
+    name = args.stage
 
     def fresh(tag, device, info):
         model, source = ck.load_model(args.model, device=device)
         tok = ck.load_tokenizer(args.model)  # the model's own: an imported model keeps its tokenizer
-        settings = settings_from_args(args, stage, tag, args.seq_len or model.config.sequence_len,
+        settings = settings_from_args(args, name, tag, args.seq_len or model.config.sequence_len,
                                       {"source": args.model, "source_step": source.step,
                                        "tasks": args.tasks.split(",") if args.tasks else [], "data": args.data or [],
                                        "task_size": args.task_size})
         return settings, model, tok
 
-    run = start_stage(args, f"{stage}/" + args.model.split("/")[-1], fresh)
-    device, info, _, settings, _, tok, grad_accum = run
+    stage = start_stage(args, f"{name}/" + args.model.split("/")[-1], fresh)
+    settings, info, tok, device = stage.settings, stage.dist, stage.tok, stage.device
     extra = settings.extra
     mixture = build_mixture(extra["tasks"], extra["data"], "train", extra["task_size"], seed=settings.seed)
     offline = [t for t in extra["tasks"] if t.split("=")[0] in ("spelling", "arithmetic")]
     val_mixture = build_mixture(offline, [], "test", 500, seed=settings.seed + 1) if offline else None
-    B, T = settings.device_batch_size, settings.seq_len
+    B, T, accum = settings.device_batch_size, settings.seq_len, stage.grad_accum
 
     def make_loader(state):
         kw = loader_kwargs(args)
-        if stage == "mid":
-            return MidLoader(mixture, tok, B, T, info.rank, info.world_size, grad_accum, state, device=device, **kw)
+        if name == "mid":
+            return MidLoader(mixture, tok, B, T, info.rank, info.world_size, accum, state, device=device, **kw)
         # compiled training wants one static shape: pad every SFT row to T (loss unchanged)
-        return SFTLoader(mixture, tok, B, T, info.rank, info.world_size, grad_accum, state, device=device,
+        return SFTLoader(mixture, tok, B, T, info.rank, info.world_size, accum, state, device=device,
                          workers=kw["workers"], prefetch=kw["prefetch"], pad_to=T if settings.compile != "off" else None)
 
-    def val_batches():
+    def val_loader():
         return SFTLoader(val_mixture, tok, B, T, info.rank, info.world_size, 1, None, device=device)
 
-    run_stage(args, run, make_loader, t0, val_batches if val_mixture is not None else None)
+    summary = run_training(stage, make_loader, val_loader if val_mixture is not None else None,
+                           stop_after=args.stop_after, wandb_project=args.wandb)
+    finish_stage(stage, summary, time.time() - t0)
 
 
 def cmd_train_rl(args):

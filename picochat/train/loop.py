@@ -1,14 +1,15 @@
 """ONE training loop for base, mid, SFT and RL: accumulation, schedule, compile, checkpointing, DDP.
 
-The stages differ only in the model they start from and the batches they feed: every stage
-hands this loop a model, a loader factory (state -> iterator of (x, y) with y == -1 where no
-loss is wanted) and optional validation batches. RL (train/rl.py) is the same loop with three
-hooks: its loader generates and grades rollouts and yields batches of per-token weights, a
-`loss_fn` turns such a batch into the policy-gradient loss, and an `eval_fn` adds held-out
-metrics at eval points; the loader's `step_metrics()` (rewards, rollout speed) join the history.
+A `picochat train` command reads top to bottom: start_stage (device, torchrun, --resume or a fresh
+tag) gives a Stage (settings, model, tokenizer, device); run_training trains it; finish_stage
+reports and tears torchrun down. The stages differ only in the model they start from and the
+loader they feed: every loader yields Batches (data/loader.py: inputs, targets with -1 where no
+loss is wanted, the tokens they count, optional metrics for the history) and has state_dict(),
+merge_states() and close(). RL (train/rl.py) adds two hooks: a `loss_fn` that turns its batches
+(which also carry per-token advantages) into the policy-gradient loss, and an `eval_fn` that adds
+held-out metrics at eval points; its batches' metrics (rewards, rollout speed) join the history.
 Resume is exact: weights, optimizer moments, loader position, step and metric history all come
-back from the checkpoint. start_stage and run_stage are what every `picochat train` command does
-before and after the loop (device, torchrun, --resume or a fresh tag; report and teardown).
+back from the checkpoint.
 
 Performance knobs (docs/performance.md has the measurements): `compile` (torch.compile modes,
 see compile_model for what each costs and the CPU fallbacks), `grad_checkpoint` (per-block
@@ -22,14 +23,15 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
-from typing import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from picochat import checkpoint as ckpt_mod
+from picochat.data.loader import Batch
 from picochat.common import DistInfo, PicochatError, print0
 from picochat.device import autocast_ctx, init_distributed, pick_device
 from picochat.eval.bpb import evaluate_bpb, token_byte_lengths
@@ -65,44 +67,60 @@ def compile_model(model: torch.nn.Module, mode: str, device: torch.device) -> to
     return torch.compile(model, mode=None if run_mode == "default" else run_mode, dynamic=False)
 
 
-def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dict | None], Iterable],
-                 device: torch.device, dist_info: DistInfo, val_batches: Callable[[], Iterable] | None = None,
-                 token_bytes: torch.Tensor | None = None, resume: ckpt_mod.Checkpoint | None = None,
-                 stop_after: int | None = None, base_meta: dict | None = None, wandb_project: str | None = None,
-                 write_checkpoints: bool = True, tokenizer=None, loss_fn: Callable | None = None,
-                 eval_fn: Callable[[], dict] | None = None) -> dict:
-    """Train `model` in place for settings.steps optimizer steps; returns a summary dict.
+def lm_loss(model, batch: Batch) -> torch.Tensor:
+    """The default loss: cross-entropy of the targets (-1: no loss), the model's own forward."""
+    return model(batch.inputs, batch.targets)
 
-    loss_fn(train_model, batch) -> scalar loss (default: train_model(*batch), the cross-entropy of (x, y)).
-    eval_fn() -> {metric: value}, logged with val bpb at every eval point (every rank calls it).
-    wandb_project: log the run history to Weights & Biases (optional dependency, off by default).
-    write_checkpoints=False: save nothing (benchmarks); the history is in the returned summary.
-    tokenizer: stored with every checkpoint (checkpoint.load_tokenizer reads it back)."""
-    grad_accum = settings.validate(dist_info.world_size)  # the CLI stages checked already, before loading anything
+
+@dataclass
+class Stage:
+    """A run ready to train, fresh or resumed: what start_stage returns and run_training takes."""
+    settings: TrainSettings
+    model: GPT
+    tok: Any                              # the tokenizer, stored with every checkpoint (None: save nothing)
+    device: torch.device
+    dist: DistInfo = field(default_factory=lambda: DistInfo(False, 0, 0, 1))  # torchrun's ranks; one process
+    resume: ckpt_mod.Checkpoint | None = None  # the checkpoint to continue (--resume)
+
+    def __post_init__(self):
+        self.grad_accum = self.settings.validate(self.dist.world_size)  # the CLI checked before building anything
+
+
+def run_training(stage: Stage, make_loader: Callable[[dict | None], Iterator[Batch]], val_loader=None,
+                 loss_fn=lm_loss, eval_fn=None, stop_after=None, wandb_project=None, save_checkpoints=True) -> dict:
+    """Train stage.model in place for settings.steps optimizer steps; returns a summary dict.
+
+    make_loader(saved loader state or None) -> the loader (Batches; state_dict, merge_states, close).
+    val_loader() -> Batches for val bits-per-byte at every eval point (None: no val data).
+    loss_fn(train_model, batch) -> scalar loss; eval_fn() -> {metric: value} logged at every eval point
+    (every rank calls it). wandb_project: log the history to Weights & Biases (optional dependency).
+    save_checkpoints=False: save nothing (benchmarks); the history is in the returned summary."""
+    settings, model, device, info, grad_accum = stage.settings, stage.model, stage.device, stage.dist, stage.grad_accum
     model.grad_checkpoint = settings.grad_checkpoint
     optimizers = build_optimizers(model, settings.matrix_lr, settings.embedding_lr, settings.unembedding_lr,
                                   settings.weight_decay)
     step, history, loader_state, train_time = 0, [], None, 0.0
-    if resume is not None:
-        ckpt_mod.load_optimizer_state(resume, optimizers)
-        step = resume.step
-        loader_state = resume.state.get("loader")
-        history = resume.state.get("history", [])
-        train_time = resume.state.get("train_time", 0.0)
+    if stage.resume is not None:
+        ckpt_mod.load_optimizer_state(stage.resume, optimizers)
+        step = stage.resume.step
+        loader_state = stage.resume.state.get("loader")
+        history = stage.resume.state.get("history", [])
+        train_time = stage.resume.state.get("train_time", 0.0)
         print0(f"resuming {settings.tag} from step {step}")
+    token_bytes = token_byte_lengths(stage.tok, device) if val_loader else None
     loader = make_loader(loader_state)
     try:
         session_time = data_wait = 0.0
         train_model = compile_model(model, settings.compile, device)
         # CUDA graphs replay into fixed output buffers: tell the graph tree where each step begins
         mark_step = device.type == "cuda" and settings.compile in CUDAGRAPH_MODES
-        if dist_info.enabled:
+        if info.enabled:
             train_model = torch.nn.parallel.DistributedDataParallel(
                 train_model, device_ids=[device.index] if device.type == "cuda" else None)
-        tokens_per_step = settings.device_batch_size * settings.seq_len * dist_info.world_size * grad_accum
-        # tokens actually put through the model: SFT pads each batch only to its longest row, so its
+        tokens_per_step = settings.device_batch_size * settings.seq_len * info.world_size * grad_accum
+        # tokens the batches count (Batch.tokens): SFT pads each batch only to its longest row, so its
         # steps hold fewer than rows x seq_len (base and mid always hold exactly that many)
-        seen = resume.meta.get("tokens", step * tokens_per_step) if resume is not None else 0
+        seen = stage.resume.meta.get("tokens", step * tokens_per_step) if stage.resume is not None else 0
         session_start = seen
         end = settings.steps if stop_after is None else min(settings.steps, stop_after)
         val_bpb = None
@@ -111,37 +129,35 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
             """One history entry: val bpb (None without val data) and eval_fn's metrics."""
             nonlocal val_bpb
             entry = {"step": step, "val_bpb": None}
-            if val_batches is not None and token_bytes is not None:
-                entry["val_bpb"] = evaluate_bpb(model, val_batches(), token_bytes, max_batches=settings.eval_batches)
+            if val_loader is not None:
+                val_xy = ((b.inputs, b.targets) for b in val_loader())
+                entry["val_bpb"] = evaluate_bpb(model, val_xy, token_bytes, max_batches=settings.eval_batches)
             if eval_fn is not None:
                 entry.update(eval_fn())
             history.append(entry)
             val_bpb = entry["val_bpb"]
 
         def save(at_step: int) -> None:
-            if not write_checkpoints:
+            if not save_checkpoints:
                 return
             states = [loader.state_dict()]
-            if dist_info.enabled:
-                gathered = [None] * dist_info.world_size
-                dist.all_gather_object(gathered, states[0])
-                states = gathered
-            if not dist_info.is_master:
+            if info.enabled:
+                states = [None] * info.world_size
+                dist.all_gather_object(states, loader.state_dict())
+            if not info.is_master:
                 return
-            from picochat.data.loader import merge_states
-            state = {"loader": merge_states(states) if "slots" in states[0] else states[0],
-                     "history": history, "train_time": train_time}
-            meta = dict(base_meta or {}, stage=settings.stage, settings=asdict(settings), val_bpb=val_bpb,
-                        tokens=seen, train_time=train_time, num_params=model.num_params(),
-                        world_size=dist_info.world_size, device=str(device.type))
+            state = {"loader": loader.merge_states(states), "history": history, "train_time": train_time}
+            meta = dict(tokenizer_vocab=stage.tok.vocab_size, stage=settings.stage, settings=asdict(settings),
+                        val_bpb=val_bpb, tokens=seen, train_time=train_time, num_params=model.num_params(),
+                        world_size=info.world_size, device=str(device.type))
             ckpt_mod.save_checkpoint(settings.tag, at_step, model, model.config, meta, optimizers, state,
-                                     keep=settings.keep, tokenizer=tokenizer)
+                                     keep=settings.keep, tokenizer=stage.tok)
 
-        log = _wandb_logger(wandb_project, settings) if dist_info.is_master else None
+        log = _wandb_logger(wandb_project, settings) if info.is_master else None
         print0(f"{settings.stage}: {model.num_params():,} params, {settings.steps} steps x {tokens_per_step:,} tokens max "
-               f"(grad accum {grad_accum}, world {dist_info.world_size}), tag {settings.tag}")
+               f"(grad accum {grad_accum}, world {info.world_size}), tag {settings.tag}")
         model.train()
-        bar = tqdm(total=end, initial=step, desc=settings.stage, disable=not dist_info.is_master, dynamic_ncols=True)
+        bar = tqdm(total=end, initial=step, desc=settings.stage, disable=not info.is_master, dynamic_ncols=True)
         smooth = None
         while step < end:
             if settings.eval_every and step % settings.eval_every == 0 and step > 0:
@@ -157,21 +173,20 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
                 tw = time.perf_counter()
                 batch = next(loader)
                 wait += time.perf_counter() - tw
-                x = batch[0] if isinstance(batch, (tuple, list)) else None
-                step_tokens += x.numel() * dist_info.world_size if torch.is_tensor(x) else 0
+                step_tokens += batch.tokens * info.world_size
                 if mark_step:
                     torch.compiler.cudagraph_mark_step_begin()
-                sync = micro == grad_accum - 1 or not dist_info.enabled
+                sync = micro == grad_accum - 1 or not info.enabled
                 ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, autocast_ctx(device):
-                    loss = (loss_fn(train_model, batch) if loss_fn else train_model(*batch)) / grad_accum
+                    loss = loss_fn(train_model, batch) / grad_accum
                     loss.backward()
                 total += loss.detach()
             for opt in optimizers:
                 opt.step()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            if dist_info.enabled:
+            if info.enabled:
                 dist.all_reduce(total, op=dist.ReduceOp.AVG)
             loss_val = total.item()  # also a sync point, so the timing below is real
             if not math.isfinite(loss_val):
@@ -181,12 +196,11 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
             session_time += dt
             data_wait += wait
             step += 1
-            step_tokens = step_tokens or tokens_per_step  # RL's batches are not (x, y): it reports its own
             seen += step_tokens
             smooth = loss_val if smooth is None else 0.9 * smooth + 0.1 * loss_val
             if step % settings.log_every == 0 or step == end:
-                # RL's loader reports what the step did (rewards, rollout speed, the tokens it really trained)
-                metrics = dict(loader.step_metrics()) if hasattr(loader, "step_metrics") else {}
+                # what the step did, from its last batch; RL's "tokens" are the ones it really sampled
+                metrics = dict(batch.metrics)
                 tokens = metrics.pop("tokens", step_tokens)
                 history.append({"step": step, "loss": loss_val, "lr_mult": mult, "tok_per_s": tokens / dt,
                                 "time": train_time, "data_wait": wait / dt, **metrics})
@@ -203,8 +217,7 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
             log(history[-1])
         save(step)
     finally:
-        if hasattr(loader, "close"):  # stop background workers, also when training fails
-            loader.close()
+        loader.close()  # stop background workers, also when training fails
     if val_bpb is not None:
         print0(f"{settings.stage} done: step {step}, val bpb {val_bpb:.4f}, {train_time:.1f}s training")
     return {"step": step, "loss": smooth, "val_bpb": val_bpb, "train_time": train_time,
@@ -214,12 +227,11 @@ def run_training(model: GPT, settings: TrainSettings, make_loader: Callable[[dic
                                          for st in opt.state.values() for t in st.values() if torch.is_tensor(t))}
 
 
-def start_stage(args, default_tag: str, fresh) -> tuple:
+def start_stage(args, default_tag: str, fresh) -> Stage:
     """What every stage starts with: the device, torchrun, then either --resume (the run under --tag: its
     settings, except that --compile and --grad-checkpoint apply when given again, its model and tokenizer)
     or a fresh run under --tag or `default_tag`: fresh(tag, device, info) -> (settings, model, tokenizer).
-    Returns (device, info, resume, settings, model, tok, grad_accum), the settings checked, the model in
-    training mode."""
+    The model is in training mode."""
     device = pick_device(args.device)
     info = init_distributed(device)
     resume = None
@@ -241,24 +253,17 @@ def start_stage(args, default_tag: str, fresh) -> tuple:
             raise PicochatError(f"tag {tag} already has checkpoints; pass --resume to continue it or --overwrite to "
                                 "start over")
         settings, model, tok = fresh(tag, device, info)
-    grad_accum = settings.validate(info.world_size)
     model.train()
-    return device, info, resume, settings, model, tok, grad_accum
+    return Stage(settings, model, tok, device, info, resume)
 
 
-def run_stage(args, run: tuple, make_loader, t0: float, val_batches=None, report=None, **hooks) -> dict:
-    """Every stage's tail: the one training loop (RL adds its hooks), the closing lines on rank 0
-    (report(summary, wall_s); default: speed and data waits), torchrun's teardown."""
-    device, info, resume, settings, model, tok, _ = run
-    summary = run_training(model, settings, make_loader, device, info, val_batches=val_batches,
-                           token_bytes=token_byte_lengths(tok, device) if val_batches else None, resume=resume,
-                           stop_after=args.stop_after, base_meta={"tokenizer_vocab": tok.vocab_size},
-                           wandb_project=args.wandb, tokenizer=tok, **hooks)
-    if info.is_master:
-        (report or _report_speed)(summary, time.time() - t0)
-    if info.enabled:
+def finish_stage(stage: Stage, summary: dict, wall_s: float, report=None) -> None:
+    """Every stage's tail: the closing lines on rank 0 (report(summary, wall_s); default: speed and
+    data waits), torchrun's teardown."""
+    if stage.dist.is_master:
+        (report or _report_speed)(summary, wall_s)
+    if stage.dist.enabled:
         dist.destroy_process_group()
-    return summary
 
 
 def _report_speed(summary: dict, wall_s: float) -> None:

@@ -12,16 +12,16 @@ Each optimizer step
    the model did not sample (prompt, tool outputs, padding) carry no loss. --kl-coef C adds
    C x KL(policy || starting checkpoint) per token (the k3 estimator), off by default.
 
-It is one more stage of the one loop (loop.py): RolloutLoader is its loader (rollout batches of
-per-token weights; its state is the number of rollouts done), `policy_loss` its loss hook and the
-held-out monitor its eval hook. Under torchrun the P prompts are sharded by rank; the weights are
+It is one more stage of the one loop (loop.py): RolloutLoader is its loader (RLBatches: a Batch
+plus per-token weights; its state is the number of rollouts done), `policy_loss` its loss hook and
+the held-out monitor its eval hook. Under torchrun the P prompts are sharded by rank; the weights are
 normalised by the global token count so DDP's gradient average gives the same update as one
 process with the same global batch (tests/test_rl.py).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -40,10 +40,13 @@ HELDOUT_TASKS = ("arithmetic", "spelling")  # offline test problems: the held-ou
 
 @dataclass
 class RLBatch:
-    x: torch.Tensor                   # (b, L) input ids
-    y: torch.Tensor                   # (b, L) next tokens; -1 where the model did not sample it
-    weight: torch.Tensor              # (b, L) advantage x normalisation per target (0 where y == -1)
-    ref_logp: torch.Tensor | None = None  # (b, L) the reference model's log p(y), for the KL term
+    """A loader Batch (data/loader.py: inputs, targets, tokens, metrics) plus what policy_loss needs."""
+    inputs: torch.Tensor              # (b, L) input ids
+    targets: torch.Tensor             # (b, L) next tokens; -1 where the model did not sample it
+    weight: torch.Tensor              # (b, L) advantage x normalisation per target (0 where targets == -1)
+    tokens: int = 0                   # its rows' reply budget (what the schedule counts; metrics: the sampled)
+    metrics: dict = field(default_factory=dict)  # its rollout's, for the run history
+    ref_logp: torch.Tensor | None = None  # (b, L) the reference model's log p(targets), for the KL term
     kl_weight: float = 0.0            # kl_coef x normalisation
 
 
@@ -56,10 +59,10 @@ def group_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 def policy_loss(model, batch: RLBatch) -> torch.Tensor:
     """sum of weight x (-log p(y)) over sampled tokens, + kl_weight x the k3 estimate of
     KL(policy || reference) (exp(d) - d - 1 with d = log p_ref - log p: >= 0, unbiased)."""
-    nll = model(batch.x, batch.y, loss_reduction="none").view_as(batch.y)  # 0 where y == -1
+    nll = model(batch.inputs, batch.targets, loss_reduction="none").view_as(batch.targets)  # 0 where no target
     loss = (batch.weight * nll).sum()
     if batch.ref_logp is not None and batch.kl_weight:
-        d = torch.where(batch.y >= 0, batch.ref_logp + nll, 0.0)
+        d = torch.where(batch.targets >= 0, batch.ref_logp + nll, 0.0)
         loss = loss + batch.kl_weight * (d.exp() - d - 1).sum()
     return loss
 
@@ -97,7 +100,6 @@ class RolloutLoader:
         self.seed, self.ref_model, self.log_every = seed, ref_model, log_every
         self.rollouts = int((state or {}).get("rollouts", 0))
         self._queue: list[RLBatch] = []
-        self._metrics: dict = {}
 
     def __iter__(self):
         return self
@@ -110,8 +112,12 @@ class RolloutLoader:
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts}
 
-    def step_metrics(self) -> dict:
-        return self._metrics
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        return states[0]  # every rank has done the same rollouts
+
+    def close(self) -> None:
+        pass
 
     def _rollout(self) -> list[RLBatch]:
         o, P, K = self.opts, self.opts.prompts, self.opts.samples
@@ -134,21 +140,23 @@ class RolloutLoader:
         rewards = torch.tensor([task.reward(ex, r.text) for g, (task, ex) in enumerate(picks)
                                 for r in replies[g * K:(g + 1) * K]])
         adv = group_advantages(rewards, K)
-        self._metrics = self._step_metrics(picks, replies, rewards, adv, gen_s)
-        n_tokens = self._metrics["tokens"]
+        metrics = self._step_metrics(picks, replies, rewards, adv, gen_s)
+        n_tokens = metrics["tokens"]
         # DDP averages gradients over ranks and the loop divides by grad_accum: undo both so the
         # update is sum(adv x grad log p) / (sampled tokens in the global batch)
         scale = self.grad_accum * self.world / n_tokens
         rows = len(traces) // self.grad_accum
         batches = rollout_batches(traces, adv, rows, scale, self.device, self.tok.pad_token_id)
+        for b in batches:
+            b.tokens, b.metrics = len(b.inputs) * o.max_new_tokens, metrics
         if self.ref_model is not None and o.kl_coef:
             with torch.no_grad(), autocast_ctx(self.device):
                 for b in batches:
-                    b.ref_logp = -self.ref_model(b.x, b.y, loss_reduction="none").view_as(b.y).float()
+                    b.ref_logp = -self.ref_model(b.inputs, b.targets, loss_reduction="none").view_as(b.targets).float()
                     b.kl_weight = o.kl_coef * scale
         self.rollouts += 1
         if self.rollouts % self.log_every == 0:
-            m = self._metrics
+            m = metrics
             tasks = " ".join(f"{t.name} {m[f'pass_{t.name}']:.2f}" for t in self.tasks if f"pass_{t.name}" in m)
             agree = f", calc agree {m['calc_agree']:.2f}" if "calc_agree" in m else ""
             print0(f"rl rollout {self.rollouts}: reward {m['reward']:.3f} ({tasks}), reply {m['response_len']:.1f} "
@@ -201,7 +209,7 @@ def train_rl(args) -> dict:
     """The `picochat train rl` command: set up (fresh or --resume), run the loop, report."""
     from picochat import checkpoint as ck
     from picochat.tasks import make_eval_task, parse_weighted
-    from picochat.train.loop import run_stage, start_stage
+    from picochat.train.loop import finish_stage, run_training, start_stage
     from picochat.train.settings import settings_from_args
 
     t0 = time.time()
@@ -224,8 +232,8 @@ def train_rl(args) -> dict:
                                       {"source": args.model, "source_step": source.step, "rl": asdict(opts)})
         return settings, model, tok
 
-    run = start_stage(args, "rl/" + args.model.split("/")[-1], fresh)
-    device, info, resume, settings, model, tok, grad_accum = run
+    stage = start_stage(args, "rl/" + args.model.split("/")[-1], fresh)
+    settings, model, tok, device, info = stage.settings, stage.model, stage.tok, stage.device, stage.dist
     opts = RLOptions(**settings.extra["rl"])
     opts.validate(info.world_size)
     if settings.compile != "off":
@@ -246,13 +254,14 @@ def train_rl(args) -> dict:
         finally:
             model.train()
 
-    if resume is None and heldout:
+    if stage.resume is None and heldout:
         settings.extra["heldout_before"] = eval_fn()
         print0(f"held-out before RL ({args.model}): {_fmt(settings.extra['heldout_before'])}")
 
     def make_loader(state):
-        return RolloutLoader(model, tok, tasks, [w for _, w in specs], opts, info.rank, info.world_size, grad_accum,
-                             device, state, seed=settings.seed, ref_model=ref_model, log_every=settings.log_every)
+        return RolloutLoader(model, tok, tasks, [w for _, w in specs], opts, info.rank, info.world_size,
+                             stage.grad_accum, device, state, seed=settings.seed, ref_model=ref_model,
+                             log_every=settings.log_every)
 
     def report(summary: dict, wall_s: float) -> None:
         after = {k: v for k, v in summary["history"][-1].items() if k.startswith("heldout_")}
@@ -260,7 +269,9 @@ def train_rl(args) -> dict:
             print(f"held-out after RL ({settings.tag}): {_fmt(after)}")
         print(f"wall time {wall_s:.1f}s, {100 * summary['data_wait_share']:.0f}% of step time in rollouts")
 
-    return run_stage(args, run, make_loader, t0, report=report, loss_fn=policy_loss, eval_fn=eval_fn)
+    summary = run_training(stage, make_loader, None, policy_loss, eval_fn, args.stop_after, args.wandb)
+    finish_stage(stage, summary, time.time() - t0, report)
+    return summary
 
 
 def _fmt(metrics: dict) -> str:
