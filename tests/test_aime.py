@@ -13,8 +13,8 @@ from picochat.tasks import aime
 from picochat.tasks.aime import (extract_answer, format_prompt, grade, load_aime, load_aime_hf,
                                 majority_vote, parse_integer, pass_at_k)
 
-AIME_DIR = Path(__file__).parents[2] / "shared/data/aime"
-needs_data = pytest.mark.skipif(not AIME_DIR.is_dir(), reason=f"no AIME data at {AIME_DIR}")
+REPO = Path(__file__).resolve().parents[1]
+AIME_FILE = REPO / "tests" / "fixtures" / "aime" / "aime_made_up.jsonl"  # made-up problems: scripts/make_aime_fixture.py
 
 # (response text, expected extracted answer) -- one line per rule in aime.py's docstring
 CASES = [
@@ -193,11 +193,19 @@ def test_majority_vote(answers, expected):
 
 # --------------------------------------------------------------------------- data
 
-@needs_data
-@pytest.mark.parametrize("year", [2024, 2025])
-def test_load_shared_aime(year):
-    rows = load_aime(AIME_DIR / f"aime_{year}.jsonl")
-    assert len(rows) == 30
+def _fixture_problems() -> list[dict]:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_aime_fixture", REPO / "scripts" / "make_aime_fixture.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.problems()
+
+
+def test_load_aime_fixture():
+    rows = load_aime(AIME_FILE)
+    expected = _fixture_problems()  # the committed file is what its committed script writes
+    assert len(rows) == len(expected) == 10
+    assert [(r["question"], r["answer"]) for r in rows] == [(e["question"], e["answer"]) for e in expected]
     for r in rows:
         assert r["question"].strip()
         a = int(r["answer"])
@@ -205,10 +213,8 @@ def test_load_shared_aime(year):
         assert parse_integer(r["answer"]) == a
 
 
-@needs_data
-@pytest.mark.parametrize("year", [2024, 2025])
-def test_round_trip_on_shared_answers(year):
-    for r in load_aime(AIME_DIR / f"aime_{year}.jsonl"):
+def test_round_trip_on_fixture_answers():
+    for r in load_aime(AIME_FILE):
         a = r["answer"]
         text = f"... after some work we find \\boxed{{{a}}}"
         assert grade(text, a)

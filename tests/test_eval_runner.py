@@ -14,7 +14,7 @@ from picochat.tasks.gsm8k import last_number
 from picochat.tasks.humaneval import completion as humaneval_completion, grade as grade_humaneval
 from picochat.tokenizer import Tokenizer
 
-AIME_2024 = REPO.parent / "shared" / "data" / "aime" / "aime_2024.jsonl"
+AIME_FILE = REPO / "tests" / "fixtures" / "aime" / "aime_made_up.jsonl"  # made-up problems: scripts/make_aime_fixture.py
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,12 @@ def results(env) -> dict:
     return json.loads(files[0].read_text())
 
 
-@pytest.mark.skipif(not AIME_2024.exists(), reason=f"{AIME_2024} is absent (AIME data lives outside the repo)")
 def test_aime_end_to_end_limit_5(env):
-    proc = picochat(["eval", "chat", "--model", "sft/t", "--tasks", "aime", "--data-file", str(AIME_2024),
+    proc = picochat(["eval", "chat", "--model", "sft/t", "--tasks", "aime", "--data-file", str(AIME_FILE),
                      "--limit", "5", "--max-tokens", "8", "--device", "cpu"], env)
     assert "aime" in proc.stdout and "pass@1 (greedy)" in proc.stdout
     r = results(env)["results"]["aime"]
-    rows = aime.load_aime(AIME_2024)[:5]
+    rows = aime.load_aime(AIME_FILE)[:5]
     assert r["n"] == 5 and [e["index"] for e in r["examples"]] == list(range(5))
     for e, row in zip(r["examples"], rows):  # every verdict is the grader's verdict on the stored reply
         assert e["answer"] == row["answer"]

@@ -17,24 +17,21 @@ import torch
 from picochat import checkpoint as ck
 from picochat.cli import main
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nanochat"
-AIME = Path(__file__).resolve().parents[2] / "shared" / "data" / "aime" / "aime_2024.jsonl"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"nanochat fixtures not at {FIXTURES}")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nanochat"  # scripts/make_nanochat_fixtures.py
+AIME = Path(__file__).resolve().parent / "fixtures" / "aime" / "aime_made_up.jsonl"  # scripts/make_aime_fixture.py
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """One home with both fixtures imported (and no home tokenizer: each checkpoint brings its own)."""
+    assert FIXTURES.is_dir(), f"nanochat fixtures missing: {FIXTURES}"  # committed: missing fails, never skips
     home = tmp_path_factory.mktemp("home")
-    old = os.environ.get("PICOCHAT_HOME")
-    os.environ["PICOCHAT_HOME"] = str(home)
-    for name, tag in (("v2025_d2", "nc/v2025"), ("v2026_d2", "nc/v2026")):
-        assert main(["import", "nanochat", "--path", str(FIXTURES / name / "base_checkpoints" / "d2"), "--tag", tag]) == 0
-    yield home
-    if old is None:
-        del os.environ["PICOCHAT_HOME"]
-    else:
-        os.environ["PICOCHAT_HOME"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PICOCHAT_HOME", str(home))
+        for name, tag in (("v2025_d2", "nc/v2025"), ("v2026_d2", "nc/v2026")):
+            assert main(["import", "nanochat", "--path", str(FIXTURES / name / "base_checkpoints" / "d2"),
+                         "--tag", tag]) == 0
+        yield home
 
 
 def picochat(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -105,9 +102,7 @@ def test_serve_answers_the_openai_sdk_and_the_safety_eval(home, tmp_path):
 
 def test_eval_every_kind_of_task_including_aime(home, tmp_path):
     args = ["eval", "chat", "--model", "nc/v2026", "--tasks", "arithmetic,spelling,aime", "--limit", "2",
-            "--max-tokens", "8"]
-    if AIME.is_file():
-        args += ["--data-file", f"aime={AIME}"]
+            "--max-tokens", "8", "--data-file", f"aime={AIME}"]
     r = picochat(*args)
     assert r.returncode == 0, r.stderr
     for task in ("arithmetic", "spelling", "aime"):
