@@ -144,3 +144,19 @@ def test_the_safety_workflow_never_imports_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_help_works_without_pydantic():
+    """A base install (no safety extra, so no pydantic for the config schema) still prints `picochat --help`."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "class NoPydantic:\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'pydantic':\n"
+            "            raise ImportError('pydantic imported')\n"
+            "sys.meta_path.insert(0, NoPydantic())\n"
+            "from picochat.cli import main\n"
+            "main(['--help'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "safety" in proc.stdout, proc.stderr[-2000:]

@@ -53,11 +53,13 @@ def test_toml_config_and_role_defaults(tmp_path):
 @pytest.mark.parametrize("data,msg", [
     ({"roles": {"attacker": {"model": "m"}}}, "unknown role 'attacker'"),
     ({"roles": {"red": {"model": "m", "temprature": 1}}}, "unknown key roles.red.temprature"),
+    ({"roles": {"default": {"temprature": 1}}}, "unknown key roles.default.temprature"),
+    ({"roles": {"red": {"model": "m", "timeout_s": 0}}}, "roles.red.timeout_s: Input should be greater than 0"),
     ({"roles": {"red": {"model": "m", "api_key": "sk-abc"}}}, "environment variables"),
     ({"api_key": "sk-abc"}, "environment variables"),
     ({"roles": {"red": {"model": "m", "api_key_env": "sk-live-123456"}}}, "NAME of an environment variable"),
     ({"roles": {"red": {"model": "m", "base_url": "localhost:8000"}}}, "http(s) URL"),
-    ({"roles": {"red": {"model": "m", "concurrency": "4"}}}, "must be an integer"),
+    ({"roles": {"red": {"model": "m", "concurrency": "4"}}}, "roles.red.concurrency: Input should be a valid integer"),
     ({"questions": {"test_fraction": 1.5}}, "test_fraction"),
     ({"filter": {"min_scores": {"safety": 4}}}, "unknown dimension"),
 ])

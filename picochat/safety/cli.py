@@ -194,10 +194,13 @@ STAGE_FLAGS = {
 
 
 def _stage_flags(p, stage: str) -> None:
-    from picochat.safety.config import SafetyConfig
-    section = getattr(SafetyConfig(), stage)
+    try:
+        from picochat.safety.config import SafetyConfig
+        section = getattr(SafetyConfig(), stage)
+    except ImportError:  # no pydantic (installed without the safety extra): `picochat --help` still works
+        section = None
     for key, kind, metavar, what, empty in STAGE_FLAGS[stage]:
-        default = getattr(section, key)
+        default = getattr(section, key, "unknown")
         shown = empty or (",".join(default) if isinstance(default, list) else default)
         p.add_argument("--" + key.replace("_", "-"), dest=f"cfg.{stage}.{key}", type=kind, metavar=metavar,
                        choices=("llm", "offline") if key == "judge" else None, help=f"{what} (default {shown})")
