@@ -165,8 +165,10 @@ def build_model(config: GPTConfig, weights: dict[str, torch.Tensor], misfit: str
     if missing or unexpected or wrong:
         raise PicochatError(f"{misfit} (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                             f"wrong shape {sorted(wrong)[:3]})")
-    model.to_empty(device=device)
-    model.load_state_dict(weights)
+    # the model takes the loaded tensors over (assign) instead of copying them into fresh ones:
+    # one copy of the weights in memory while loading, not two (moved only if device or dtype differ)
+    model.load_state_dict({k: w.to(device=device, dtype=expected[k].dtype) for k, w in weights.items()},
+                          assign=True, strict=True)
     if dtype is not None:
         model.to(dtype=dtype)
     model.reset_rotary(device)  # derived, not saved: rebuilt on the device, and fp32 whatever the weights' dtype

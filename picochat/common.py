@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -146,6 +147,28 @@ def number_type(cast, ok, what: str):
 positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 nonneg_float = number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(s: str) -> int:
+    """'4G', '512M', '1.5GiB', '4gb' or a plain number of bytes -> bytes (binary units: 1G = 2**30)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", s.lower())
+    if not m:
+        raise ValueError(f"not a size: {s!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+byte_size = number_type(parse_bytes, lambda v: v >= 1, "a size such as 4G, 512M or a number of bytes")
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes for people: 1.8 GB, 420 MB, 12 KB (binary units, as parse_bytes reads them)."""
+    for unit, size in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # device.DTYPES maps them to torch dtypes
 DECODE_STEPS = ("auto", "eager", "compiled", "cuda-graphs")

@@ -9,6 +9,7 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 BENCH_SCRIPTS = (
     "attention",  # picochat bench attention [--train]
+    "infer",      # picochat bench infer --depth 20 --quant none,int8,int4
     "train",      # picochat bench train
 )
 
@@ -28,7 +29,7 @@ def _no_benchmarks(args) -> None:
 
 
 def register(sub) -> None:
-    bench = sub.add_parser("bench", help="measure attention variants and training speed on this machine")
+    bench = sub.add_parser("bench", help="measure attention variants, inference and training speed on this machine")
     if not BENCHMARKS.is_dir():  # take any arguments, so that the error is this one, not argparse's
         bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         bench.set_defaults(func=_no_benchmarks)

@@ -123,8 +123,15 @@ def download_from_hub(repo_id: str) -> Path:
 # ----------------------------------------------------------------------------- weights and config
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, memory-mapped where the file allows (torch.save's zip format): the import
+    then holds the weights once, as file pages, instead of reading a second copy into memory."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # only the legacy (pre-zip) format cannot be mapped
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, a pickle with code in it, not a torch file
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise PicochatError(f"cannot read {path} as plain weights ({why})") from None

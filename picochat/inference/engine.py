@@ -98,8 +98,8 @@ class Engine:
     def default_stop_tokens(self) -> set[int]:
         return default_stop_tokens(self.tokenizer)
 
-    def kv_bytes_per_token(self) -> int:  # per row, all layers (the cache stores the model's dtype)
-        return self.model.kv_values_per_token() * next(self.model.parameters()).element_size()
+    def kv_bytes_per_token(self) -> int:  # per row, all layers
+        return self.model.kv_bytes_per_token()
 
     def _steps(self, prompts, max_new_tokens, sampling: Sampling, stop_tokens, stop_sequences):
         """Yield (row_ids, rows, tokens, live) per decode step: the original index of every row still

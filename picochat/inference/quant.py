@@ -26,6 +26,8 @@ absorbed projections (read as matrices, mla.py) stay dense.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,8 +53,10 @@ class Int8Linear(nn.Module):
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         self._packed = None
         if w.device.type == "cpu" and fbgemm_available():
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+            with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; FBGEMM's prepack still takes one
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)
             self.register_buffer("_anchor", torch.zeros(1, self.in_features), persistent=False)
             self._anchor[0, 0], self._anchor[0, -1] = 1.0, -1.0  # the input range is [-1, 1] in every batch
         else:

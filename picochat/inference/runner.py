@@ -38,6 +38,16 @@ class ModelRunner:
     def reset(self) -> None:
         self.rows, self.cache, self.params = [], None, None
 
+    def kv_bytes_with(self, rows) -> int:
+        """KV cache bytes at the peak of `add(rows)`: the merged cache (every row at the longest
+        length any row can reach) plus the newcomers' prefill cache, alive while they merge."""
+        everyone = self.rows + list(rows)
+        if not everyone:
+            return 0
+        ctx = max((len(r.prompt) + len(r.tokens) for r in rows), default=0)
+        end = max(self.cache.pos if self.rows else 0, ctx) + max(r.remaining for r in everyone)
+        return (len(everyone) * end + len(rows) * ctx) * self.model.kv_bytes_per_token()
+
     def _params(self, rows) -> SamplingParams:
         return Sampling.rows([r.sampling for r in rows]).params(len(rows), self.device, self.model.config.vocab_size)
 

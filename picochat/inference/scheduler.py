@@ -4,7 +4,8 @@ Engine.generate batches prompts that arrive together; a server gets them one by 
 so here a single thread loops, and each turn of the loop is
 1. schedule (under the lock): forget requests cancelled while queued; with a draft model and one
    request in all, speculate `spec_chunk` tokens at a time (a newcomer waits at most one chunk);
-   otherwise up to `max_batch` rows run and the next waiting requests join;
+   otherwise up to `max_batch` rows run and the next waiting requests join, in order, while the KV
+   cache they would make stays within `kv_budget` bytes (the rest wait: memory queues, never overflows);
 2. run (runner.py, the model runner): prefill the newcomers into the shared KV cache and decode
    one token for every row, or speculate;
 3. postprocess: hand each token to its request, retire rows that finished (stop token, budget) or
@@ -59,17 +60,18 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, *, draft=None, max_batch: int = 16, pad_id: int = 0, spec_chunk: int = 16,
-                 decode_step: str = "eager"):
+                 decode_step: str = "eager", kv_budget: int | None = None):
+        """kv_budget: most bytes of KV cache the running batch may hold (None: no limit)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.model, self.draft, self.max_batch = model, draft, max_batch
+        self.model, self.draft, self.max_batch, self.kv_budget = model, draft, max_batch, kv_budget
         self.runner = ModelRunner(model, draft, pad_id=pad_id, decode_step=decode_step, spec_chunk=spec_chunk)
         self._pending: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.stats = dict(decode_steps=0, row_steps=0, prefills=0, joined=0, finished=0, cancelled=0, spec_chunks=0,
-                          max_batch_seen=0)  # row_steps / decode_steps = mean decode batch
+                          max_batch_seen=0, kv_wait_steps=0, kv_peak_bytes=0)  # row_steps / decode_steps = mean decode batch
 
     @property
     def active_slots(self) -> int:
@@ -100,6 +102,10 @@ class Scheduler:
         for bad parameters (nothing is queued then)."""
         sampling = Sampling.of(sampling, **knobs)
         check_request([prompt], max_tokens, self.model.config.vocab_size, self.runner.max_positions)
+        need = 0 if self.kv_budget is None else self.kv_bytes_alone(len(prompt), max_tokens)
+        if need > (self.kv_budget or 0):
+            raise ValueError(f"this request needs {need:,} bytes of KV cache ({len(prompt)} prompt + {max_tokens} "
+                             f"new tokens), more than the whole budget of {self.kv_budget:,}")
         u = sampling.uniforms(1, int(max_tokens), self.runner.device) if max_tokens else None
         req = Request(prompt, max_tokens, sampling, stop_tokens, None if u is None else u[0])
         if req.max_tokens == 0:
@@ -123,8 +129,11 @@ class Scheduler:
                 # one request in all and a draft: speculate (it prefills for itself); else batch them
                 speculate = self.draft is not None and len(self.runner.rows) + len(self._pending) <= 1
                 joining = []
-                while self._pending and (speculate or len(joining) < self.max_batch - len(self.runner.rows)):
+                while self._pending and (speculate or (len(joining) < self.max_batch - len(self.runner.rows)
+                                                       and self._fits(joining + [self._pending[0]]))):
                     joining.append(self._pending.popleft())
+                if self._pending and not speculate and len(joining) < self.max_batch - len(self.runner.rows):
+                    self.stats["kv_wait_steps"] += 1  # room in the batch, not in memory: the next one waits
             involved = self.runner.rows + joining
             try:
                 with torch.inference_mode():
@@ -175,6 +184,21 @@ class Scheduler:
         back = [rows[i] for i in self._sift(rows, finished)]
         with self._cv:
             self._pending.extendleft(reversed(back))
+
+    def kv_bytes_alone(self, prompt_len: int, max_tokens: int) -> int:
+        """KV cache bytes one request needs when it runs alone (prefill and decode cache)."""
+        return (2 * prompt_len + max_tokens) * self.model.kv_bytes_per_token()
+
+    def _fits(self, joining: list[Request]) -> bool:
+        """Whether `joining` can join the running batch within the KV budget. A request that would
+        run alone always goes (submit refused any that cannot fit alone)."""
+        if self.kv_budget is None:
+            return True
+        need = self.runner.kv_bytes_with(joining)
+        ok = need <= self.kv_budget or not (self.runner.rows or joining[:-1])
+        if ok:
+            self.stats["kv_peak_bytes"] = max(self.stats["kv_peak_bytes"], need)
+        return ok
 
     def _emit(self, req: Request, tok: int) -> bool:
         """Hand one token to its request; True when the request is finished."""

@@ -141,6 +141,11 @@ class GPT(nn.Module):
         """Numbers the KV cache stores per token, summed over layers."""
         return sum(b.attn.kv_values_per_token() for b in self.transformer.h)
 
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token per row: the cache holds the activations' dtype, the embedding's
+        (a quantized linear has no float weight to ask)."""
+        return self.kv_values_per_token() * self.transformer.wte.weight.element_size()
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 * (non-embedding params) + attention score/value matmuls."""
         nparams = self.num_params() - self.transformer.wte.weight.numel()

@@ -80,7 +80,9 @@ class KVCache:
         Both batches are right-aligned at a common end (the shorter one's rows grow their left
         padding, as in shift_right), leading columns that are padding in every row are dropped,
         and all buffers are reallocated at `max_len` (at least the merged length). An empty
-        cache (batch_size 0) simply adopts `other`. Costs one copy of both caches."""
+        cache (batch_size 0) simply adopts `other`. Costs one copy of both caches, made one buffer
+        at a time, each old buffer freed as soon as it is copied: memory peaks at the merged cache
+        plus one buffer, not at both caches and the merged one (`other` is emptied)."""
         mine = self.batch_size > 0
         end = max(self.pos, other.pos) if mine else other.pos
         parts = ([copy.copy(self)] if mine else []) + [other]
@@ -90,10 +92,13 @@ class KVCache:
         self.max_len = max(max_len, self.pos)
         self.pad = pads - drop
         self._pad_changed()
-        row = 0
-        for c in parts:
-            self._copy_in(torch.arange(row, row + c.batch_size, device=self.device), c)
-            row += c.batch_size
+        starts = torch.tensor([0] + [c.batch_size for c in parts]).cumsum(0).tolist()
+        keys = dict.fromkeys((i, name) for c in parts for i, names in c.layers.items() for name in names)
+        for i, name in keys:
+            for c, a, b in zip(parts, starts, starts[1:]):
+                if name in c.layers.get(i, {}):
+                    self._copy_in(torch.arange(a, b, device=self.device), c, only=(i, name))
+                    del c.layers[i][name]
 
     def place(self, rows: torch.Tensor | list[int], other: "KVCache") -> None:
         """Copy everything `other` has cached into rows `rows` of this cache, right-aligned to end
@@ -104,13 +109,16 @@ class KVCache:
             raise ValueError(f"cannot place {other.pos} positions before position {self.pos}")
         self._copy_in(torch.as_tensor(rows, dtype=torch.long, device=self.device), other)
 
-    def _copy_in(self, rows: torch.Tensor, other: "KVCache") -> None:
+    def _copy_in(self, rows: torch.Tensor, other: "KVCache", only: tuple | None = None) -> None:
         """Copy the last min(other.pos, pos) positions of `other` into rows `rows`, ending at `pos`;
-        buffers this cache does not have yet are allocated (zeros, batch_size x max_len)."""
+        buffers this cache does not have yet are allocated (zeros, batch_size x max_len).
+        only=(layer, name): that one buffer."""
         n = min(other.pos, self.pos)
         for layer_idx, names in other.layers.items():
             layer = self.layers.setdefault(layer_idx, {})
             for name, (src, seq_dim) in names.items():
+                if only is not None and only != (layer_idx, name):
+                    continue
                 if name not in layer:
                     shape = list(src.shape)
                     shape[0], shape[seq_dim] = self.batch_size, self.max_len

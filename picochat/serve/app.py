@@ -29,6 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.inference.sampling import Sampling
 from picochat.serve import DEFAULT_MAX_TOKENS, MAX_BATCH, MAX_BODY_BYTES, MAX_QUEUE
+from picochat.inference.memory import check_kv_budget
+from picochat.inference.quant import weight_bytes
 from picochat.inference.scheduler import Scheduler
 from picochat.serve.generation import ChoiceResult, Generation, chat_turn, text_turn
 from picochat.serve.guard import Guard
@@ -246,7 +248,8 @@ class Routes:
         s = self.scheduler
         return {"status": "ok", "model": self.model_name, "active_slots": s.active_slots, "queued": s.queued,
                 "in_flight": self.in_flight, "max_batch": self.max_batch, "max_queue": self.max_queue,
-                "context_length": self.context, "speculative": self.speculative, "stats": dict(s.stats)}
+                "context_length": self.context, "speculative": self.speculative, "kv_memory": s.kv_budget,
+                "stats": dict(s.stats)}
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "picochat",
@@ -301,16 +304,19 @@ class Routes:
 def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, api_key: str | None = None,
                max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, max_body_bytes: int = MAX_BODY_BYTES,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, spec_chunk: int = 16, context_length: int | None = None,
-               body_timeout_s: float = 30.0, decode_step: str = "eager") -> FastAPI:
+               body_timeout_s: float = 30.0, decode_step: str = "eager", kv_memory: int | None = None) -> FastAPI:
     """Build the app. `model` is a GPT in eval mode on its device; `draft` an optional smaller GPT
     with the same vocabulary for speculative decoding. context_length: prompt + max_tokens limit per
     request; default the trained sequence_len, at most the model's rotary table (quality degrades
-    past the trained length)."""
+    past the trained length). kv_memory: the KV cache budget in bytes (None: no limit); requests
+    beyond it wait (inference/memory.py)."""
     context = int(context_length or model.config.sequence_len)
     if not 1 <= context <= model.cos.size(0):
         raise ValueError(f"context_length must be in [1, {model.cos.size(0)}] (the model's rotary table), got {context}")
+    if kv_memory is not None:
+        check_kv_budget(kv_memory, context, model.kv_bytes_per_token())
     scheduler = Scheduler(model, draft=draft, max_batch=max_batch, pad_id=tokenizer.pad_token_id,
-                          spec_chunk=spec_chunk, decode_step=decode_step)
+                          spec_chunk=spec_chunk, decode_step=decode_step, kv_budget=kv_memory)
     routes = Routes(tokenizer, scheduler, model_name=model_name, max_batch=max_batch, max_queue=max_queue,
                     context=context, default_max_tokens=default_max_tokens, speculative=draft is not None)
 
@@ -322,7 +328,10 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", draft=None, ap
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.limits = {"max_batch": max_batch, "max_queue": max_queue, "context_length": context,
-                        "max_body_bytes": max_body_bytes}
+                        "max_body_bytes": max_body_bytes, "kv_memory": kv_memory,
+                        "kv_bytes_per_token": None if kv_memory is None else model.kv_bytes_per_token(),
+                        "weight_bytes": weight_bytes(model),
+                        "quant": getattr(model, "quant", None) or str(next(model.parameters()).dtype).removeprefix("torch.")}
 
     def allowed_methods(path: str) -> set[str]:
         return {m for r in app.router.routes if getattr(r, "methods", None) and r.path_regex.match(path)

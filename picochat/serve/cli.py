@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from picochat.common import PicochatError, add_inference_flags, nonneg_int, number_type, positive_int
+from picochat.common import PicochatError, add_inference_flags, byte_size, fmt_bytes, nonneg_int, number_type, positive_int
 from picochat.serve import DEFAULT_MAX_TOKENS, MAX_BATCH, MAX_BODY_BYTES, MAX_QUEUE
 
 _port = number_type(int, lambda v: 0 <= v <= 65535, "a port number in [0, 65535]")
@@ -62,7 +62,10 @@ def banner(args, app, port: int, device, with_draft: bool, api_key: str | None) 
     return (f"picochat serve: {args.model}{' + draft ' + args.draft if with_draft else ''} on {device}; "
             f"chat UI http://{host}:{port}/  API http://{host}:{port}/v1{' (Bearer key required)' if api_key else ''}\n"
             f"limits: max batch {lim['max_batch']} decoded together, queue {lim['max_queue']} more (then 503), "
-            f"context {lim['context_length']} tokens per request, body {lim['max_body_bytes']} bytes")
+            f"context {lim['context_length']} tokens per request, body {lim['max_body_bytes']} bytes\n"
+            f"memory: weights {fmt_bytes(lim['weight_bytes'])} ({lim['quant']}), KV cache budget "
+            f"{fmt_bytes(lim['kv_memory'])} ({lim['kv_memory'] // lim['kv_bytes_per_token']:,} tokens at "
+            f"{fmt_bytes(lim['kv_bytes_per_token'])} each; requests beyond it wait)")
 
 
 def cmd_serve(args) -> None:
@@ -71,6 +74,7 @@ def cmd_serve(args) -> None:
     from picochat.checkpoint import load_tokenizer
     from picochat.device import pick_device
     from picochat.inference.decode_step import resolve_flags
+    from picochat.inference.memory import default_kv_budget
     from picochat.inference.quant import load_for_inference
     from picochat.serve.app import create_app
 
@@ -92,7 +96,7 @@ def cmd_serve(args) -> None:
     app = create_app(model, tok, model_name=args.model, draft=draft, api_key=api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                      default_max_tokens=args.default_max_tokens, context_length=args.context_length,
-                     decode_step=args.decode_step)
+                     decode_step=args.decode_step, kv_memory=args.kv_memory or default_kv_budget(device))
     sock = _listen(args.host, args.port)
     print(banner(args, app, sock.getsockname()[1], device, draft is not None, api_key), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
@@ -132,6 +136,10 @@ def register(subparsers) -> None:
     p.add_argument("--context-length", type=positive_int, default=None, metavar="N",
                    help="max prompt + completion tokens per request; up to 10x the trained context is allowed, "
                         "but quality degrades past it (default: the model's trained sequence length)")
+    p.add_argument("--kv-memory", type=byte_size, default=None, metavar="SIZE",
+                   help="most memory the running batch's KV cache may take, e.g. 4G; requests that would pass it wait "
+                        "in the queue (default: half the RAM available once the weights are loaded, or 80%% of the "
+                        "GPU's free memory)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default %(default)s)")
     add_inference_flags(p)
     p.add_argument("--threads", type=nonneg_int, default=0,
