@@ -10,8 +10,8 @@ evaluation as an unprivileged user or in a container. What each layer protects a
    it ends or times out the whole group is SIGKILLed until none of it is left, so nothing it started
    (a fork bomb) outlives it. The environment is minimal (no proxies, keys or PYTHON* variables).
 2. **Kernel limits** (`preexec_fn`): address space (`memory_mb`: a memory bomb gets MemoryError),
-   CPU time (timeout + 1 s), file size (64 MB: a full disk, or endless output), open files, no core
-   dumps, and RLIMIT_NPROC against fork bombs. The child first moves into new user + network
+   CPU time (timeout + 1 s), file size (64 MB, its output included: writes past it fail with
+   EFBIG instead of filling the disk), open files, no core dumps, and RLIMIT_NPROC against fork bombs. The child first moves into new user + network
    namespaces where the kernel allows: the network namespace has no interface at all, and
    RLIMIT_NPROC then counts only the child's own tasks. The kernel does not enforce RLIMIT_NPROC
    for real uid 0, so a root parent gives the child the real uid `nobody` (effective uid 0, to
@@ -25,7 +25,7 @@ evaluation as an unprivileged user or in a container. What each layer protects a
 Statuses: "passed" (exit code 0), "failed" (the program ran and ended with an exception or a
 non-zero exit: AssertionError, MemoryError, SyntaxError, sys.exit(1)...), "timeout" (wall clock
 or CPU limit), "error" (the sandbox stopped it: an uncaught blocked operation, death by a signal
-such as SIGSEGV/SIGXFSZ, or the process could not be started). `preexec_fn` is used, so call this
+such as SIGSEGV, or the process could not be started). `preexec_fn` is used, so call this
 from the main thread of a process that is not heavily multi-threaded.
 """
 from __future__ import annotations
