@@ -10,13 +10,14 @@ evaluation as an unprivileged user or in a container. What each layer protects a
    it ends or times out the whole group is SIGKILLed until none of it is left, so nothing it started
    (a fork bomb) outlives it. The environment is minimal (no proxies, keys or PYTHON* variables).
 2. **Kernel limits** (`preexec_fn`): address space (`memory_mb`: a memory bomb gets MemoryError),
-   CPU time (timeout + 1 s), file size (64 MB, its output included: writes past it fail with
-   EFBIG instead of filling the disk), open files, no core dumps, and RLIMIT_NPROC against fork
-   bombs. The child first moves into new user + network namespaces where the kernel allows: the
-   network namespace has no interface at all, and RLIMIT_NPROC then counts only the child's own
-   tasks. The kernel does not enforce RLIMIT_NPROC for real uid 0, so a root parent gives the child
-   the real uid `nobody` (effective uid 0, to read an interpreter under /root). Without user namespaces a non-root child may have its user's
-   current task count + `_NPROC_LIMIT`; a root child then has no process limit (layers 1 and 3 hold).
+   CPU time (timeout + 1 s), file size (64 MB, its output included: writes past it fail with EFBIG
+   instead of filling the disk), open files, no core dumps, and RLIMIT_NPROC against fork bombs. The
+   child first moves into new user + network namespaces where the kernel allows: the network
+   namespace has no interface at all, and RLIMIT_NPROC then counts only the child's own tasks. The
+   kernel does not enforce RLIMIT_NPROC for real uid 0, so a root parent gives the child the real
+   uid `nobody` (effective uid 0, to read an interpreter under /root). Without user namespaces a
+   non-root child may have its user's current task count + `_NPROC_LIMIT`; a root child then has no
+   process limit (layers 1 and 3 hold).
 3. **In-process guard** (sandbox_child.py): an audit hook, which the program cannot remove, refuses
    process creation and signals, sockets and DNS, ctypes, setrlimit, and writing, deleting,
    renaming or chmod-ing a path outside the temp dir, with `SandboxViolation` (a PermissionError);
