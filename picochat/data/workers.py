@@ -197,17 +197,14 @@ class OrderedStreams:
         self.pool.submit(next(self.makers[key]))
         self.pending.append(key)
 
-    def next(self, key):
-        while not self.ready[key]:
-            got = self.pending.popleft()
-            self.ready[got].append(self.pool.get(stop=self.stop))
-        self._submit(key)
-        return self.ready[key].popleft()
-
     def chunks(self, key) -> Iterator[list[np.ndarray]]:
         """Key's tokenized chunks, in order: each result (flat tokens, per-doc lengths) split per doc."""
         while True:
-            flat, lens = self.next(key)
+            while not self.ready[key]:
+                got = self.pending.popleft()
+                self.ready[got].append(self.pool.get(stop=self.stop))
+            self._submit(key)
+            flat, lens = self.ready[key].popleft()
             yield np.split(flat, np.cumsum(lens)[:-1])
 
 

@@ -77,7 +77,7 @@ class Stage:
     """A run ready to train, fresh or resumed: what start_stage returns and run_training takes."""
     settings: TrainSettings
     model: GPT
-    tok: Any                              # the tokenizer, stored with every checkpoint (None: save nothing)
+    tok: Any                              # the tokenizer: val bytes per token, stored with every checkpoint
     device: torch.device
     dist: DistInfo = field(default_factory=lambda: DistInfo(False, 0, 0, 1))  # torchrun's ranks; one process
     resume: ckpt_mod.Checkpoint | None = None  # the checkpoint to continue (--resume)

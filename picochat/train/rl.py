@@ -269,7 +269,8 @@ def train_rl(args) -> dict:
             print(f"held-out after RL ({settings.tag}): {_fmt(after)}")
         print(f"wall time {wall_s:.1f}s, {100 * summary['data_wait_share']:.0f}% of step time in rollouts")
 
-    summary = run_training(stage, make_loader, None, policy_loss, eval_fn, args.stop_after, args.wandb)
+    summary = run_training(stage, make_loader, loss_fn=policy_loss, eval_fn=eval_fn, stop_after=args.stop_after,
+                           wandb_project=args.wandb)
     finish_stage(stage, summary, time.time() - t0, report)
     return summary
 
