@@ -10,6 +10,9 @@ have no network, corpus or tokenizer; throughput and memory do not depend on the
  2. grad checkpointing at d20: peak memory with / without (CUDA max allocated) and the speed cost;
  3. decode tokens/s in bf16 at batch 1/8/32, eager and with the CUDA-graph decode step; the batched
     speed-up over batch 1 and the CUDA-graph over eager ratio (benchmarks/decode_step.py);
+ 3b. `picochat bench infer` at d20: bf16 weights, --quant int8 and int4 at batch 1/8/32 (TTFT, TPOT, tokens/s,
+    MBU against the measured read bandwidth, weight bytes); off the CPU the int8/int4 weights are
+    dequantized inside the matmul (inference/quant.py), so this is their first GPU measurement;
  4. speculative decoding (batch 1, greedy) with a layer-skip self-draft: the target's first quarter of
     layers with its embeddings and head (no second model can be trained inside a 10-minute check;
     with random weights the acceptance rate says little, the ratio measures the machinery);
@@ -43,11 +46,13 @@ def plan(dry: bool) -> dict:
     if dry:
         return dict(device="cpu", vocab=512, train=[(2, 64, 2)], steps=3, warmup=1, ckpt_depth=2, compile="off", dtype="fp32",
                     decode=dict(depth=2, batch="1,2", tokens=8, prompt=8, fast="eager"), spec_depth=4,
-                    attn=dict(depth=2, ctx="64", batch="2"), smoke_steps=3)
+                    attn=dict(depth=2, ctx="64", batch="2"), smoke_steps=3,
+                    infer=dict(depth=2, batch="1,2", tokens="8", prompt="8"))
     return dict(device="cuda", vocab=65536, train=[(12, 2048, 16), (20, 2048, 16)], steps=12, warmup=4, ckpt_depth=20,
                 compile="default", dtype="bf16", decode=dict(depth=12, batch="1,8,32", tokens=128, prompt=128,
                                                                   fast="cuda-graphs"),
-                spec_depth=12, attn=dict(depth=12, ctx="4096", batch="16"), smoke_steps=20)
+                spec_depth=12, attn=dict(depth=12, ctx="4096", batch="16"), smoke_steps=20,
+                infer=dict(depth=20, batch="1,8,32", tokens="64", prompt="64"))
 
 
 def run_json(cmd: list[str], env: dict | None = None) -> dict:
@@ -88,6 +93,14 @@ def decode_part(p: dict) -> dict:
     return run_json([sys.executable, "benchmarks/decode_step.py", "--device", p["device"], "--dtype", p["dtype"],
                      "--depth", str(d["depth"]), "--vocab", str(p["vocab"]), "--batch", d["batch"], "--tokens", str(d["tokens"]),
                      "--prompt-len", str(d["prompt"]), "--reps", "2", "--fast", d["fast"]])
+
+
+def infer_part(p: dict) -> dict:
+    """`picochat bench infer` at d20: bf16 weights, int8 and int4 (TTFT, TPOT, tok/s, MBU, MFU)."""
+    d = p["infer"]
+    return run_json([sys.executable, "-m", "picochat.cli", "bench", "infer", "--device", p["device"], "--dtype", p["dtype"],
+                     "--quant", "none,int8,int4", "--depth", str(d["depth"]), "--vocab", str(p["vocab"]),
+                     "--batch", d["batch"], "--new-tokens", d["tokens"], "--prompt-len", d["prompt"], "--reps", "2"])
 
 
 def speculative_part(p: dict) -> dict:
@@ -160,7 +173,7 @@ def smoke_part(p: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="print the plan and run every part tiny on CPU")
-    ap.add_argument("--only", default="train,decode,speculative,attention,smoke",
+    ap.add_argument("--only", default="train,decode,infer,speculative,attention,smoke",
                     help="comma-separated parts to run (default: all, %(default)s)")
     args = ap.parse_args()
     import torch
@@ -173,11 +186,12 @@ def main() -> int:
     for name, what in (("train", f"train tok/s + MFU at depths {[d for d, _, _ in p['train']]}, {p['compile']} compile; "
                                  f"grad checkpointing at d{p['ckpt_depth']}"),
                        ("decode", f"decode {p['dtype']} at batch {p['decode']['batch']}: eager vs {p['decode']['fast']}"),
+                       ("infer", f"bench infer d{p['infer']['depth']} {p['dtype']}, int8, int4 at batch {p['infer']['batch']}"),
                        ("speculative", f"speculative decoding, layer-skip self-draft of a d{p['spec_depth']}"),
                        ("attention", f"MLA vs MHA decode at context {p['attn']['ctx']}, batch {p['attn']['batch']}"),
                        ("smoke", "torchrun --nproc_per_node=1 picochat train base (tiny)")):
         print(f"  [{name}] {what}")
-    parts = {"train": lambda: train_part(p, gpu), "decode": lambda: decode_part(p),
+    parts = {"train": lambda: train_part(p, gpu), "decode": lambda: decode_part(p), "infer": lambda: infer_part(p),
              "speculative": lambda: speculative_part(p), "attention": lambda: attention_part(p),
              "smoke": lambda: smoke_part(p)}
     results, failed = {"gpu": gpu, "torch": torch.__version__, "dry_run": args.dry_run}, []
@@ -202,6 +216,9 @@ def print_table(r: dict) -> None:
     for row in r.get("decode", {}).get("rows", []) if isinstance(r.get("decode"), dict) else []:
         print(f"decode batch {row['batch']:>3}: eager {row['eager_tok_s']:>10,.0f} tok/s, fast {row['fast_tok_s']:>10,.0f}"
               f" tok/s ({row['ratio']:.2f}x), rows identical {row['rows_identical']}")
+    for row in r.get("infer", {}).get("rows", []) if isinstance(r.get("infer"), dict) else []:
+        print(f"infer {row['config']:<12} batch {row['batch']:>3}: {row['tokens_per_s']:>10,.0f} tok/s, TTFT "
+              f"{row['ttft_ms']:.1f} ms, MBU {row['mbu']:.0%}, weights {row['weight_bytes'] / 2**30:.2f} GiB")
     if "ratio" in r.get("speculative", {}):
         s = r["speculative"]
         print(f"speculative: {s['ratio']:.2f}x plain, acceptance {s['acceptance']} ({s['draft']})")
