@@ -2,7 +2,7 @@
 nanochat-2026 scalars (resid/x0 lambdas, smear, backout) at values where each feature matters."""
 import torch
 
-from picochat.model.config import GPTConfig
+from picochat.model.config import GPTConfig, config_from_depth
 from picochat.model.gpt import GPT
 
 
@@ -20,3 +20,13 @@ def random_gpt(cfg: GPTConfig, seed: int = 0, std: float = 0.3) -> GPT:
         if cfg.backout:
             model.backout_lambda.fill_(0.3)
     return model.eval()
+
+
+def random_model(vocab: int = 256, seed: int = 0, depth: int = 2, std: float = 0.3, seq_len: int = 64,
+                 n_embd: int | None = None, **cfg) -> GPT:
+    """The tests' one random model: `config_from_depth(depth)` 32 wide per layer (or `n_embd`), 16-dim heads,
+    `cfg` passed on (attention, n_kv_head, ...), every weight ~ N(0, std) (random_gpt)."""
+    cfg.setdefault("head_dim", 16)
+    config = config_from_depth(depth, vocab_size=vocab, sequence_len=seq_len,
+                               aspect_ratio=n_embd // depth if n_embd else 32, **cfg)
+    return random_gpt(config, seed, std)

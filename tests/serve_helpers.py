@@ -14,11 +14,11 @@ import uvicorn
 from picochat.inference.chat import Reply, stream_chat
 from picochat.inference.engine import Engine
 from picochat.inference.sampling import Sampling
-from picochat.model.config import config_from_depth
-from picochat.model.gpt import GPT
 from picochat.serve.app import create_app
 from picochat.serve.generation import stream_text, strip_special
 from picochat.tokenizer import Tokenizer
+
+from modelkit import random_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Hello world, how are you today? "
         "I am fine, thank you. 0123456789 + - * / = ? <script>alert(1)</script> " * 40)
@@ -27,17 +27,6 @@ CONTEXT = 128
 
 def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train([TEXT], vocab_size=320)
-
-
-def random_model(vocab: int, seed: int = 0, depth: int = 2, std: float = 0.3, attention: str = "mha") -> GPT:
-    """Every weight random (as tests/test_engine.py does) so greedy outputs are varied."""
-    torch.manual_seed(seed)
-    cfg = config_from_depth(depth, vocab_size=vocab, sequence_len=CONTEXT, aspect_ratio=32, head_dim=16,
-                            attention=attention)
-    model = GPT(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=std)
-    return model.eval()
 
 
 class Server:
@@ -130,8 +119,6 @@ def wait_until(pred, timeout: float = 20.0, every: float = 0.05) -> bool:
     return pred()
 
 
-
-
 # module-scoped fixtures shared by the serve test files (imported there by name)
 @pytest.fixture(scope="module")
 def tok():
@@ -140,4 +127,4 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return random_model(tok.vocab_size, seed=1)
+    return random_model(tok.vocab_size, seed=1, seq_len=CONTEXT)

@@ -5,26 +5,13 @@ import torch
 
 from picochat.inference import engine as engine_mod
 from picochat.inference.engine import Engine
-from picochat.model.config import config_from_depth
-from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
+
+from modelkit import random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 256
-
-
-
-
-def random_model(seed=0, vocab=VOCAB, depth=2, std=0.3, attention="mha", n_kv_head=None):
-    """Every weight random (as tests/test_model.py does) so logits are far from uniform/degenerate."""
-    torch.manual_seed(seed)
-    cfg = config_from_depth(depth, vocab_size=vocab, sequence_len=64, aspect_ratio=32, head_dim=16,
-                            attention=attention, n_kv_head=n_kv_head)
-    model = GPT(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=std)
-    return model.eval()
 
 
 def random_prompts(n, lo=1, hi=100, seed=0, vocab=VOCAB):
@@ -36,7 +23,7 @@ def random_prompts(n, lo=1, hi=100, seed=0, vocab=VOCAB):
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(random_model(attention="gqa", n_kv_head=1))
+    return Engine(random_model(VOCAB, attention="gqa", n_kv_head=1))
 
 
 def test_batched_greedy_equals_each_prompt_alone(engine):
@@ -147,7 +134,7 @@ def test_default_stop_tokens_come_from_the_tokenizer():
         def encode_special(self, name):
             return {"<|assistant_end|>": 7, "<|bos|>": 3}[name]
 
-    eng = Engine(random_model(), Tok())
+    eng = Engine(random_model(VOCAB), Tok())
     assert eng.default_stop_tokens() == {3, 7}
     out = eng.generate([[1, 2, 5], [4]], 50, temperature=1.0, seed=0)
     for row in out:
@@ -181,7 +168,7 @@ def test_length_chunks_partition_sorted_rows():
 def test_chunked_prefill_equals_one_padded_prefill(attention, monkeypatch):
     """Length-sorted chunked prefill gives the same logits, the same cache and the same generations,
     and still allocates one full-length cache (the chunks' own caches are prompt-sized)."""
-    model = random_model(seed=3, attention=attention)
+    model = random_model(VOCAB, seed=3, attention=attention)
     prompts = random_prompts(16, 1, 90, seed=8)
     assert len(engine_mod.length_chunks([len(p) for p in prompts])) == 4
     made = count_caches(monkeypatch)

@@ -7,25 +7,14 @@ from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 from picochat.train.optim import build_optimizers
 
+from modelkit import random_model
+
 TOL = 1e-4  # fp32; observed differences are ~1e-5 (different summation order in SDPA)
-
-
-def random_model(attention="mha", n_kv_head=None, vocab=300, seed=0):
-    torch.manual_seed(seed)
-    cfg = config_from_depth(2, vocab_size=vocab, sequence_len=64, attention=attention, n_kv_head=n_kv_head,
-                            aspect_ratio=32, head_dim=16)
-    model = GPT(cfg)
-    model.init_weights()
-    # init_weights zeroes output projections (blocks start as identity); randomise everything so
-    # the comparisons below exercise every weight
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
 
 
 @pytest.mark.parametrize("attention,n_kv", [("mha", None), ("gqa", 2), ("gqa", 1)])
 def test_kv_cache_decode_equals_full_forward(attention, n_kv):
-    model = random_model(attention, n_kv)
+    model = random_model(300, attention=attention, n_kv_head=n_kv)
     idx = torch.randint(0, 300, (3, 24))
     with torch.no_grad():
         full = model(idx)
@@ -39,7 +28,7 @@ def test_kv_cache_decode_equals_full_forward(attention, n_kv):
 
 
 def test_left_padded_rows_equal_rows_alone():
-    model = random_model("gqa", 2)
+    model = random_model(300, attention="gqa", n_kv_head=2)
     pads = [0, 4, 11]
     rows = [torch.randint(1, 300, (20 - p,)) for p in pads]
     batch = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r]) for p, r in zip(pads, rows)])
@@ -56,7 +45,7 @@ def test_left_padded_rows_equal_rows_alone():
 
 
 def test_cache_rollback_and_row_selection():
-    model = random_model()
+    model = random_model(300)
     idx = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         cache = KVCache(2, 16)
@@ -90,7 +79,7 @@ def test_cache_place_right_aligns_rows_and_refuses_overflow():
 
 
 def test_kv_bytes_per_token_matches_accounting():
-    model = random_model("gqa", 1)
+    model = random_model(300, attention="gqa", n_kv_head=1)
     cache = KVCache(2, 10)
     with torch.no_grad():
         model(torch.randint(0, 300, (2, 5)), kv_cache=cache)
@@ -118,7 +107,7 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_masked_targets_are_ignored():
-    model = random_model()
+    model = random_model(300)
     x = torch.randint(0, 300, (2, 10))
     y = torch.randint(0, 300, (2, 10))
     y_masked = y.clone()

@@ -3,7 +3,6 @@ the expected reward of a toy task rises (exact binomial test, stated power), res
 torchrun x2 == one process, and bad input is one clear line."""
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -205,7 +204,7 @@ def test_toy_task_expected_reward_rises(tok):
 # ----------------------------------------------------------------------------- CLI: resume, torchrun, errors
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def rl_home(tmp_path_factory):
     """Tiny random sft/base checkpoints and GSM8K-style problems whose answers (1-3) a random model hits
     now and then, so the rollouts carry signal and the weights really move."""
     root = tmp_path_factory.mktemp("rlhome")
@@ -213,6 +212,13 @@ def home(tmp_path_factory):
     data = write_jsonl(root / "g.jsonl", [{"question": f"Q{i}: what number?", "answer": str(i % 3 + 1)}
                                           for i in range(40)])
     return env, data
+
+
+@pytest.fixture
+def home(rl_home, monkeypatch):
+    """rl_home, with PICOCHAT_HOME pointing at it for the test (in-process commands read it)."""
+    monkeypatch.setenv("PICOCHAT_HOME", rl_home[0]["PICOCHAT_HOME"])
+    return rl_home
 
 
 def rl_args(data, *extra, tasks="gsm8k"):
@@ -223,12 +229,10 @@ def rl_args(data, *extra, tasks="gsm8k"):
 
 def cli(args, env):
     from picochat.cli import main
-    os.environ["PICOCHAT_HOME"] = env["PICOCHAT_HOME"]
     assert main(args) == 0
 
 
 def weights(env, tag):
-    os.environ["PICOCHAT_HOME"] = env["PICOCHAT_HOME"]
     c = ck.read_checkpoint(tag)
     return load_file(str(c.path / "model.safetensors")), c
 
@@ -273,7 +277,6 @@ def test_torchrun_two_processes_equal_one(home):
 def test_bad_input_gives_one_clear_line(home, capsys):
     from picochat.cli import main
     env, data = home
-    os.environ["PICOCHAT_HOME"] = env["PICOCHAT_HOME"]
     for args, pattern in ((["--tasks", "mmlu"], "task 'mmlu' has no reward"),
                           (["--tasks", "arithmetic,bpb"], "task 'bpb' has no reward"),
                           (["--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),
@@ -308,7 +311,6 @@ def test_kl_to_the_start_is_zero_at_the_start_and_pulls_back_later(home):
                     "--kl-coef", kl), env)
     hist = {t: [h for h in weights(env, t)[1].state["history"] if "reward" in h] for t in ("rl/nokl", "rl/kl")}
     assert hist["rl/kl"][0]["loss"] == pytest.approx(hist["rl/nokl"][0]["loss"], abs=1e-7)
-    os.environ["PICOCHAT_HOME"] = env["PICOCHAT_HOME"]
     one = [load_file(str(ck.read_checkpoint(t, step=1).path / "model.safetensors")) for t in ("rl/nokl", "rl/kl")]
     for k in one[0]:
         torch.testing.assert_close(one[1][k], one[0][k], atol=1e-7, rtol=0)

@@ -3,6 +3,7 @@ get exactly the greedy answer their prompt gets alone; clients that vanish mid-s
 batch slots; speculative decoding (with a draft) keeps greedy answers exact; the scheduler's
 shared cache merges rows that join a running batch correctly."""
 import asyncio
+import threading
 
 import httpx
 import openai
@@ -15,7 +16,8 @@ from picochat.model.kv_cache import KVCache
 from serve_helpers import model, tok  # noqa: F401  (shared module fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-from serve_helpers import alone_chat, random_model, serve, wait_until
+from modelkit import random_model
+from serve_helpers import CONTEXT, alone_chat, serve, wait_until
 
 WORDS = "fox dog quick lazy hello world today fine thank you brown jumps over".split()
 
@@ -30,7 +32,7 @@ def test_merge_appends_rows_to_a_running_cache(attention):
     """KVCache.merge: rows joining mid-decode compute what they compute alone (the primitive
     continuous batching rests on), with the common padding dropped and room for more steps;
     whatever the attention layer caches (k/v, or MLA's latent)."""
-    m = random_model(256, seed=3, attention=attention)
+    m = random_model(256, seed=3, attention=attention, seq_len=CONTEXT)
     g = torch.Generator().manual_seed(0)
     a = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 9)]
     b = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 14)]
@@ -76,21 +78,43 @@ def _stream(url: str, messages, max_tokens: int) -> tuple[str, str]:
     return asyncio.run(_streams(url, [messages], max_tokens))[0]
 
 
-def test_32_concurrent_streams_equal_their_alone_answers(model, tok):
+def test_32_concurrent_streams_equal_their_alone_answers(model, tok, monkeypatch):
     refs = [alone_chat(model, tok, prompt(i), 12) for i in range(32)]
+    # the model's first forward (the first prefill) waits until every other request is queued, so they all join
+    # the batch in one prefill at the next step boundary, however the threads are scheduled
+    gate, hidden, first_rows = threading.Event(), model.hidden, []
+
+    def gated_hidden(tokens, **kw):
+        if not gate.is_set():
+            first_rows.append(len(tokens))
+            gate.wait(120)
+        return hidden(tokens, **kw)
+
+    monkeypatch.setattr(model, "hidden", gated_hidden)
     with serve(model, tok, max_batch=32) as s:
+        def open_gate():
+            try:
+                wait_until(lambda: first_rows and httpx.get(s.url + "/health").json()["queued"] + first_rows[0] == 32,
+                           timeout=120)
+            finally:
+                gate.set()
+        opener = threading.Thread(target=open_gate, daemon=True)
+        opener.start()
         got = asyncio.run(_streams(s.url, [prompt(i) for i in range(32)], 12))
+        opener.join()
         health = httpx.get(s.url + "/health").json()
     assert [t for t, _ in got] == [text for text, _ in refs]
     assert [f for _, f in got] == [r.finish_reason for _, r in refs]
-    assert health["stats"]["max_batch_seen"] > 4        # they really shared decode steps
+    stats = health["stats"]
+    assert stats["prefills"] == 2 and stats["joined"] == 32   # the rest joined the first in one step
+    assert stats["max_batch_seen"] > 4        # they really shared decode steps
     assert health["stats"]["finished"] == 32 and health["active_slots"] == 0
 
 
 def test_100_clients_disconnecting_mid_stream_free_every_slot(model, tok):
     with serve(model, tok, max_batch=8, max_queue=128) as s:
         async def one(i: int, h: httpx.AsyncClient) -> int:
-            body = {"messages": prompt(i), "max_tokens": 100, "temperature": 1.0, "stream": True}
+            body = {"messages": prompt(i), "max_tokens": 100, "temperature": 1.0, "seed": i, "stream": True}
             async with h.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
                 assert r.status_code == 200
                 async for line in r.aiter_lines():
@@ -102,7 +126,9 @@ def test_100_clients_disconnecting_mid_stream_free_every_slot(model, tok):
             async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as h:
                 return await asyncio.gather(*(one(i, h) for i in range(100)))
         hung_up = sum(asyncio.run(main()))
-        assert hung_up > 80   # (a few may finish on a stop token before their first text)
+        # seeded: each reply is the same on every run, whatever the batching (a few finish on a stop token before
+        # their first text), so this count is too
+        assert hung_up > 80
         assert wait_until(lambda: (lambda h: h["active_slots"] == 0 and h["queued"] == 0 and h["in_flight"] == 0)(
             httpx.get(s.url + "/health").json()), timeout=30)
         stats = httpx.get(s.url + "/health").json()["stats"]
@@ -113,7 +139,7 @@ def test_100_clients_disconnecting_mid_stream_free_every_slot(model, tok):
 
 
 def test_speculative_decoding_keeps_greedy_answers_exact(model, tok):
-    draft = random_model(tok.vocab_size, seed=7, depth=1)
+    draft = random_model(tok.vocab_size, seed=7, depth=1, seq_len=CONTEXT)
     with serve(model, tok, draft=draft, max_batch=8, spec_chunk=5) as s:
         single = [_stream(s.url, prompt(i), 16)[0] for i in range(3)]   # batch 1: speculation
         together = [t for t, _ in asyncio.run(_streams(s.url, [prompt(i) for i in range(6)], 16))]

@@ -8,21 +8,10 @@ from picochat.inference import speculative as spec
 from picochat.inference.engine import Engine
 from picochat.inference.sampling import probs_from_logits
 from picochat.inference.speculative import GammaController, generate_speculative, generate_speculative_batch
-from picochat.model.config import config_from_depth
-from picochat.model.gpt import GPT
+
+from modelkit import random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-
-def random_model(seed, depth=2, vocab=256, std=0.3, n_embd=64, seq_len=64):
-    torch.manual_seed(seed)
-    cfg = config_from_depth(depth, vocab_size=vocab, sequence_len=seq_len, aspect_ratio=n_embd // depth, head_dim=16)
-    model = GPT(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=std)
-    return model.eval()
 
 
 def prompts(n, seed=0, lo=1, hi=40, vocab=256):
@@ -33,9 +22,9 @@ def prompts(n, seed=0, lo=1, hi=40, vocab=256):
 
 @pytest.fixture(scope="module")
 def pair():
-    target = random_model(0, depth=2)
+    target = random_model(seed=0, depth=2)
     # a draft that agrees with the target often: the target's embeddings, head and first layer
-    draft = random_model(1, depth=1)
+    draft = random_model(seed=1, depth=1, n_embd=64)
     with torch.no_grad():
         draft.transformer.wte.weight.copy_(target.transformer.wte.weight)
         draft.lm_head.weight.copy_(target.lm_head.weight)
@@ -95,8 +84,8 @@ V, N, PROMPT = 8, 20_000, [3, 1, 6]
 @pytest.fixture(scope="module")
 def tiny_pair():
     # different random models: the draft is often wrong, so rejections and residual draws are frequent
-    return (random_model(10, depth=2, vocab=V, std=0.3, n_embd=16, seq_len=16),
-            random_model(11, depth=1, vocab=V, std=0.3, n_embd=16, seq_len=16))
+    return (random_model(seed=10, depth=2, vocab=V, std=0.3, n_embd=16, seq_len=16),
+            random_model(seed=11, depth=1, vocab=V, std=0.3, n_embd=16, seq_len=16))
 
 
 def exact_joint(target, **sampling) -> torch.Tensor:
@@ -189,7 +178,7 @@ def test_adaptive_gamma_grows_for_a_cheap_accurate_draft():
 def test_invalid_arguments(pair):
     target, draft = pair
     with pytest.raises(ValueError):
-        generate_speculative(target, random_model(0, depth=1, vocab=100), [1, 2], 5)
+        generate_speculative(target, random_model(seed=0, depth=1, vocab=100, n_embd=64), [1, 2], 5)
     with pytest.raises(ValueError):
         generate_speculative(target, draft, [], 5)
     with pytest.raises(ValueError):
