@@ -34,6 +34,12 @@ def test_report_card_renders_everything(home, capsys):
                     "## Cost estimate"):
         assert section in md
     assert f"({os.cpu_count()} cores)" in md and "Vocabulary 300 tokens" in md
+    import torch
+    from picochat.eval.report import ISA_NAMES
+    isa = ISA_NAMES.get(torch.backends.cpu.get_cpu_capability(), torch.backends.cpu.get_cpu_capability())
+    assert f"| CPU instruction set (torch's kernels) | {isa}" in md
+    times = md.split("## Wall times")[1]
+    assert f"cores, {isa}" in times.split("| stage |")[0]  # the instruction set is named next to the stage times
     assert "| embedded | embedded | 1,028 | 4,780,000 | 61 | 270,000 |" in md
     training = md.split("## Training")[1].split("## Evaluations")[0]
     rows = {line.split(" | ")[0][2:]: line for line in training.splitlines() if line.startswith("| `")}
@@ -73,3 +79,26 @@ def test_wall_times_come_from_the_newest_pipeline_run(tmp_path):
     gpu.write_text("[1] data prepare\t3600.0\n[3] train base\t12000.5\n")
     os.utime(gpu, (2e9, 2e9))  # newer than the quickstart's
     assert wall_times(tmp_path) == [("[1] data prepare", 3600.0), ("[3] train base", 12000.5)]
+
+
+def test_cpu_isa_names_what_torch_uses_and_what_the_cpu_has():
+    from picochat.eval.report import cpu_isa
+    zen4 = {"avx", "avx2", "avx512f", "avx512bw"}
+    assert cpu_isa("AVX512", zen4) == "AVX-512, AMX: no"
+    assert cpu_isa("AVX512", zen4 | {"amx_tile", "amx_bf16"}) == "AVX-512, AMX: yes"
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU: the timings are AVX2's, and the report says both
+    assert cpu_isa("AVX2", zen4, "avx2") == "AVX2 (ATEN_CPU_CAPABILITY=avx2; the CPU has AVX-512), AMX: no"
+    assert cpu_isa("AVX2", {"avx", "avx2"}, "avx2") == "AVX2, AMX: no"  # forcing what it has anyway changes nothing
+    assert cpu_isa("NEON", set()) == "NEON"  # no x86 flags (ARM, macOS): no AMX either way
+
+
+def test_every_eval_bar_names_its_metric(monkeypatch, tmp_path):
+    from picochat.eval import report
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or True)
+    row = {"model": "sft/d4", "kind": "chat", "task": "arithmetic", "n": 100, "chance": None}
+    rows = [{**row, "metric": "pass@1", "value": 0.99}, {**row, "metric": "answer == calculator result", "value": 0.97},
+            {**row, "metric": "bpb", "value": 1.9}]
+    assert report.plot_evals(rows, tmp_path / "evals.png")
+    labels = [t.get_text() for t in figs[0].axes[0].get_yticklabels()]
+    assert labels == ["arithmetic pass@1 · sft/d4", "arithmetic answer == calculator result · sft/d4"]

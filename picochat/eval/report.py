@@ -30,17 +30,44 @@ from picochat.common import PicochatError, atomic_path, data_dir, home, tokenize
 
 # --------------------------------------------------------------------------- gathering
 
-def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
+ISA_NAMES = {"AVX512": "AVX-512", "AVX2": "AVX2", "DEFAULT": "no vector kernels (DEFAULT)"}
+
+
+def _cpuinfo() -> tuple[str | None, set[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; (None, set()) where there is none (macOS)."""
+    model, flags = None, set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__}
+    return model, flags
+
+
+def cpu_isa(capability: str, flags: set[str], forced: str | None = None) -> str:
+    """The vector instruction set torch's CPU kernels use (its capability), and AMX on x86.
+
+    Timings differ by class (AVX2 vs AVX-512 vs AMX), so the report names it. ATEN_CPU_CAPABILITY
+    (`forced`) makes torch use a lower set than the CPU has: then both are named.
+    """
+    out = ISA_NAMES.get(capability, capability)
+    best = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    if forced and best and best != out:
+        out += f" (ATEN_CPU_CAPABILITY={forced}; the CPU has {best})"
+    if "avx" in flags:  # x86: AMX (Sapphire Rapids and later) speeds up bf16/int8 matmuls beyond AVX-512
+        out += f", AMX: {'yes' if 'amx_tile' in flags else 'no'}"
+    return out
+
+
+def hardware() -> dict:
+    model, flags = _cpuinfo()
+    info = {"cpu": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu_isa": cpu_isa(torch.backends.cpu.get_cpu_capability(), flags, os.environ.get("ATEN_CPU_CAPABILITY")),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
     try:
         info["memory_gib"] = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
@@ -218,7 +245,8 @@ def plot_evals(rows: list[dict], path: Path) -> bool:
     rows = [r for r in rows if r["metric"] not in ("bpb", "CORE")]  # not accuracies
     if not rows:
         return False
-    labels = [f"{r['task']} · {r['model']}" for r in rows]
+    # one task can have several bars (pass@1, answer == calculator result, pass@k): each names its metric
+    labels = [f"{r['task']} {r['metric']} · {r['model']}" for r in rows]
     fig, ax = _subplots(figsize=(7, 0.35 * len(rows) + 1.2))
     ax.barh(range(len(rows)), [100 * r["value"] for r in rows], color="#4c72b0")
     for i, r in enumerate(rows):
@@ -314,7 +342,8 @@ def render(root: Path, all_runs: list[dict], dollars_per_hour: float, plots: dic
          f"Generated {now}{f' at commit {commit}' if commit else ''} from `{root}`.", ""]
 
     L += ["## Hardware", ""] + _table(["", ""], [
-        ["CPU", f"{hw['cpu']} ({hw['cores']} cores)"], ["memory", f"{_fmt(hw.get('memory_gib'))} GiB"],
+        ["CPU", f"{hw['cpu']} ({hw['cores']} cores)"], ["CPU instruction set (torch's kernels)", hw["cpu_isa"]],
+        ["memory", f"{_fmt(hw.get('memory_gib'))} GiB"],
         ["GPU", hw["gpu"] + (f" ({hw['gpu_memory_gib']} GiB)" if "gpu_memory_gib" in hw else "")],
         ["torch / python", f"{hw['torch']} / {hw['python']}"], ["platform", hw["platform"]]]) + [""]
 
@@ -373,6 +402,8 @@ def render(root: Path, all_runs: list[dict], dollars_per_hour: float, plots: dic
     L += ["## Wall times", ""]
     total_s = sum(t for _, t in times)
     if times:
+        L += [f"CPU: {hw['cpu']} ({hw['cores']} cores, {hw['cpu_isa']}); GPU: {hw['gpu']}. That is the machine "
+              "writing this report; quickstart.sh writes it right after the stages below.", ""]
         L += _table(["stage", "seconds"], [[n, f"{t:.1f}"] for n, t in times] + [["**total**", f"**{total_s:.1f}**"]])
         L += [""]
         basis = "the quickstart's total wall time"
