@@ -145,12 +145,11 @@ def decode_model(cfg, max_len: int, device, dtype, state_dict=None):
 def train_variant(name: str, cfg, args, tok, device) -> dict:
     """Train one variant with the `picochat train base` machinery; summary + val curve + weights."""
     from picochat import checkpoint as ck
-    from picochat.common import DistInfo, data_dir
+    from picochat.common import data_dir
     from picochat.data.corpus import list_shards
     from picochat.data.loader import PretrainLoader
-    from picochat.eval.bpb import token_byte_lengths
     from picochat.model.gpt import GPT
-    from picochat.train.loop import TrainSettings, run_training
+    from picochat.train.loop import Stage, TrainSettings, run_training
     data = data_dir(args.data)
     list_shards(data, "train")  # clear error if the corpus is missing
     tag = f"bench-attention/d{args.depth}-{name}"
@@ -164,10 +163,9 @@ def train_variant(name: str, cfg, args, tok, device) -> dict:
     model = GPT(cfg).to(device)
     model.init_weights()
     summary = run_training(
-        model, settings, lambda state: PretrainLoader(data, tok, B, T, "train", 0, 1, grad_accum, state, device=device),
-        device, DistInfo(False, 0, 0, 1),
-        val_batches=lambda: PretrainLoader(data, tok, B, T, "val", 0, 1, 1, None, device=device),
-        token_bytes=token_byte_lengths(tok, device), base_meta={"tokenizer_vocab": tok.vocab_size})
+        Stage(settings, model, tok, device),
+        lambda state: PretrainLoader(data, tok, B, T, "train", 0, 1, grad_accum, state, device=device),
+        val_loader=lambda: PretrainLoader(data, tok, B, T, "val", 0, 1, 1, None, device=device))
     history = ck.read_checkpoint(tag, verify=False).state.get("history", [])
     return dict(tag=tag, val_bpb=summary["val_bpb"], train_tok_per_s=summary["tok_per_s"], tokens=summary["tokens"],
                 train_time=summary["train_time"], history=history,

@@ -158,11 +158,15 @@ class RandomTokens:
 
     def __next__(self):
         import torch
+        from picochat.data.loader import Batch
         ids = torch.randint(0, self.vocab, (self.B, self.T + 1), generator=self.gen).to(self.device)
-        return ids[:, :-1], ids[:, 1:]
+        return Batch(ids[:, :-1], ids[:, 1:], self.B * self.T)
 
     def state_dict(self) -> dict:
         return {}
+
+    def close(self) -> None:
+        pass
 
 
 def _rss_mb() -> float:
@@ -172,13 +176,13 @@ def _rss_mb() -> float:
 
 def _child(cfg: dict) -> dict:
     import torch
-    from picochat.common import DistInfo, data_dir, tokenizer_dir
+    from picochat.common import data_dir, tokenizer_dir
     from picochat.device import pick_device
     from picochat.data.loader import PretrainLoader
     from picochat.model.config import config_from_depth
     from picochat.model.gpt import GPT
     from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import TrainSettings, effective_compile_mode, run_training
+    from picochat.train.loop import Stage, TrainSettings, effective_compile_mode, run_training
 
     device = pick_device(cfg["device"])
     B, T = cfg["B"], cfg["T"]
@@ -204,7 +208,7 @@ def _child(cfg: dict) -> dict:
         holder["loader"] = PretrainLoader(data, tok, B, T, "train", state=state, device=device, workers=cfg["workers"])
         return holder["loader"]
 
-    summary = run_training(model, settings, make_loader, device, DistInfo(False, 0, 0, 1), write_checkpoints=False)
+    summary = run_training(Stage(settings, model, tok, device), make_loader, save_checkpoints=False)
     steps_h = [h for h in summary["history"] if "tok_per_s" in h][cfg["warmup"]:]
     dts = [B * T / h["tok_per_s"] for h in steps_h]
     waits = [h["data_wait"] * dt for h, dt in zip(steps_h, dts)]
