@@ -218,6 +218,29 @@ def test_default_out_dir_under_home(tmp_path, monkeypatch):
     assert sorted(docs(out, "train")) == ["text number 0", "text number 1", "text number 2"]
 
 
+def test_cli_names_a_local_corpus_after_its_folder(tmp_path, monkeypatch, capsys):
+    """`data prepare --source local:DIR` without --name stores DIR's name and leaves `embedded` alone."""
+    from picochat.cli import main
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    for name in ("builtin", "my_texts"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            (tmp_path / name / f"{i}.txt").write_text(f"{name} {i}")
+    data = tmp_path / "home" / "data"
+    c.prepare(f"local:{tmp_path / 'builtin'}", data / "embedded", val_fraction=0)  # stands in for embedded
+    capsys.readouterr()
+    assert main(["data", "prepare", "--source", f"local:{tmp_path / 'my_texts'}/", "--val-fraction", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert f"as corpus 'my_texts' -> {data / 'my_texts'}" in out and "train on it with --data my_texts" in out
+    assert sorted(docs(data / "embedded", "train")) == ["builtin 0", "builtin 1", "builtin 2"]
+    assert sorted(docs(data / "my_texts", "train") + docs(data / "my_texts", "val")) == [f"my_texts {i}" for i in range(3)]
+    # the readers say which corpus they read, once per corpus and process (every one goes through list_shards)
+    assert capsys.readouterr().err == "".join(f"reading corpus {n} ({(data / n).resolve()})\n"
+                                              for n in ("embedded", "my_texts"))
+    c.count_documents(data / "my_texts", "train"), c.sample_texts(data / "my_texts", "val", None)
+    assert capsys.readouterr().err == ""
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(alphabet="ab \n", max_size=300), max_size=20), st.integers(20, 200))
 def test_chunk_text_property(parts, max_chars):

@@ -2,6 +2,7 @@
 
     picochat data prepare --source embedded                     the offline Shakespeare corpus
     picochat data prepare --source hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT --max-docs 100000
+    picochat data prepare --source local:~/my_texts              stored as corpus my_texts (--data my_texts)
 
 Wired into the main CLI through `register(subparsers)`, which returns the `data` subcommands so
 that `picochat data distill` (picochat/inference/cli.py) can join them.
@@ -16,13 +17,17 @@ from picochat.common import number_type, positive_int
 def cmd_data_prepare(args):
     from picochat.common import data_dir
     from picochat.data.corpus import prepare
+    from picochat.data.sources import default_name
+    # named after its source by default, so the user's data never silently takes the embedded corpus's place
+    name = args.name or default_name(args.source)
     t0 = time.time()
-    meta = prepare(args.source, data_dir(args.name), overwrite=args.overwrite, val_fraction=args.val_fraction,
+    meta = prepare(args.source, data_dir(name), overwrite=args.overwrite, val_fraction=args.val_fraction,
                    max_docs=args.max_docs, max_chars=args.max_chars, hf_config=args.hf_config,
                    text_field=args.text_field)
-    print(f"prepared {args.source} -> {data_dir(args.name)}: {meta['train_docs']:,} train docs "
+    print(f"prepared {args.source} as corpus {name!r} -> {data_dir(name)}: {meta['train_docs']:,} train docs "
           f"({meta['train_chars']:,} chars), {meta['val_docs']:,} val docs ({meta['val_chars']:,} chars) "
-          f"in {time.time() - t0:.1f}s")
+          f"in {time.time() - t0:.1f}s; train on it with --data {name} "
+          f"(picochat tokenizer train --data {name}, picochat train base --data {name})")
 
 
 def register(sub):
@@ -31,7 +36,8 @@ def register(sub):
     p = data.add_parser("prepare", help="write a corpus as parquet shards with a val split")
     p.add_argument("--source", default="embedded", help="embedded (Shakespeare, offline) | hf:REPO (online, e.g. "
                    "hf:HuggingFaceFW/fineweb-edu) | local:PATH (folder/file of .txt/.jsonl/.parquet) (default %(default)s)")
-    p.add_argument("--name", default="embedded", help="name to store it under $PICOCHAT_HOME/data (default %(default)s)")
+    p.add_argument("--name", help="name to store it under $PICOCHAT_HOME/data, passed as --data to the later stages "
+                   "(default: named after the source: embedded, local:DIR/my_texts -> my_texts, hf:ORG/REPO -> REPO)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared corpus of that name")
     p.add_argument("--val-fraction", type=number_type(float, lambda v: 0 < v < 1, "a number in (0, 1)"), default=0.05,
                    help="share of text held out for validation (default %(default)s)")

@@ -16,6 +16,7 @@ the val estimate (the first few val batches) cover only one play.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 from collections.abc import Iterator
@@ -191,12 +192,22 @@ def _refuse_occupied(out: Path, overwrite: bool) -> None:
 
 # --------------------------------------------------------------------------- reading
 
+_announced: set[Path] = set()  # corpora this process has said it reads
+
+
 def list_shards(data_dir, split: str) -> list[Path]:
+    """A split's shard files; every reader comes through here, so it says (once) which corpus it reads."""
     if split not in SPLITS:
         raise PicochatError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     shards = sorted(Path(data_dir).glob(f"{split}_*.parquet"))
     if not shards:
         raise PicochatError(f"no prepared data at {data_dir}; run `picochat data prepare --source embedded` first")
+    where = Path(data_dir).resolve()
+    # a stage run on the wrong corpus (e.g. embedded while the user meant their own) is visible in its log;
+    # stderr keeps stdout for results, and with torchrun only rank 0 speaks
+    if where not in _announced and os.environ.get("RANK", "0") == "0":
+        _announced.add(where)
+        print(f"reading corpus {where.name} ({where})", file=sys.stderr)
     return shards
 
 
