@@ -10,6 +10,10 @@ Why: eager decoding of a small model is Python and dispatch overhead, not arithm
 contents changes between steps: StaticStep writes each key/value at a position held in a tensor
 and attends over the whole preallocated cache with a mask. A new batch size or cache length is a
 new shape, compiled once more (so the engine keeps finished rows in a compiled batch).
+
+The step is where a model is made ready for CPU inference (cpu.py: oneDNN-packed Linear layers and
+the allocator), once, for every path that decodes (Engine, the server's scheduler); oneDNN's packed
+path runs outside torch.compile only, so a compiled step keeps F.linear.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 
 from picochat.common import DECODE_STEPS as MODES, PicochatError
 from picochat.device import resolve_dtype
+from picochat.inference.cpu import prepare_cpu_inference
 from picochat.model.kv_cache import KVCache, StaticStep
 
 
@@ -43,13 +48,16 @@ def resolve_flags(args, device: torch.device) -> torch.dtype:
 class DecodeStep:
     """step(tokens (B, 1), cache) -> logits (B, V) fp32, advancing the cache by one position."""
 
-    def __init__(self, model, mode: str = "eager"):
+    def __init__(self, model, mode: str = "eager", cpu_tuning: bool = True):
+        """cpu_tuning: on CPU, prepare_cpu_inference(model) (in place; False undoes it)."""
         self.model, self.mode = model, mode
         self._compiled_once = False
         # dynamic=None: torch.compile makes a dimension symbolic once it has seen it change, so
         # generations of other sizes reuse the compiled step (CUDA graphs are recorded per size)
         self._fn = None if mode == "eager" else torch.compile(
             self._static, mode="reduce-overhead" if mode == "cuda-graphs" else None, fullgraph=True, dynamic=None)
+        if next(model.parameters()).device.type == "cpu":
+            prepare_cpu_inference(model, enable=cpu_tuning and not self.static)
 
     @property
     def static(self) -> bool:  # keep the batch shape fixed: each new shape is a new compile

@@ -1,13 +1,14 @@
-"""Inference engine: batched prefill once, then decode token by token with one KV cache.
+"""Inference engine: batched prefill, then decode token by token over one KV cache (ModelRunner).
 
-Prompts of different lengths are left-padded with BOS; the cache's `pad` gives each row its own
-rotary positions and a mask over its padding, so every row computes what it would alone
-(tests/test_engine.py checks this token for token). Per generation the engine pre-draws each
-row's uniforms from its own seed (sampling.py), allocates the KV cache once for the longest
-sequence it can reach, and syncs with the host once per step (how many rows are done): that
-drives early exit and compaction, `cache.select_rows` dropping finished rows (not with a compiled
-decode step, where a new batch size is a new compile). A row finishes on a stop token or a stop
-sequence of token ids (both included in its output), or at its max_new_tokens.
+`ModelRunner` is the one decode loop of picochat: Engine.generate / generate_stream drive it for a
+batch that arrives together, the server's scheduler (scheduler.py) for requests that join and
+leave a running batch. It holds each row's state as device tensors (its last token, how many it
+sampled, its budget, stop tokens, pre-drawn uniforms) and has one place that samples (`_sample`),
+one that checks stop tokens, stop sequences and budgets (also `_sample`) and one that drops rows
+(`keep`). Prompts of different lengths are left-padded with BOS; the cache's `pad` gives each row
+its own rotary positions and a mask over its padding, so every row computes what it would alone
+(tests/test_engine.py checks this token for token). Each row samples with its own uniforms, drawn
+up front from its own seed (sampling.py), so its tokens never depend on the rest of the batch.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from picochat.inference.cpu import prepare_cpu_inference
 from picochat.inference.decode_step import DecodeStep, resolve_mode
-from picochat.inference.sampling import Sampling, check_request, sample_next
+from picochat.inference.sampling import Sampling, SamplingParams, _as_list, check_request, sample_next
 from picochat.model.kv_cache import KVCache
 
 STATIC_LEN_BUCKET = 64  # a compiled decode step's cache length is rounded up to a multiple of this
@@ -80,18 +80,137 @@ def default_stop_tokens(tokenizer) -> set[int]:
     return stops
 
 
+def _rows(values: list[Sequence], fill, dtype, device) -> torch.Tensor:
+    """(B, W) tensor of per-row sequences of different lengths, right-filled with `fill`."""
+    W = max((len(v) for v in values), default=0)
+    return torch.tensor([list(v) + [fill] * (W - len(v)) for v in values], dtype=dtype, device=device).view(len(values), W)
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor, fill) -> torch.Tensor:
+    """Rows of a, then rows of b; (B, W) tensors of different widths are right-filled with `fill`."""
+    if a.dim() == 2 and a.size(1) != b.size(1):
+        W = max(a.size(1), b.size(1))
+        a, b = (torch.nn.functional.pad(x, (0, W - x.size(1)), value=fill) for x in (a, b))
+    return torch.cat([a, b])
+
+
+# each row's state: (fill value when rows of different widths are concatenated)
+ROW_STATE = dict(last=0, count=0, budget=0, done=False, stops=-1, uniforms=0.0, hist=-1)
+
+
+class ModelRunner:
+    """Rows decoding together over one KV cache: `add` prefills newcomers (and samples their first
+    token), `step` decodes one token for every row, `keep` drops rows. `rows` holds whatever the
+    caller identifies a row by (Engine: its prompt's index; scheduler: its Request), in cache order.
+    Rows stay in the batch after they finish (`done`) until the caller drops them: the engine when a
+    quarter has finished (never with a static-shape decode step), the scheduler at once."""
+
+    def __init__(self, model, decode: DecodeStep, pad_id: int = 0, prefill_chunks: int = 4,
+                 stop_sequences: Sequence[Sequence[int]] = ()):
+        self.model, self.decode, self.pad_id, self.prefill_chunks = model, decode, pad_id, prefill_chunks
+        self.device = next(model.parameters()).device
+        self.seqs = [torch.tensor(list(s), dtype=torch.long, device=self.device) for s in stop_sequences]
+        if any(s.numel() == 0 for s in self.seqs):
+            raise ValueError("stop sequences must not be empty")
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list = []
+        self.knobs: list[tuple] = []   # (temperature, top_k, top_p) per row
+        self.cache: KVCache | None = None
+        self.params: SamplingParams | None = None
+        self.state: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.state["done"]
+
+    def add(self, rows: list, contexts: list[list[int]], budgets: list[int], knobs: list[tuple],
+            uniforms: torch.Tensor, stops: list, *, counts: list[int] | None = None,
+            given: list[int | None] | None = None, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill `contexts` together and sample each one's next token; the newcomers join the batch.
+        Returns their (tokens, live) as step() does. uniforms (B, W): each row's pre-drawn uniforms;
+        counts: tokens each row had sampled before (the index of its next uniform); given: a row
+        whose next token is already known (back from speculation) keeps it instead of the sample.
+        max_len: the first batch's cache length (else the merged cache gets just enough room)."""
+        B, dev = len(rows), self.device
+        logits, cache = prefill(self.model, contexts, max_len or max(len(c) for c in contexts), self.pad_id, dev,
+                                self.prefill_chunks)
+        budget = torch.tensor(budgets, dtype=torch.long, device=dev)
+        K = max((s.numel() for s in self.seqs), default=0)
+        new = dict(last=torch.zeros(B, dtype=torch.long, device=dev),
+                   count=torch.tensor(counts or [0] * B, dtype=torch.long, device=dev), budget=budget,
+                   done=budget == 0, stops=_rows([sorted(int(t) for t in s) for s in stops], -1, torch.long, dev),
+                   uniforms=uniforms, hist=torch.full((B, K), -1, dtype=torch.long, device=dev))
+        need = budget - new["count"]  # positions each newcomer may still feed (room for the merge below)
+        tok, live = self._sample(logits, new, self._params(knobs))
+        if given is not None and any(g is not None for g in given):
+            known = torch.tensor([g is not None for g in given], device=dev)
+            new["last"] = tok = torch.where(known, torch.tensor([g or 0 for g in given], device=dev), tok)
+            new["done"] &= ~known  # its stop check was the scheduler's, when the token came out
+        if self.cache is None and max_len is not None:  # a first batch: its prefill cache has the room
+            self.cache, self.state = cache, new
+        else:  # join the running batch, with just enough room for the longest remaining budget
+            left = torch.cat([self.state["budget"] - self.state["count"], need]) if self.rows else need
+            if not self.rows:
+                self.cache = KVCache(0, 0, device=dev)
+            self.cache.merge(cache, max(self.cache.pos, cache.pos) + int(left.max()))
+            self.state = {k: _cat(self.state[k], v, ROW_STATE[k]) if self.rows else v for k, v in new.items()}
+        self.rows, self.knobs = self.rows + list(rows), self.knobs + list(knobs)
+        self.params = self._params(self.knobs)
+        return tok, live
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed every row its last token, sample the next: (tokens (B,), live (B,): whether the row
+        was still generating before this token), device tensors in row order."""
+        return self._sample(self.decode(self.state["last"][:, None], self.cache), self.state, self.params)
+
+    def keep(self, keep: torch.Tensor | list[int]) -> None:
+        """Only rows `keep` (indices into rows) stay in the batch and the cache: one copy of the cache,
+        so that finished rows stop costing compute and memory."""
+        if len(keep) == len(self.rows):
+            return
+        if len(keep) == 0:
+            return self.reset()
+        idx = torch.as_tensor(keep, dtype=torch.long, device=self.device)
+        self.cache.select_rows(idx)
+        self.state = {k: v[idx] for k, v in self.state.items()}
+        keep = idx.tolist()
+        self.rows, self.knobs = [self.rows[i] for i in keep], [self.knobs[i] for i in keep]
+        self.params = self._params(self.knobs)
+
+    def _params(self, knobs: list[tuple]) -> SamplingParams:
+        return SamplingParams.make(len(knobs), *zip(*knobs), self.device, self.model.config.vocab_size)
+
+    def _sample(self, logits, s: dict, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's next token from its own uniform; then whether it finished: a stop token, a stop
+        sequence (both kept in its output) or its budget. Rows already done sample on, unused."""
+        u = None if params.all_greedy else s["uniforms"].gather(
+            1, s["count"].clamp(max=s["uniforms"].size(1) - 1)[:, None])[:, 0]
+        tok = sample_next(logits, params=params, uniforms=u)
+        live = ~s["done"]
+        s["count"] += 1
+        hit = (tok[:, None] == s["stops"]).any(1) | (s["count"] >= s["budget"])
+        if self.seqs:
+            s["hist"] = torch.cat([s["hist"][:, 1:], tok[:, None]], 1)  # the last K tokens of each row
+            for q in self.seqs:
+                hit |= (s["hist"][:, -q.numel():] == q).all(1)
+        s["done"], s["last"] = s["done"] | hit, tok
+        return tok, live
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, device: torch.device | str | None = None,
                  cpu_tuning: bool = True, decode_step: str = "auto"):
-        """cpu_tuning: cpu.py's prepare_cpu_inference on `model` (in place; False undoes it).
-        decode_step: eager | compiled | cuda-graphs | auto (decode_step.py)."""
+        """cpu_tuning: cpu.py's prepare_cpu_inference on `model` (in place; False undoes it; done by
+        the DecodeStep). decode_step: eager | compiled | cuda-graphs | auto (decode_step.py)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.decode = DecodeStep(model, resolve_mode(decode_step, self.device))
-        if self.device.type == "cpu":
-            # oneDNN's prepacked path runs outside torch.compile only: a compiled step keeps F.linear
-            prepare_cpu_inference(model, enable=cpu_tuning and not self.decode.static)
+        self.decode = DecodeStep(model, resolve_mode(decode_step, self.device), cpu_tuning=cpu_tuning)
         self.last_stats: dict = {}  # what the last generation did (cache size, timings)
         self.prefill_chunks = 4     # mixed-length prompts: prefill in up to this many length-sorted chunks
 
@@ -101,67 +220,44 @@ class Engine:
     def kv_bytes_per_token(self) -> int:  # per row, all layers
         return self.model.kv_bytes_per_token()
 
-    def _steps(self, prompts, max_new_tokens, sampling: Sampling, stop_tokens, stop_sequences):
-        """Yield (row_ids, rows, tokens, live) per decode step: the original index of every row still
-        in the batch (a list, and the same as a device tensor), its new token and whether the row
-        was still live before this token (device tensors)."""
+    def _run(self, prompts, max_new_tokens, sampling: Sampling, stop_tokens, stop_sequences):
+        """Yield (runner, tokens, live) per decode step (runner.rows: each row's prompt index)."""
         V = self.model.config.vocab_size
         # the last sampled token is never fed back, so prompt + budget may reach one past the table
         budgets = check_request(prompts, max_new_tokens, V, self.model.cos.size(0), fed=1)
         B, L, steps = len(prompts), max(len(p) for p in prompts), int(max(budgets))
-        max_len = L + max(steps - 1, 0)
-        params = sampling.params(B, self.device, V)
-        if stop_tokens is None:
-            stop_tokens = self.default_stop_tokens()
-        seqs = [torch.tensor(list(s), dtype=torch.long, device=self.device) for s in (stop_sequences or [])]
-        if any(s.numel() == 0 for s in seqs):
-            raise ValueError("stop sequences must not be empty")
+        sampling.params(B, self.device, V)  # validates the per-row lists before anything runs
+        runner = ModelRunner(self.model, self.decode, self.tokenizer.pad_token_id if self.tokenizer else 0,
+                             self.prefill_chunks, stop_sequences or ())
         if steps == 0:
             return
+        max_len = L + steps - 1
         if self.decode.static:  # a compiled step: few distinct cache lengths, so few graphs to record
             max_len = min(-(-max_len // STATIC_LEN_BUCKET) * STATIC_LEN_BUCKET, self.model.cos.size(0))
-        dev = self.device
-        uniforms = sampling.uniforms(B, steps, dev)
-        stop = torch.tensor(sorted(int(t) for t in stop_tokens), dtype=torch.long, device=dev)
-        per_row_budget = len(set(budgets)) > 1
-        budget = torch.tensor(budgets, dtype=torch.long, device=dev)
-        hist = torch.zeros(B, steps, dtype=torch.long, device=dev) if seqs else None
-        row_ids, rows = list(range(B)), torch.arange(B, device=dev)
-        done = budget == 0
+        stops = self.default_stop_tokens() if stop_tokens is None else stop_tokens
+        uniforms = sampling.uniforms(B, steps, self.device)
+        knobs = list(zip(*(_as_list(x, B, n) for x, n in ((sampling.temperature, "temperature"),
+                                                           (sampling.top_k, "top_k"), (sampling.top_p, "top_p")))))
         stats = self.last_stats = dict(batch_size=B, padded_prompt_len=L, max_len=max_len,
                                        kv_cache_bytes=B * max_len * self.kv_bytes_per_token(),
                                        kv_bytes_per_token=self.kv_bytes_per_token(), decode_steps=0, compactions=0)
         t0 = time.perf_counter()
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        logits, cache = prefill(self.model, prompts, max_len, pad_id, dev, self.prefill_chunks)
+        tok, live = runner.add(list(range(B)), prompts, budgets, knobs,
+                               torch.zeros(B, 1, device=self.device) if uniforms is None else uniforms,
+                               [stops] * B, max_len=max_len)
         t1 = time.perf_counter()
         stats["prefill_s"] = t1 - t0
-        for t in range(steps):
-            tok = sample_next(logits, params=params, uniforms=None if uniforms is None else uniforms[:, t])
+        while True:
             stats["decode_s"] = time.perf_counter() - t1
-            yield row_ids, rows, tok, ~done
-            hit = torch.isin(tok, stop) if stop.numel() else torch.zeros_like(done)
-            if per_row_budget:
-                hit |= budget <= t + 1
-            if hist is not None:
-                hist[:, t] = tok
-                for s in seqs:
-                    if t + 1 >= s.numel():
-                        hit |= (hist[:, t + 1 - s.numel():t + 1] == s).all(dim=1)
-            done |= hit
-            n_done = int(done.sum())  # the one per-step sync: early exit and compaction need it
-            if n_done == len(row_ids) or t == steps - 1:
+            yield runner, tok, live
+            n_done = int(runner.done.sum())  # the one per-step sync: early exit and compaction need it
+            if n_done == len(runner):
                 break
-            if n_done and n_done * 4 >= len(row_ids) and not self.decode.static:
-                # enough finished rows to repay one copy of the cache: drop them from the batch
-                keep = (~done).nonzero().view(-1)
-                cache.select_rows(keep)
-                row_ids, rows = [row_ids[i] for i in keep.tolist()], rows[keep]
-                tok, done, budget, params = tok[keep], done[keep], budget[keep], params.select(keep)
-                uniforms = None if uniforms is None else uniforms[keep]
-                hist = None if hist is None else hist[keep]
+            if n_done * 4 >= len(runner) and not self.decode.static:
+                # enough finished rows to repay one copy of the cache (a static step keeps its shape)
+                runner.keep((~runner.done).nonzero().view(-1))
                 stats["compactions"] += 1
-            logits = self.decode(tok[:, None], cache)
+            tok, live = runner.step()
             stats["decode_steps"] += 1
 
     @torch.inference_mode()
@@ -173,11 +269,10 @@ class Engine:
         sampling: a Sampling (its fields may be per-row lists), or temperature=/top_k=/top_p=/seed=
         keywords (Sampling.of); max_new_tokens may be a per-row list. stop_tokens None means the
         tokenizer's <|assistant_end|> and <|bos|>; pass an empty set to disable."""
-        B = len(prompts)
-        for row_ids, _, tok, live in self._steps(prompts, max_new_tokens, Sampling.of(sampling, **knobs),
-                                                 stop_tokens, stop_sequences):
-            step: list[int | None] = [None] * B
-            for r, x, alive in zip(row_ids, tok.tolist(), live.tolist()):
+        for runner, tok, live in self._run(prompts, max_new_tokens, Sampling.of(sampling, **knobs),
+                                           stop_tokens, stop_sequences):
+            step: list[int | None] = [None] * len(prompts)
+            for r, x, alive in zip(runner.rows, tok.tolist(), live.tolist()):
                 if alive:
                     step[r] = x
             yield step
@@ -190,10 +285,12 @@ class Engine:
         device until the end: one transfer per generation, not one per step."""
         steps = int(max(max_new_tokens, default=0)) if isinstance(max_new_tokens, Sequence) else int(max_new_tokens)
         out = torch.full((len(prompts), max(steps, 0)), -1, dtype=torch.long, device=self.device)
-        t = 0
-        for _, rows, tok, live in self._steps(prompts, max_new_tokens, Sampling.of(sampling, **knobs),
-                                              stop_tokens, stop_sequences):
-            out[rows, t] = torch.where(live, tok, -1)
+        t, index = 0, None
+        for runner, tok, live in self._run(prompts, max_new_tokens, Sampling.of(sampling, **knobs),
+                                           stop_tokens, stop_sequences):
+            if index is None or len(index) != len(runner):  # each row's prompt index, again after a compaction
+                index = torch.tensor(runner.rows, dtype=torch.long, device=self.device)
+            out[index, t] = torch.where(live, tok, -1)
             t += 1
         # a finished row's later slots stay -1, so its output is the prefix before the first -1
         return [[x for x in row if x >= 0] for row in out[:, :t].tolist()]

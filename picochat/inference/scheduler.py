@@ -6,8 +6,8 @@ so here a single thread loops, and each turn of the loop is
    request in all, speculate `spec_chunk` tokens at a time (a newcomer waits at most one chunk);
    otherwise up to `max_batch` rows run and the next waiting requests join, in order, while the KV
    cache they would make stays within `kv_budget` bytes (the rest wait: memory queues, never overflows);
-2. run (runner.py, the model runner): prefill the newcomers into the shared KV cache and decode
-   one token for every row, or speculate;
+2. run: prefill the newcomers into the shared KV cache and decode one token for every row (the
+   engine's ModelRunner, the decode loop Engine.generate drives too), or speculate;
 3. postprocess: hand each token to its request, retire rows that finished (stop token, budget) or
    were cancelled (client gone) at once, so they stop costing compute and memory.
 A greedy request gives exactly what Engine.generate gives for its prompt alone, whatever else
@@ -21,10 +21,21 @@ import threading
 
 import torch
 
-from picochat.inference.runner import ModelRunner
+from picochat.inference.decode_step import DecodeStep, resolve_mode
+from picochat.inference.engine import ModelRunner
 from picochat.inference.sampling import Sampling, check_request
+from picochat.inference.speculative import GammaController, generate_speculative_batch
 
 _END = object()
+
+
+def _uniforms(reqs, device) -> torch.Tensor:
+    """(B, longest budget): each request's pre-drawn uniforms (zeros for a greedy one)."""
+    u = torch.zeros(len(reqs), max(r.max_tokens for r in reqs), device=device)
+    for i, r in enumerate(reqs):
+        if r.uniforms is not None:
+            u[i, :r.uniforms.numel()] = r.uniforms
+    return u
 
 
 class Request:
@@ -65,7 +76,11 @@ class Scheduler:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.draft, self.max_batch, self.kv_budget = model, draft, max_batch, kv_budget
-        self.runner = ModelRunner(model, draft, pad_id=pad_id, decode_step=decode_step, spec_chunk=spec_chunk)
+        self.pad_id, self.spec_chunk, self.device = pad_id, spec_chunk, next(model.parameters()).device
+        # the running batch: requests in the KV cache's row order (runner.rows)
+        self.runner = ModelRunner(model, DecodeStep(model, resolve_mode(decode_step, self.device)), pad_id)
+        self.gamma_ctrl = GammaController() if draft is not None else None  # adaptive γ's measurements, across chunks
+        self.max_positions = min(int(m.cos.size(0)) for m in (model, draft) if m is not None)
         self._pending: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
@@ -101,12 +116,12 @@ class Scheduler:
         """Queue a generation (sampling: a Sampling or its keywords, Sampling.of); raises ValueError
         for bad parameters (nothing is queued then)."""
         sampling = Sampling.of(sampling, **knobs)
-        check_request([prompt], max_tokens, self.model.config.vocab_size, self.runner.max_positions)
+        check_request([prompt], max_tokens, self.model.config.vocab_size, self.max_positions)
         need = 0 if self.kv_budget is None else self.kv_bytes_alone(len(prompt), max_tokens)
         if need > (self.kv_budget or 0):
             raise ValueError(f"this request needs {need:,} bytes of KV cache ({len(prompt)} prompt + {max_tokens} "
                              f"new tokens), more than the whole budget of {self.kv_budget:,}")
-        u = sampling.uniforms(1, int(max_tokens), self.runner.device) if max_tokens else None
+        u = sampling.uniforms(1, int(max_tokens), self.device) if max_tokens else None
         req = Request(prompt, max_tokens, sampling, stop_tokens, None if u is None else u[0])
         if req.max_tokens == 0:
             req._finish()
@@ -156,28 +171,48 @@ class Scheduler:
         self._drop()
         joining = self._live(joining)
         if joining:
-            fresh = [not r.tokens for r in joining]  # the others come back from speculation with their next token
-            n0 = len(self.runner.rows)
-            first = self.runner.add(joining)
+            n0, fresh = len(self.runner.rows), [not r.tokens for r in joining]
+            # a request back from speculation holds its next token already: it is fed all but that one
+            tok, _ = self.runner.add(
+                joining, [r.prompt + r.tokens[:-1] for r in joining], [r.max_tokens for r in joining],
+                [(r.sampling.temperature, r.sampling.top_k, r.sampling.top_p) for r in joining],
+                _uniforms(joining, self.device), [r.stop_tokens for r in joining],
+                counts=[max(len(r.tokens) - 1, 0) for r in joining], given=[r.tokens[-1] if r.tokens else None for r in joining])
             self.stats["prefills"] += 1
             self.stats["joined"] += len(joining)
-            self._drop([n0 + i for i, (r, t, f) in enumerate(zip(joining, first, fresh)) if f and self._emit(r, t)])
+            self._hand_out(tok.tolist(), n0, fresh)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.runner.rows))
         if self.runner.rows:
-            toks = self.runner.decode()
+            tok, _ = self.runner.step()
             self.stats["decode_steps"] += 1
-            self.stats["row_steps"] += len(toks)
-            self._drop([i for i, (r, t) in enumerate(zip(self.runner.rows, toks)) if self._emit(r, t)])
+            self.stats["row_steps"] += len(tok)
+            self._hand_out(tok.tolist())
+
+    def _hand_out(self, toks: list[int], first: int = 0, fresh: list[bool] | None = None) -> None:
+        """Hand rows first.. their new tokens (not to a request whose next token is known already:
+        it came out of speculation) and drop the rows that finished (the runner checked stop tokens
+        and budgets)."""
+        done = self.runner.done.tolist()
+        for i, (r, t) in enumerate(zip(self.runner.rows[first:], toks)):
+            if fresh is None or fresh[i]:
+                self._emit(r, t)
+        self._drop([i for i in range(first, len(self.runner.rows)) if done[i]])
 
     def _speculate(self, rows: list[Request]) -> None:
         """Advance the row by up to spec_chunk tokens with the draft; if it goes on, it waits at the
         front of the queue and either speculates again or, when others have arrived, re-prefills
-        prompt + tokens to rejoin a plain batch."""
+        prompt + tokens to rejoin a plain batch. Speculation has its own caches (the shared batch is
+        dropped); one seed drives the chunk's generator: the first row's, moved on by its tokens."""
         self.runner.reset()
         rows = self._live(rows)
         if not rows:
             return
-        out = self.runner.speculate(rows)
+        first = rows[0]
+        seed = None if first.sampling.seed is None else int(first.sampling.seed) + len(first.tokens)
+        out, _ = generate_speculative_batch(
+            self.model, self.draft, [r.prompt + r.tokens for r in rows], min(self.spec_chunk, *(r.remaining for r in rows)),
+            Sampling.rows([r.sampling for r in rows], seed=seed), stop_tokens=set().union(*(r.stop_tokens for r in rows)),
+            pad_id=self.pad_id, controller=self.gamma_ctrl)
         self.stats["spec_chunks"] += 1
         # any() stops at the finishing token
         finished = {i for i, (req, toks) in enumerate(zip(rows, out)) if any(self._emit(req, t) for t in toks)}
@@ -189,19 +224,30 @@ class Scheduler:
         """KV cache bytes one request needs when it runs alone (prefill and decode cache)."""
         return (2 * prompt_len + max_tokens) * self.model.kv_bytes_per_token()
 
+    def kv_bytes_with(self, rows) -> int:
+        """KV cache bytes at the peak of adding `rows` to the batch: the merged cache (every row at the
+        longest length any row can reach) plus the newcomers' prefill cache, alive while they merge."""
+        everyone = self.runner.rows + list(rows)
+        if not everyone:
+            return 0
+        ctx = max((len(r.prompt) + len(r.tokens) for r in rows), default=0)
+        end = max(self.runner.cache.pos if self.runner.rows else 0, ctx) + max(r.remaining for r in everyone)
+        return (len(everyone) * end + len(rows) * ctx) * self.model.kv_bytes_per_token()
+
     def _fits(self, joining: list[Request]) -> bool:
         """Whether `joining` can join the running batch within the KV budget. A request that would
         run alone always goes (submit refused any that cannot fit alone)."""
         if self.kv_budget is None:
             return True
-        need = self.runner.kv_bytes_with(joining)
+        need = self.kv_bytes_with(joining)
         ok = need <= self.kv_budget or not (self.runner.rows or joining[:-1])
         if ok:
             self.stats["kv_peak_bytes"] = max(self.stats["kv_peak_bytes"], need)
         return ok
 
     def _emit(self, req: Request, tok: int) -> bool:
-        """Hand one token to its request; True when the request is finished."""
+        """Hand one token to its request; True when the request is finished (speculation's check:
+        a decode step's is the runner's)."""
         req.tokens.append(tok)
         req._out.put(tok)
         return tok in req.stop_tokens or req.remaining <= 0
