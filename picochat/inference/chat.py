@@ -2,17 +2,21 @@
 
 When the model writes <|python_start|> expr <|python_end|>, we evaluate expr with the safe
 calculator (never eval), feed <|output_start|> result <|output_end|> back as forced tokens and let
-the model continue: the same format the SFT data teaches. The reply is returned both as streamed
-text and as structured assistant parts, so multi-turn history renders exactly as in training.
+the model continue: the same format the SFT data teaches. `tool_turns` is the one loop that does
+this, for a streamed conversation (`stream_chat`: `picochat chat` and the server) and for a batch
+(`generate_replies`: generative evals and RL rollouts). The reply comes back as text and as
+structured assistant parts, so multi-turn history renders exactly as in training.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from picochat.calculator import run_tool
 from picochat.inference.sampling import Sampling
 from picochat.tokenizer import SPECIAL_TOKENS
+
+MAX_TOOL_CALLS = 4  # calculator calls per reply; a call past these ends the reply
 
 
 @dataclass
@@ -54,59 +58,155 @@ class Detokenizer:
 
 
 def _add(parts: list[dict], kind: str, text: str) -> None:
+    """Append text to the reply's last part when it is of the same kind, else start a part."""
     if parts and parts[-1]["type"] == kind:
         parts[-1]["text"] += text
     else:
         parts.append({"type": kind, "text": text})
 
 
+class _Live:
+    """A streamed conversation's round, token by token: text pieces come out as they become final
+    (Detokenizer), <|python_start|> opens a python segment, a special token out of place
+    (<|user_start|>, a stray <|output_end|>) stays in the model's token stream, never in the text."""
+
+    def __init__(self, tok, reply: Reply, stray: set[int], py_start: int):
+        self.tok, self.reply, self.stray, self.py_start = tok, reply, stray, py_start
+        self.mode, self.segment = "text", Detokenizer(tok)
+
+    def feed(self, t: int) -> str | None:
+        if t == self.py_start:
+            self.mode, self.segment = "python", Detokenizer(self.tok)
+        elif t not in self.stray:
+            new = self.segment.add(t)
+            if new is not None:
+                _add(self.reply.parts, self.mode, new)
+                return new if self.mode == "text" else None
+        return None
+
+    def call(self) -> str | None:
+        """The code of the python segment the round ended in, if it did."""
+        return self.tok.decode(self.segment.ids) if self.mode == "python" else None
+
+
+def _settle(tok, reply: Reply, body: list[int], py_start: int | None) -> str | None:
+    """A batched round's tokens (its stop token left out) as reply parts (empty ones left out); the
+    code of its tool call, if it wrote one (everything after the first <|python_start|>)."""
+    k = body.index(py_start) if py_start in body else len(body)
+    code = None if k == len(body) else tok.decode([t for t in body[k + 1:] if t != py_start])
+    for kind, text in (("text", tok.decode(body[:k])), ("python", code)):
+        if text:
+            _add(reply.parts, kind, text)
+    return code
+
+
+def tool_turns(engine, tok, prompts: list[list[int]], max_tokens: int, sampling: Sampling, replies: list[Reply], *,
+               tools: bool = True, stream: bool = False, max_tool_calls: int = MAX_TOOL_CALLS,
+               on_tool: Callable[[str, str], None] | None = None, traces: list | None = None) -> Iterator[str]:
+    """The one tool-call loop (chat, server, evals, RL rollouts): each round every active row
+    generates until <|assistant_end|>, <|python_end|> or its budget; a row that stopped on
+    <|python_end|> after a <|python_start|> gets the calculator's result forced in as
+    <|output_start|> result <|output_end|> (as in the SFT data) and continues next round, up to
+    max_tool_calls calls; the others are done. Fills `replies` (one per prompt).
+
+    stream=True (one conversation, engine.generate_stream): yields the reply's text pieces as they
+    come and '[calculator: code = result] ' for a call; the seed moves on by one per round.
+    Otherwise (a batch, engine.generate): yields nothing; the round's text is decoded at its end;
+    each row's seed (sampling.seed: one per prompt, None for 0) moves on by 7919 per round, and
+    prompt + reply stop at the rotary table. tools=False (base models): stop at <|bos|> only.
+    traces: extended with one (ids, sampled) per prompt: every token (prompt, reply, forced tool
+    outputs) and whether the model sampled it (RL trains on those)."""
+    sp = tok.encode_special
+    py_start, py_end, out_start, out_end = (sp(n) for n in ("<|python_start|>", "<|python_end|>",
+                                                            "<|output_start|>", "<|output_end|>"))
+    stops = {tok.bos_token_id} | ({sp("<|assistant_end|>"), py_end} if tools else set())
+    B = len(prompts)
+    ids, sampled = [list(p) for p in prompts], [[False] * len(p) for p in prompts]
+    seeds = [0] * B if sampling.seed is None else [int(s) for s in sampling.seed] if not stream else None
+    calls, active, rnd = [0] * B, list(range(B)), 0
+    while active:
+        if stream:  # one conversation, as long as its budget lasts
+            todo = [(0, max_tokens - replies[0].tokens)] if replies[0].tokens < max_tokens else []
+        else:
+            longest = max(len(ids[i]) for i in active)
+            limit = engine.model.cos.size(0)  # rotary table: prompt + reply must fit in it
+            todo = [(i, b) for i in active if (b := min(max_tokens - replies[i].tokens, limit + 1 - longest)) > 0]
+        if not todo:
+            break
+        if stream:
+            live = _Live(tok, replies[0], {sp(n) for n in SPECIAL_TOKENS} - stops - {py_start}, py_start)
+            out = []
+            for step in engine.generate_stream([ids[0]], todo[0][1], sampling=sampling, stop_tokens=stops):
+                if step[0] is None:
+                    break
+                out.append(step[0])
+                replies[0].tokens += 1
+                if step[0] in stops:
+                    break
+                piece = live.feed(step[0])
+                if piece is not None:
+                    yield piece
+            outs = [out]
+            sampling = sampling.reseeded(1)  # a fresh segment must not replay the same random stream
+        else:
+            outs = engine.generate([ids[i] for i, _ in todo], [b for _, b in todo], stop_tokens=stops,
+                                   sampling=replace(sampling, seed=[seeds[i] + 7919 * rnd for i, _ in todo]))
+        rnd += 1
+        active = []
+        for (i, _), out in zip(todo, outs):
+            r = replies[i]
+            if not stream:
+                r.tokens += len(out)
+            ids[i] = ids[i] + out  # a new list: the engine may keep the prompt it was given
+            sampled[i] += [True] * len(out)
+            hit = out[-1] if out and out[-1] in stops else None
+            body = out[:-1] if hit is not None else out
+            # stream: the parts are written already; a batch's round is decoded here
+            code = live.call() if stream else _settle(tok, r, body, py_start if tools else None)
+            if hit == py_end and code is not None and calls[i] < max_tool_calls:
+                result = run_tool(code)
+                calls[i] += 1
+                if stream or result:  # (a batch never keeps an empty part)
+                    _add(r.parts, "python_output", result)
+                if on_tool is not None:
+                    on_tool(code, result)
+                if stream:
+                    yield f"[calculator: {code} = {result}] "
+                forced = [out_start] + tok.encode(result) + [out_end]
+                ids[i] = ids[i] + forced
+                sampled[i] += [False] * len(forced)
+                active.append(i)
+                continue
+            r.finish_reason = "stop" if hit is not None else "length"
+    if traces is not None:
+        traces.extend(zip(ids, sampled))
+
+
 def stream_chat(engine, tokenizer, messages: list[dict], max_tokens: int = 256, sampling: Sampling = Sampling(0.8, 50),
-                max_tool_calls: int = 4, reply: Reply | None = None,
+                max_tool_calls: int = MAX_TOOL_CALLS, reply: Reply | None = None,
                 on_tool: Callable[[str, str], None] | None = None) -> Iterator[str]:
     """Yield text pieces of the assistant reply as they are generated; fill `reply` as we go.
     on_tool(code, result) hears of each calculator call just before its '[calculator: ...]' piece."""
-    reply = reply if reply is not None else Reply()
-    tok = tokenizer
-    special = {name: tok.encode_special(name) for name in
-               ("<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
-    ids = tok.render_for_completion({"messages": messages})
-    stops = {special["<|assistant_end|>"], special["<|python_end|>"], tok.bos_token_id}
-    # a special token the model emits out of place (<|user_start|>, a stray <|output_end|>) is not text:
-    # it is kept in the token stream the model sees, never shown or stored as reply text
-    stray = {tok.encode_special(name) for name in SPECIAL_TOKENS} - stops - {special["<|python_start|>"]}
-    tool_calls, mode, segment = 0, "text", Detokenizer(tok)
-    while reply.tokens < max_tokens:
-        hit = None
-        for step in engine.generate_stream([ids], max_tokens - reply.tokens, sampling=sampling, stop_tokens=stops):
-            t = step[0]
-            if t is None:
-                break
-            reply.tokens += 1
-            ids = ids + [t]
-            if t in stops:
-                hit = t
-                break
-            if t == special["<|python_start|>"]:
-                mode, segment = "python", Detokenizer(tok)
-                continue
-            if t in stray:
-                continue
-            new = segment.add(t)
-            if new is not None:
-                _add(reply.parts, mode, new)
-                if mode == "text":
-                    yield new
-        sampling = sampling.reseeded(1)  # a fresh segment must not replay the same random stream
-        if hit == special["<|python_end|>"] and mode == "python" and tool_calls < max_tool_calls:
-            code = tok.decode(segment.ids)
-            result = run_tool(code)
-            tool_calls += 1
-            _add(reply.parts, "python_output", result)
-            if on_tool is not None:
-                on_tool(code, result)
-            yield f"[calculator: {code} = {result}] "
-            ids = ids + [special["<|output_start|>"]] + tok.encode(result) + [special["<|output_end|>"]]
-            mode, segment = "text", Detokenizer(tok)
-            continue
-        reply.finish_reason = "stop" if hit is not None else "length"
-        return
+    ids = tokenizer.render_for_completion({"messages": messages})
+    yield from tool_turns(engine, tokenizer, [ids], max_tokens, sampling, [reply if reply is not None else Reply()],
+                          stream=True, max_tool_calls=max_tool_calls, on_tool=on_tool)
+
+
+def generate_replies(engine, tok, prompts: list[list[int]], max_tokens: int, sampling: Sampling = Sampling(0.0), *,
+                     tools: bool = True, stop_texts: tuple[str, ...] = (), traces: list | None = None) -> list[Reply]:
+    """One Reply per prompt, a whole batch at once (evals, RL rollouts), sampled with `sampling`
+    (greedy by default; the seed one per prompt, None for 0 everywhere). Each row's result depends
+    only on its own prompt and seed, never on the rest of the batch (up to float rounding in batched
+    matmuls). tools=False (base models): plain continuation, stopped at <|bos|> or at the first of
+    `stop_texts` (cut off the reply's text). traces: see tool_turns."""
+    replies = [Reply() for _ in prompts]
+    for _ in tool_turns(engine, tok, prompts, max_tokens, sampling, replies, tools=tools, traces=traces):
+        pass
+    if not tools and stop_texts:
+        for r in replies:
+            text = r.text
+            cut = min((text.find(s) for s in stop_texts if s in text), default=-1)
+            if cut >= 0:
+                r.parts = [{"type": "text", "text": text[:cut]}]
+                r.finish_reason = "stop"
+    return replies

@@ -4,7 +4,7 @@ Each optimizer step
 1. draws P prompts from the tasks' training problems (a deterministic function of the step, so
    resume is exact) and samples K replies per prompt in ONE batched engine call: P x K rows,
    each with its own seed, finished rows compacted; calculator calls run inside the rollouts
-   exactly as in chat (eval/generate.py's tool rounds);
+   exactly as in chat (inference/chat.py's tool_turns);
 2. grades every reply with its task's own grader (rewards.py: the grade `picochat eval` gives);
 3. advantage = reward - mean reward of the prompt's K samples (no std division, no critic);
 4. loss = -sum over sampled tokens of advantage x log p(token) / (sampled tokens in the global
@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from picochat.common import PicochatError, print0
 from picochat.device import autocast_ctx
 from picochat.tasks.base import TaskMixture, stable_hash
-from picochat.eval.generate import generate_replies
+from picochat.inference.chat import generate_replies
 from picochat.inference.engine import Engine
 from picochat.inference.sampling import Sampling
 from picochat.train.rewards import add_agreement, heldout_metrics, load_reward_tasks, sum_over_ranks
