@@ -222,18 +222,11 @@ class GPT(nn.Module):
         predecessor (the pad token before it is not one), as when it runs alone."""
         T = x.size(1)
         if kv_cache is None:
-            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-            has_prev = (torch.arange(T, device=x.device) > 0)[None, :, None]
+            prev, pos = F.pad(x[:, :-1], (0, 0, 1, 0)), torch.arange(T, device=x.device)[None]
         else:
-            seen = kv_cache.update(SMEAR_CACHE_KEY, "x", x, seq_dim=1)  # (B, pos + T, C)
-            start = None if getattr(kv_cache, "static", False) else kv_cache.pos
-            if start is None:  # a static decode step: the slot before its position, picked by a tensor
-                prev = kv_cache.previous(seen, seq_dim=1)
-            else:
-                prev = seen[:, start - 1:start + T - 1] if start else F.pad(seen[:, :T - 1], (0, 0, 1, 0))
-            has_prev = (pos > 0)[:, :, None]
+            prev = kv_cache.previous(kv_cache.update(SMEAR_CACHE_KEY, "x", x, seq_dim=1), 1, T)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        return x + (gate * has_prev) * prev
+        return x + (gate * (pos > 0)[:, :, None]) * prev
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., C) -> soft-capped fp32 logits (..., V)."""

@@ -146,6 +146,20 @@ class KVCache:
         self.pad = self.pad + shift
         self._pad_changed()
 
+    @property
+    def decoding(self) -> bool:
+        """Whether positions are cached before this step's tokens (MLA absorbs then)."""
+        return self.pos > 0
+
+    def previous(self, seen: torch.Tensor, seq_dim: int, T: int) -> torch.Tensor:
+        """The position before each of the T new ones in `seen` (a view update returned), zeros
+        before the first (smear's previous embedding)."""
+        if self.pos:
+            return seen.narrow(seq_dim, self.pos - 1, T)
+        before = list(seen.shape)
+        before[seq_dim] = 1
+        return torch.cat([seen.new_zeros(before), seen.narrow(seq_dim, 0, T - 1)], seq_dim)
+
     def positions(self, T: int) -> torch.Tensor:
         """Rotary position ids (B, T) for the next T tokens: counted from each row's first real token."""
         abs_pos = torch.arange(self.pos, self.pos + T, device=self.device)
@@ -185,7 +199,9 @@ class KVCache:
 
 
 class StaticStep:
-    """A KVCache seen by ONE decode token with static shapes, for torch.compile / CUDA graphs.
+    """A KVCache seen by ONE decode token with static shapes, for torch.compile / CUDA graphs; the
+    same interface as KVCache (positions, attn_mask, update, previous, advance, decoding), so the
+    model never asks which one it got.
 
     Everything that changes from step to step is a tensor: the position `pos` (0-dim) is where
     every row writes its new key/value (index_copy_ into the preallocated buffers) and what the mask
@@ -194,7 +210,7 @@ class StaticStep:
     so one compiled graph (or one CUDA graph) serves every step. The caller advances `cache.pos`.
     Requires every buffer to exist already (a prefill allocates them)."""
 
-    static = True
+    decoding = True  # a decode step follows a prefill
 
     def __init__(self, cache: KVCache, pos: torch.Tensor):
         self.cache, self.pos_t, self.pad = cache, pos, cache.pad
@@ -215,7 +231,7 @@ class StaticStep:
         buf.index_copy_(seq_dim, self.pos_t.view(1), x.to(buf.dtype))
         return buf
 
-    def previous(self, seen: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    def previous(self, seen: torch.Tensor, seq_dim: int, T: int = 1) -> torch.Tensor:
         """The slot before `pos` of a buffer returned by update (smear's previous embedding)."""
         return seen.index_select(seq_dim, (self.pos_t - 1).view(1))
 

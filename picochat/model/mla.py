@@ -82,7 +82,7 @@ class MultiHeadLatentAttention(nn.Module):
             return self.mode == "absorb"
         # a prefill from an empty cache is compute bound and expanding is the cheaper way; once the
         # cache holds tokens, expanding it again every step is what absorption avoids
-        return ctx.kv_cache is not None and (getattr(ctx.kv_cache, "static", False) or ctx.kv_cache.pos > 0)
+        return ctx.kv_cache is not None and ctx.kv_cache.decoding
 
     def absorbed_output_weight(self) -> torch.Tensor:
         """c_proj with W_uv folded in: (n_embd, H * d_c). Cached while the weights are unchanged
