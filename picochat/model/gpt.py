@@ -55,6 +55,66 @@ class Block(nn.Module):
         return x
 
 
+# ---------------------------------------------------------------------- nanochat 2026 features
+# One function per feature, the one place to read it: GPT.__init__ calls it with init=False to create
+# its parameters (named as in nanochat's state_dict, so imported weights load as they are) and
+# init_weights with init=True to set nanochat's starting values (after the generic init, in this
+# order: the random draws follow it). Its docstring says where it acts.
+
+def layer_scalars(m: "GPT", init: bool) -> None:
+    """Per-layer resid/x0 lambdas: before block i, x = resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0:
+    the normed embedding; GPT.hidden). Start: a stronger residual and more x0 in early layers."""
+    L = m.config.n_layer
+    if not init:
+        m.resid_lambdas, m.x0_lambdas = nn.Parameter(torch.ones(L)), nn.Parameter(torch.zeros(L))
+        return
+    n = max(L - 1, 1)
+    m.resid_lambdas.copy_(1.15 - 0.10 * torch.arange(L) / n)
+    m.x0_lambdas.copy_(0.20 - 0.15 * torch.arange(L) / n)
+
+
+def smear(m: "GPT", init: bool) -> None:
+    """A gated share of the previous token's embedding: x[t] += smear_lambda * sigmoid(smear_gate(
+    x[t][:24])) * x[t-1], before any block (GPT._smear). Start: off (lambda 0), gate slightly open."""
+    if not init:
+        m.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+        m.smear_lambda = nn.Parameter(torch.zeros(1))
+        return
+    nn.init.uniform_(m.smear_gate.weight, 0.0, 0.02)
+    nn.init.zeros_(m.smear_lambda)
+
+
+def backout(m: "GPT", init: bool) -> None:
+    """Take back part of the mid-layer residual, x -= backout_lambda * x_mid after the last block
+    (GPT.hidden): low-level features the head needn't see. Start: 0.2."""
+    if not init:
+        m.backout_lambda = nn.Parameter(torch.zeros(1))
+        return
+    nn.init.constant_(m.backout_lambda, 0.2)
+
+
+def value_embeds(m: "GPT", init: bool) -> None:
+    """Per-layer value embeddings on the layers config.has_value_embed picks: attention adds
+    3 * sigmoid(ve_gate(x[:12])) * value_embeds[i](idx) to its values (attention.py; the gate lives
+    there). Start: uniform with the std of 1/sqrt(n_embd), like c_v; gates slightly open."""
+    c = m.config
+    if not init:
+        m.value_embeds = nn.ModuleDict({str(i): nn.Embedding(c.padded_vocab_size, c.n_kv_head * c.head_dim)
+                                        for i in range(c.n_layer) if c.has_value_embed(i)})
+        return
+    s = 3 ** 0.5 * c.n_embd ** -0.5
+    for ve in m.value_embeds.values():
+        nn.init.uniform_(ve.weight, -s, s)
+    for block in m.transformer.h:
+        if hasattr(block.attn, "ve_gate"):
+            nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+
+
+# config flag -> feature, in nanochat's order (parameter registration and random draws follow it);
+# sliding windows, q/k scale and the padded vocab need no parameters (config.py, attention.py)
+FEATURES_2026 = dict(layer_scalars=layer_scalars, smear=smear, backout=backout, value_embeds=value_embeds)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -65,19 +125,9 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
-        # nanochat 2026 extras; names match nanochat's state_dict so imported weights load as they are
-        if config.layer_scalars:
-            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
-            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
-        if config.smear:
-            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
-            self.smear_lambda = nn.Parameter(torch.zeros(1))
-        if config.backout:
-            self.backout_lambda = nn.Parameter(torch.zeros(1))
-        if config.value_embeds:
-            kv_dim = config.n_kv_head * config.head_dim
-            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer)
-                                               if config.has_value_embed(i)})
+        for flag, feature in FEATURES_2026.items():  # nanochat 2026 extras (below), each where the config asks
+            if getattr(config, flag):
+                feature(self, init=False)
         self.windows = config.layer_windows()
         self.grad_checkpoint = False  # per-block activation recomputation (trades compute for memory)
         self.register_buffer("cos", torch.empty(0), persistent=False)
@@ -97,7 +147,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Embeddings ~ N(0, 1); linear layers with a fan-in scaled normal; output projections
-        (attention c_proj, MLP c_proj, lm_head) start at zero so every block starts as identity."""
+        (attention c_proj, MLP c_proj, lm_head) start at zero so every block starts as identity;
+        then each 2026 feature's own starting values."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -109,25 +160,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             nn.init.zeros_(block.mlp.c_proj.weight)
             nn.init.zeros_(block.attn.c_proj.weight)
-        # nanochat 2026's initial values: stronger residual early, x0 blended in more early, gates
-        # slightly open, value embeddings like c_v, smear off, backout 0.2
-        c = self.config
-        n = max(c.n_layer - 1, 1)
-        if c.layer_scalars:
-            self.resid_lambdas.copy_(1.15 - 0.10 * torch.arange(c.n_layer) / n)
-            self.x0_lambdas.copy_(0.20 - 0.15 * torch.arange(c.n_layer) / n)
-        if c.smear:
-            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
-            nn.init.zeros_(self.smear_lambda)
-        if c.backout:
-            nn.init.constant_(self.backout_lambda, 0.2)
-        if c.value_embeds:
-            s = 3 ** 0.5 * c.n_embd ** -0.5  # uniform with the std of 1/sqrt(n_embd)
-            for ve in self.value_embeds.values():
-                nn.init.uniform_(ve.weight, -s, s)
-            for block in self.transformer.h:
-                if hasattr(block.attn, "ve_gate"):
-                    nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for flag, feature in FEATURES_2026.items():
+            if getattr(self.config, flag):
+                feature(self, init=True)
 
     # ------------------------------------------------------------------ accounting
 
