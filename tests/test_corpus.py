@@ -239,6 +239,8 @@ def test_cli_names_a_local_corpus_after_its_folder(tmp_path, monkeypatch, capsys
                                               for n in ("embedded", "my_texts"))
     c.count_documents(data / "my_texts", "train"), c.sample_texts(data / "my_texts", "val", None)
     assert capsys.readouterr().err == ""
+    with pytest.raises(PicochatError, match=r"prepared: embedded, my_texts; pass --data NAME"):
+        c.list_shards(data / "fineweb", "train")
 
 
 @settings(max_examples=60, deadline=None)

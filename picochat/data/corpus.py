@@ -201,7 +201,10 @@ def list_shards(data_dir, split: str) -> list[Path]:
         raise PicochatError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     shards = sorted(Path(data_dir).glob(f"{split}_*.parquet"))
     if not shards:
-        raise PicochatError(f"no prepared data at {data_dir}; run `picochat data prepare --source embedded` first")
+        # a user who prepared their own corpus and forgot --data NAME is told its name
+        others = sorted(m.parent.name for m in Path(data_dir).parent.glob("*/meta.json"))
+        raise PicochatError(f"no prepared data at {data_dir}; run `picochat data prepare --source embedded` first"
+                            + (f" (prepared: {', '.join(others)}; pass --data NAME)" if others else ""))
     where = Path(data_dir).resolve()
     # a stage run on the wrong corpus (e.g. embedded while the user meant their own) is visible in its log;
     # stderr keeps stdout for results, and with torchrun only rank 0 speaks
