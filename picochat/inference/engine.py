@@ -3,10 +3,10 @@
 `ModelRunner` is the one decode loop of picochat: Engine.generate / generate_stream drive it for a
 batch that arrives together, the server's scheduler (scheduler.py) for requests that join and
 leave a running batch. It holds each row's state as device tensors (its last token, how many it
-sampled, its budget, stop tokens, pre-drawn uniforms) and has one place that samples (`_sample`),
-one that checks stop tokens, stop sequences and budgets (also `_sample`) and one that drops rows
-(`keep`). Prompts of different lengths are left-padded with BOS; the cache's `pad` gives each row
-its own rotary positions and a mask over its padding, so every row computes what it would alone
+sampled, its budget, stop tokens, pre-drawn uniforms) and has one place that samples and checks
+stop tokens, stop sequences and budgets (`step`) and one that drops rows (`keep`). Prompts of
+different lengths are left-padded with BOS; the cache's `pad` gives each row its own rotary
+positions and a mask over its padding, so every row computes what it would alone
 (tests/test_engine.py checks this token for token). Each row samples with its own uniforms, drawn
 up front from its own seed (sampling.py), so its tokens never depend on the rest of the batch.
 """
@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from picochat.inference.decode_step import DecodeStep, resolve_mode
 from picochat.inference.sampling import Sampling, SamplingParams, _as_list, check_request, sample_next
@@ -80,12 +81,6 @@ def default_stop_tokens(tokenizer) -> set[int]:
     return stops
 
 
-def _rows(values: list[Sequence], fill, dtype, device) -> torch.Tensor:
-    """(B, W) tensor of per-row sequences of different lengths, right-filled with `fill`."""
-    W = max((len(v) for v in values), default=0)
-    return torch.tensor([list(v) + [fill] * (W - len(v)) for v in values], dtype=dtype, device=device).view(len(values), W)
-
-
 def _cat(a: torch.Tensor, b: torch.Tensor, fill) -> torch.Tensor:
     """Rows of a, then rows of b; (B, W) tensors of different widths are right-filled with `fill`."""
     if a.dim() == 2 and a.size(1) != b.size(1):
@@ -143,10 +138,11 @@ class ModelRunner:
         K = max((s.numel() for s in self.seqs), default=0)
         new = dict(last=torch.zeros(B, dtype=torch.long, device=dev),
                    count=torch.tensor(counts or [0] * B, dtype=torch.long, device=dev), budget=budget,
-                   done=budget == 0, stops=_rows([sorted(int(t) for t in s) for s in stops], -1, torch.long, dev),
+                   done=budget == 0, stops=pad_sequence([torch.tensor(sorted(int(t) for t in s), dtype=torch.long) for s in stops],
+                                      batch_first=True, padding_value=-1).to(dev),
                    uniforms=uniforms, hist=torch.full((B, K), -1, dtype=torch.long, device=dev))
         need = budget - new["count"]  # positions each newcomer may still feed (room for the merge below)
-        tok, live = self._sample(logits, new, self._params(knobs))
+        tok, live = self.step(logits, new, self._params(knobs))
         if given is not None and any(g is not None for g in given):
             known = torch.tensor([g is not None for g in given], device=dev)
             new["last"] = tok = torch.where(known, torch.tensor([g or 0 for g in given], device=dev), tok)
@@ -162,11 +158,6 @@ class ModelRunner:
         self.rows, self.knobs = self.rows + list(rows), self.knobs + list(knobs)
         self.params = self._params(self.knobs)
         return tok, live
-
-    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed every row its last token, sample the next: (tokens (B,), live (B,): whether the row
-        was still generating before this token), device tensors in row order."""
-        return self._sample(self.decode(self.state["last"][:, None], self.cache), self.state, self.params)
 
     def keep(self, keep: torch.Tensor | list[int]) -> None:
         """Only rows `keep` (indices into rows) stay in the batch and the cache: one copy of the cache,
@@ -185,9 +176,16 @@ class ModelRunner:
     def _params(self, knobs: list[tuple]) -> SamplingParams:
         return SamplingParams.make(len(knobs), *zip(*knobs), self.device, self.model.config.vocab_size)
 
-    def _sample(self, logits, s: dict, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's next token from its own uniform; then whether it finished: a stop token, a stop
-        sequence (both kept in its output) or its budget. Rows already done sample on, unused."""
+    def step(self, logits: torch.Tensor | None = None, s: dict | None = None,
+             params: SamplingParams | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed every row its last token and sample the next (or sample newcomers from their prefill
+        `logits`, state `s`): (tokens (B,), live (B,): whether the row was still generating before
+        this token), device tensors in row order. The one place that samples, each row from its own
+        uniform, and that checks whether a row finished: a stop token, a stop sequence (both kept in
+        its output) or its budget. Rows already done sample on, unused."""
+        if logits is None:
+            s, params = self.state, self.params
+            logits = self.decode(s["last"][:, None], self.cache)
         u = None if params.all_greedy else s["uniforms"].gather(
             1, s["count"].clamp(max=s["uniforms"].size(1) - 1)[:, None])[:, 0]
         tok = sample_next(logits, params=params, uniforms=u)

@@ -20,6 +20,7 @@ import queue
 import threading
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from picochat.inference.decode_step import DecodeStep, resolve_mode
 from picochat.inference.engine import ModelRunner
@@ -27,15 +28,6 @@ from picochat.inference.sampling import Sampling, check_request
 from picochat.inference.speculative import GammaController, generate_speculative_batch
 
 _END = object()
-
-
-def _uniforms(reqs, device) -> torch.Tensor:
-    """(B, longest budget): each request's pre-drawn uniforms (zeros for a greedy one)."""
-    u = torch.zeros(len(reqs), max(r.max_tokens for r in reqs), device=device)
-    for i, r in enumerate(reqs):
-        if r.uniforms is not None:
-            u[i, :r.uniforms.numel()] = r.uniforms
-    return u
 
 
 class Request:
@@ -176,7 +168,8 @@ class Scheduler:
             tok, _ = self.runner.add(
                 joining, [r.prompt + r.tokens[:-1] for r in joining], [r.max_tokens for r in joining],
                 [(r.sampling.temperature, r.sampling.top_k, r.sampling.top_p) for r in joining],
-                _uniforms(joining, self.device), [r.stop_tokens for r in joining],
+                pad_sequence([r.uniforms if r.uniforms is not None else torch.zeros(1, device=self.device)
+                              for r in joining], batch_first=True), [r.stop_tokens for r in joining],
                 counts=[max(len(r.tokens) - 1, 0) for r in joining], given=[r.tokens[-1] if r.tokens else None for r in joining])
             self.stats["prefills"] += 1
             self.stats["joined"] += len(joining)
