@@ -156,9 +156,7 @@ class KVCache:
         before the first (smear's previous embedding)."""
         if self.pos:
             return seen.narrow(seq_dim, self.pos - 1, T)
-        before = list(seen.shape)
-        before[seq_dim] = 1
-        return torch.cat([seen.new_zeros(before), seen.narrow(seq_dim, 0, T - 1)], seq_dim)
+        return torch.cat([torch.zeros_like(seen.narrow(seq_dim, 0, 1)), seen.narrow(seq_dim, 0, T - 1)], seq_dim)
 
     def positions(self, T: int) -> torch.Tensor:
         """Rotary position ids (B, T) for the next T tokens: counted from each row's first real token."""
