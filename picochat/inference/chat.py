@@ -65,30 +65,6 @@ def _add(parts: list[dict], kind: str, text: str) -> None:
         parts.append({"type": kind, "text": text})
 
 
-class _Live:
-    """A streamed conversation's round, token by token: text pieces come out as they become final
-    (Detokenizer), <|python_start|> opens a python segment, a special token out of place
-    (<|user_start|>, a stray <|output_end|>) stays in the model's token stream, never in the text."""
-
-    def __init__(self, tok, reply: Reply, stray: set[int], py_start: int):
-        self.tok, self.reply, self.stray, self.py_start = tok, reply, stray, py_start
-        self.mode, self.segment = "text", Detokenizer(tok)
-
-    def feed(self, t: int) -> str | None:
-        if t == self.py_start:
-            self.mode, self.segment = "python", Detokenizer(self.tok)
-        elif t not in self.stray:
-            new = self.segment.add(t)
-            if new is not None:
-                _add(self.reply.parts, self.mode, new)
-                return new if self.mode == "text" else None
-        return None
-
-    def call(self) -> str | None:
-        """The code of the python segment the round ended in, if it did."""
-        return self.tok.decode(self.segment.ids) if self.mode == "python" else None
-
-
 def _settle(tok, reply: Reply, body: list[int], py_start: int | None) -> str | None:
     """A batched round's tokens (its stop token left out) as reply parts (empty ones left out); the
     code of its tool call, if it wrote one (everything after the first <|python_start|>)."""
@@ -120,6 +96,7 @@ def tool_turns(engine, tok, prompts: list[list[int]], max_tokens: int, sampling:
     py_start, py_end, out_start, out_end = (sp(n) for n in ("<|python_start|>", "<|python_end|>",
                                                             "<|output_start|>", "<|output_end|>"))
     stops = {tok.bos_token_id} | ({sp("<|assistant_end|>"), py_end} if tools else set())
+    stray = {sp(n) for n in SPECIAL_TOKENS} - stops - {py_start}
     B = len(prompts)
     ids, sampled = [list(p) for p in prompts], [[False] * len(p) for p in prompts]
     seeds = [0] * B if sampling.seed is None else [int(s) for s in sampling.seed] if not stream else None
@@ -133,19 +110,22 @@ def tool_turns(engine, tok, prompts: list[list[int]], max_tokens: int, sampling:
             todo = [(i, b) for i in active if (b := min(max_tokens - replies[i].tokens, limit + 1 - longest)) > 0]
         if not todo:
             break
-        if stream:
-            live = _Live(tok, replies[0], {sp(n) for n in SPECIAL_TOKENS} - stops - {py_start}, py_start)
-            out = []
+        if stream:  # tokens as they come: text pieces out once final (Detokenizer); a special token
+            # out of place (<|user_start|>, a stray <|output_end|>) stays in the model's stream, not the text
+            mode, segment, out = "text", Detokenizer(tok), []
             for step in engine.generate_stream([ids[0]], todo[0][1], sampling=sampling, stop_tokens=stops):
                 if step[0] is None:
                     break
-                out.append(step[0])
+                out.append(t := step[0])
                 replies[0].tokens += 1
-                if step[0] in stops:
+                if t in stops:
                     break
-                piece = live.feed(step[0])
-                if piece is not None:
-                    yield piece
+                if t == py_start:
+                    mode, segment = "python", Detokenizer(tok)
+                elif t not in stray and (new := segment.add(t)) is not None:
+                    _add(replies[0].parts, mode, new)
+                    if mode == "text":
+                        yield new
             outs = [out]
             sampling = sampling.reseeded(1)  # a fresh segment must not replay the same random stream
         else:
@@ -162,7 +142,8 @@ def tool_turns(engine, tok, prompts: list[list[int]], max_tokens: int, sampling:
             hit = out[-1] if out and out[-1] in stops else None
             body = out[:-1] if hit is not None else out
             # stream: the parts are written already; a batch's round is decoded here
-            code = live.call() if stream else _settle(tok, r, body, py_start if tools else None)
+            code = (tok.decode(segment.ids) if mode == "python" else None) if stream else \
+                _settle(tok, r, body, py_start if tools else None)
             if hit == py_end and code is not None and calls[i] < max_tool_calls:
                 result = run_tool(code)
                 calls[i] += 1
