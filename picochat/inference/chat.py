@@ -78,7 +78,8 @@ def _settle(tok, reply: Reply, body: list[int], py_start: int | None) -> str | N
 
 def tool_turns(engine, tok, prompts: list[list[int]], max_tokens: int, sampling: Sampling, replies: list[Reply], *,
                tools: bool = True, stream: bool = False, max_tool_calls: int = MAX_TOOL_CALLS,
-               on_tool: Callable[[str, str], None] | None = None, traces: list | None = None) -> Iterator[str]:
+               on_tool: Callable[[str, str], None] | None = None, traces: list | None = None,
+               stops: set[int] | None = None) -> Iterator[str]:
     """The one tool-call loop (chat, server, evals, RL rollouts): each round every active row
     generates until <|assistant_end|>, <|python_end|> or its budget; a row that stopped on
     <|python_end|> after a <|python_start|> gets the calculator's result forced in as
@@ -89,14 +90,17 @@ def tool_turns(engine, tok, prompts: list[list[int]], max_tokens: int, sampling:
     come and '[calculator: code = result] ' for a call; the seed moves on by one per round.
     Otherwise (a batch, engine.generate): yields nothing; the round's text is decoded at its end;
     each row's seed (sampling.seed: one per prompt, None for 0) moves on by 7919 per round, and
-    prompt + reply stop at the rotary table. tools=False (base models): stop at <|bos|> only.
+    prompt + reply stop at the rotary table. tools=False (base models, the server's completions):
+    stop at <|bos|> only, or at `stops`; a stream then hides every special token and ends with the
+    text a last incomplete character held back.
     traces: extended with one (ids, sampled) per prompt: every token (prompt, reply, forced tool
     outputs) and whether the model sampled it (RL trains on those)."""
     sp = tok.encode_special
     py_start, py_end, out_start, out_end = (sp(n) for n in ("<|python_start|>", "<|python_end|>",
                                                             "<|output_start|>", "<|output_end|>"))
-    stops = {tok.bos_token_id} | ({sp("<|assistant_end|>"), py_end} if tools else set())
-    stray = {sp(n) for n in SPECIAL_TOKENS} - stops - {py_start}
+    if stops is None:
+        stops = {tok.bos_token_id} | ({sp("<|assistant_end|>"), py_end} if tools else set())
+    stray = {sp(n) for n in SPECIAL_TOKENS} - stops - ({py_start} if tools else set())
     B = len(prompts)
     ids, sampled = [list(p) for p in prompts], [[False] * len(p) for p in prompts]
     seeds = [0] * B if sampling.seed is None else [int(s) for s in sampling.seed] if not stream else None
@@ -126,6 +130,9 @@ def tool_turns(engine, tok, prompts: list[list[int]], max_tokens: int, sampling:
                     _add(replies[0].parts, mode, new)
                     if mode == "text":
                         yield new
+            if not tools and segment.rest():
+                _add(replies[0].parts, mode, segment.rest())
+                yield segment.rest()
             outs = [out]
             sampling = sampling.reseeded(1)  # a fresh segment must not replay the same random stream
         else:

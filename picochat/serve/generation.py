@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from picochat.inference.chat import Detokenizer, Reply, stream_chat
+from picochat.inference.chat import Reply, stream_chat, tool_turns
 from picochat.inference.engine import default_stop_tokens
 from picochat.inference.sampling import Sampling
 from picochat.inference.scheduler import Request, Scheduler
@@ -44,26 +44,10 @@ class StopMatcher:
 
 def stream_text(engine, tokenizer, ids: list[int], max_tokens: int, sampling: Sampling, reply: Reply) -> Iterator[str]:
     """Plain text continuation (the /v1/completions counterpart of stream_chat): yield decoded
-    pieces, waiting for the rest of a multi-byte character; fill `reply` (tokens, finish_reason)."""
-    stops = default_stop_tokens(tokenizer)
-    special = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
-    text = Detokenizer(tokenizer)
-    reply.finish_reason = "length"
-    for step in engine.generate_stream([ids], max_tokens, sampling=sampling, stop_tokens=stops):
-        t = step[0]
-        if t is None:
-            break
-        reply.tokens += 1
-        if t in stops:
-            reply.finish_reason = "stop"
-            break
-        if t in special:  # counted, never shown: '<|python_end|>' is not text
-            continue
-        new = text.add(t)
-        if new is not None:
-            yield new
-    if text.rest():
-        yield text.rest()
+    pieces, special tokens counted but never shown; fill `reply` (tokens, finish_reason). The
+    loop is inference/chat.py's tool_turns without tools, stopped at <|assistant_end|> or <|bos|>."""
+    return tool_turns(engine, tokenizer, [ids], max_tokens, sampling, [reply], tools=False, stream=True,
+                      stops=default_stop_tokens(tokenizer))
 
 
 def strip_special(text: str) -> str:
