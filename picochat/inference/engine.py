@@ -138,8 +138,8 @@ class ModelRunner:
         K = max((s.numel() for s in self.seqs), default=0)
         new = dict(last=torch.zeros(B, dtype=torch.long, device=dev),
                    count=torch.tensor(counts or [0] * B, dtype=torch.long, device=dev), budget=budget,
-                   done=budget == 0, stops=pad_sequence([torch.tensor(sorted(int(t) for t in s), dtype=torch.long) for s in stops],
-                                      batch_first=True, padding_value=-1).to(dev),
+                   done=budget == 0, stops=pad_sequence([torch.tensor(sorted(int(t) for t in s), dtype=torch.long)
+                                                         for s in stops], batch_first=True, padding_value=-1).to(dev),
                    uniforms=uniforms, hist=torch.full((B, K), -1, dtype=torch.long, device=dev))
         need = budget - new["count"]  # positions each newcomer may still feed (room for the merge below)
         tok, live = self.step(logits, new, self._params(knobs))

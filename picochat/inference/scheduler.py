@@ -170,7 +170,8 @@ class Scheduler:
                 [(r.sampling.temperature, r.sampling.top_k, r.sampling.top_p) for r in joining],
                 pad_sequence([r.uniforms if r.uniforms is not None else torch.zeros(1, device=self.device)
                               for r in joining], batch_first=True), [r.stop_tokens for r in joining],
-                counts=[max(len(r.tokens) - 1, 0) for r in joining], given=[r.tokens[-1] if r.tokens else None for r in joining])
+                counts=[max(len(r.tokens) - 1, 0) for r in joining],
+                given=[r.tokens[-1] if r.tokens else None for r in joining])
             self.stats["prefills"] += 1
             self.stats["joined"] += len(joining)
             self._hand_out(tok.tolist(), n0, fresh)
