@@ -13,8 +13,9 @@ bandwidth. The bytes: every weight that is streamed (linear layers at their stor
 or not; embedding tables only for the rows looked up), plus the KV cache read at the mean context.
 The bandwidth is measured at start (a sum over a 1 GiB tensor, best of 5, with the threads decoding
 uses), so MBU says how close decoding runs to what this machine can read. MFU = 2 x streamed
-parameters x B + attention's 4 x layers x width x context x B FLOPs per step, over a measured matmul
-peak (fp32 on CPU, bf16 on CUDA). Prints a card and a final JSON line.
+parameters x B + attention's 4 x layers x width x context x B FLOPs per step, over the matmul peak
+measured for the arithmetic the configuration runs (fp32, bf16, or FBGEMM int8 for --quant int8;
+int4 dequantizes to bf16). Prints a card and a final JSON line.
 """
 from __future__ import annotations
 
@@ -90,17 +91,34 @@ def machine_peaks(device) -> dict:
         sync(device)
         best = min(best, time.perf_counter() - t)
     del x
-    n, dt = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
-    a = torch.randn(n, n, device=device, dtype=dt)
-    flops = float("inf")
-    for _ in range(3):
-        sync(device)
-        t = time.perf_counter()
-        a @ a
-        sync(device)
-        flops = min(flops, time.perf_counter() - t)
-    return {"read_bytes_per_s": (1 << 30) / best, "matmul_flops_per_s": 2 * n ** 3 / flops,
-            "matmul_dtype": str(dt).removeprefix("torch.")}
+    n = 2048 if device.type == "cpu" else 8192
+    peaks = {}
+    for name in ("fp32", "bf16", "int8"):
+        if name == "int8":  # what --quant int8 multiplies with: FBGEMM's dynamic linear (CPU only)
+            if device.type != "cpu":
+                continue
+            from picochat.inference.quant import Int8Linear
+            lin, a = Int8Linear(torch.randn(n, n)), torch.randn(n, n)
+            fn = lambda: lin(a)  # noqa: E731
+        else:
+            a = torch.randn(n, n, device=device, dtype=torch.float32 if name == "fp32" else torch.bfloat16)
+            fn = lambda: a @ a  # noqa: E731
+        best_mm = float("inf")
+        for _ in range(3):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            best_mm = min(best_mm, time.perf_counter() - t)
+        peaks[name] = 2 * n ** 3 / best_mm
+    return {"read_bytes_per_s": (1 << 30) / best, "matmul_flops_per_s": peaks}
+
+
+def mfu_peak(peaks: dict, dtype: str, quant: str) -> float:
+    """The matmul peak a configuration's arithmetic runs at: int8 for --quant int8, else its dtype's
+    (int4 dequantizes to bf16 arithmetic)."""
+    key = "int8" if quant == "int8" and "int8" in peaks else "bf16" if quant == "int4" or dtype != "fp32" else "fp32"
+    return peaks.get(key, peaks["fp32"])
 
 
 def step_cost(model, batch: int, context: float) -> tuple[float, float]:
@@ -193,7 +211,8 @@ def run(args) -> None:
                                weight_bytes=weight_bytes(model), ttft_ms=1e3 * r["ttft_s"], tpot_ms=1e3 * r["tpot_s"],
                                tokens_per_s=B / r["tpot_s"], step_bytes=nbytes,
                                mbu=nbytes / r["tpot_s"] / peaks["read_bytes_per_s"],
-                               mfu=flops / r["tpot_s"] / peaks["matmul_flops_per_s"], kv_cache_bytes=r["kv_cache_bytes"])
+                               mfu=flops / r["tpot_s"] / mfu_peak(peaks["matmul_flops_per_s"], dtype, quant),
+                               kv_cache_bytes=r["kv_cache_bytes"])
                     ref.setdefault(B, row["tokens_per_s"])
                     row["speedup"] = row["tokens_per_s"] / ref[B]
                     rows.append(row)
@@ -206,8 +225,8 @@ def run(args) -> None:
     print(f"\n{head}prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, best of {args.reps}; "
           f"{device.type} ({cpu}, torch {torch.__version__}, ATen {torch.backends.cpu.get_cpu_capability()}), "
           f"{torch.get_num_threads()} threads")
-    print(f"machine: read bandwidth {peaks['read_bytes_per_s'] / 1e9:.1f} GB/s (1 GiB sum), "
-          f"{peaks['matmul_dtype']} matmul {peaks['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s")
+    print(f"machine: read bandwidth {peaks['read_bytes_per_s'] / 1e9:.1f} GB/s (1 GiB sum); matmul peaks (MFU's "
+          "denominators) " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks["matmul_flops_per_s"].items()))
     print(f"{'config':<22} {'weights':>9} {'batch':>5} {'TTFT ms':>8} {'TPOT ms':>8} {'tok/s':>8} {'x first':>7} "
           f"{'MBU':>5} {'MFU':>5} {'KV cache':>9}")
     for r in rows:

@@ -132,11 +132,7 @@ def test_dtype_choice_and_refusals(monkeypatch):
     assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("fp32", cpu) == torch.float32
     with pytest.raises(PicochatError, match="fp16 is not supported on CPU"):
         resolve_dtype("fp16", cpu)
-    monkeypatch.setattr("picochat.device.cpu_has_bf16", lambda: False)
-    with pytest.raises(PicochatError, match="this CPU has no native bfloat16"):
-        resolve_dtype("bf16", cpu)
-    monkeypatch.setattr("picochat.device.cpu_has_bf16", lambda: True)
-    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16  # on any CPU: a trade-off measured in docs/inference.md
 
 
 @pytest.mark.parametrize("argv,message", [
