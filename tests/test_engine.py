@@ -195,3 +195,20 @@ def test_chunked_prefill_equals_one_padded_prefill(attention, monkeypatch):
     one.prefill_chunks = 1
     kw = dict(temperature=0.0, stop_tokens=set())
     assert four.generate(prompts, 12, **kw) == one.generate(prompts, 12, **kw)
+
+
+def test_prefill_under_a_token_cap_gives_the_same_logits_and_cache():
+    """The server prefills at most max_tokens per forward (bounded activations): the same logits and
+    cache as one forward, rows of any length (one longer than the cap runs alone)."""
+    model = random_model(VOCAB, seed=4)
+    contexts = random_prompts(7, lo=3, hi=60, seed=4)
+    with torch.inference_mode():
+        ref_logits, ref = engine_mod.prefill(model, contexts, 80)
+        logits, cache = engine_mod.prefill(model, contexts, 80, max_tokens=50)
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    assert cache.pos == ref.pos and torch.equal(cache.pad, ref.pad)
+    for i, names in ref.layers.items():  # every real position (padding is masked, whatever it holds)
+        for name, (buf, seq_dim) in names.items():
+            for b, p in enumerate(ref.pad.tolist()):
+                got = cache.layers[i][name][0][b].narrow(seq_dim - 1, p, ref.pos - p)
+                assert torch.allclose(got, buf[b].narrow(seq_dim - 1, p, ref.pos - p), atol=1e-5)

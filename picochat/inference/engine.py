@@ -39,11 +39,13 @@ def length_chunks(lengths: Sequence[int], max_chunks: int = 4, min_rows: int = 4
 
 
 def prefill(model, contexts: list[list[int]], max_len: int, pad_id: int = 0, device=None,
-            max_chunks: int = 4) -> tuple[torch.Tensor, KVCache]:
+            max_chunks: int = 4, max_tokens: int | None = None) -> tuple[torch.Tensor, KVCache]:
     """Feed every context through the model: (logits (B, V) at each context's last token, a KVCache
     of B rows left-padded to the longest context, room for max_len positions). Mixed lengths are
     prefilled in length-sorted chunks copied into one cache (`KVCache.place` right-aligns them), so
-    a batch costs about the tokens it holds, not B x the longest (measured in docs/inference.md)."""
+    a batch costs about the tokens it holds, not B x the longest (measured in docs/inference.md).
+    max_tokens: at most this many (padded) tokens per forward, at least one row: a forward's
+    activations (attention scores are rows x heads x T x T) stay bounded whatever joins at once."""
     device = device if device is not None else next(model.parameters()).device
 
     def run(rows: list[int], room: int) -> tuple[torch.Tensor, KVCache]:
@@ -55,6 +57,9 @@ def prefill(model, contexts: list[list[int]], max_len: int, pad_id: int = 0, dev
         return model.logits(model.hidden(ids, kv_cache=cache)[:, -1]), cache
 
     chunks = length_chunks([len(c) for c in contexts], max_chunks)
+    if max_tokens is not None:  # rows are longest first within a chunk: its first row sets the padded length
+        chunks = [rows[i:i + max(1, max_tokens // len(contexts[rows[0]]))] for rows in chunks
+                  for i in range(0, len(rows), max(1, max_tokens // len(contexts[rows[0]])))]
     if len(chunks) == 1:
         return run(list(range(len(contexts))), max_len)
     L = max(len(c) for c in contexts)
@@ -101,8 +106,10 @@ class ModelRunner:
     quarter has finished (never with a static-shape decode step), the scheduler at once."""
 
     def __init__(self, model, decode: DecodeStep, pad_id: int = 0, prefill_chunks: int = 4,
-                 stop_sequences: Sequence[Sequence[int]] = ()):
+                 stop_sequences: Sequence[Sequence[int]] = (), prefill_tokens: int | None = None):
+        """prefill_tokens: most tokens per prefill forward (prefill's max_tokens; None: no limit)."""
         self.model, self.decode, self.pad_id, self.prefill_chunks = model, decode, pad_id, prefill_chunks
+        self.prefill_tokens = prefill_tokens
         self.device = next(model.parameters()).device
         self.seqs = [torch.tensor(list(s), dtype=torch.long, device=self.device) for s in stop_sequences]
         if any(s.numel() == 0 for s in self.seqs):
@@ -133,7 +140,7 @@ class ModelRunner:
         max_len: the first batch's cache length (else the merged cache gets just enough room)."""
         B, dev = len(rows), self.device
         logits, cache = prefill(self.model, contexts, max_len or max(len(c) for c in contexts), self.pad_id, dev,
-                                self.prefill_chunks)
+                                self.prefill_chunks, self.prefill_tokens)
         budget = torch.tensor(budgets, dtype=torch.long, device=dev)
         K = max((s.numel() for s in self.seqs), default=0)
         new = dict(last=torch.zeros(B, dtype=torch.long, device=dev),

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from picochat.common import QUANT_MODES, PicochatError
+from picochat.inference.cpu import release_freed_memory
 
 INT4_GROUP = 32           # input channels per int4 scale/minimum (32: the most accurate the CPU kernel takes)
 MIN_QUANT_WEIGHTS = 4096  # smaller linears (smear and value-embedding gates) stay dense: bytes nobody would miss
@@ -153,6 +154,7 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         setattr(parent, name, new)
         lin.weight = None  # let the dense copy go now, not when the loop ends
     model.quant = mode
+    release_freed_memory()
     return model
 
 
