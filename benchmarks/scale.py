@@ -28,18 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = 32768
 
 
-def child(code: str, env: dict | None = None) -> tuple[dict, float, int]:
-    """Run python -c code (its last stdout line is JSON); (that JSON, wall seconds, peak RSS bytes)."""
+# a child's own peak RSS: VmHWM belongs to its address space (ru_maxrss would carry the parent's
+# peak over fork + exec, and this parent holds whole checkpoints while writing them)
+PEAK_RSS = ("int(__import__('re').search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024")
+
+
+def child(code: str, env: dict | None = None) -> tuple[dict, float]:
+    """Run python -c code (its last stdout line is JSON); (that JSON, wall seconds)."""
     t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **(env or {})}, cwd=REPO)
-    out, err = p.communicate()
-    _, status, usage = os.wait4(p.pid, 0) if p.returncode is None else (None, None, None)
-    wall = time.perf_counter() - t
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, cwd=REPO)
     if p.returncode:
-        raise SystemExit(f"child failed:\n{err[-2000:]}")
-    rss = usage.ru_maxrss * 1024 if usage else 0
-    return json.loads(out.strip().splitlines()[-1]), wall, rss
+        raise SystemExit(f"child failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1]), time.perf_counter() - t
 
 
 def bench_infer(depth: int, arch: str, extra: list[str]) -> dict:
@@ -49,7 +50,7 @@ def bench_infer(depth: int, arch: str, extra: list[str]) -> dict:
 
 
 TRAIN_STEP = """
-import json, resource, time, torch
+import json, time, torch
 from picochat.model.config import config_from_depth
 from picochat.model.gpt import GPT
 from picochat.train.optim import build_optimizers
@@ -64,7 +65,7 @@ for _ in range(2):  # the first step allocates optimizer state; the second is th
     for o in opts: o.step(); o.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - t)
 print(json.dumps(dict(step_s=times[-1], tokens_per_s=2048 / times[-1], params=model.num_params(),
-                      peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+                      peak_rss={peak})))
 """
 
 
@@ -109,8 +110,24 @@ print(json.dumps(dict(load_s=loaded, first_token_s=time.perf_counter() - t)))
 """
 
 
-def measure(depth: int, arch: str, work: Path) -> dict:
+PARTS = ("decode", "train", "import")
+
+
+def measure(depth: int, arch: str, work: Path, parts=PARTS) -> dict:
     row: dict = {"depth": depth, "arch": arch}
+    if "decode" in parts:
+        row.update(decode_part(depth, arch))
+    if "train" in parts:
+        train, _ = child(TRAIN_STEP.format(depth=depth, vocab=VOCAB, arch=arch, peak=PEAK_RSS))
+        row.update(params=train["params"], train_step_s=train["step_s"], train_tokens_per_s=train["tokens_per_s"],
+                   train_peak_rss=train["peak_rss"])
+    if "import" in parts:
+        row.update(import_part(depth, arch, work))
+    return row
+
+
+def decode_part(depth: int, arch: str) -> dict:
+    row: dict = {}
     inf = bench_infer(depth, arch, ["--quant", "none,int8,int4", "--batch", "1,8,32", "--prompt-len", "64",
                                     "--new-tokens", "32", "--reps", "2", "--vocab", str(VOCAB)])
     row["decode"] = [{k: r[k] for k in ("quant", "batch", "tokens_per_s", "mbu", "tpot_ms", "weight_bytes")}
@@ -119,19 +136,21 @@ def measure(depth: int, arch: str, work: Path) -> dict:
     ttft = bench_infer(depth, arch, ["--quant", "none,int8,int4", "--batch", "1", "--prompt-len", "512",
                                      "--new-tokens", "2", "--reps", "1", "--vocab", str(VOCAB)])
     row["ttft512_ms"] = {r["quant"]: r["ttft_ms"] for r in ttft["rows"]}
-    train, _, _ = child(TRAIN_STEP.format(depth=depth, vocab=VOCAB, arch=arch))
-    row.update(params=train["params"], train_step_s=train["step_s"], train_tokens_per_s=train["tokens_per_s"],
-               train_peak_rss=train["peak_rss"])
+    return row
+
+
+def import_part(depth: int, arch: str, work: Path) -> dict:
+    row: dict = {}
     src = work / f"{arch}-d{depth}"
     row["pt_bytes"] = write_nanochat_checkpoint(src, depth, arch)
     home = {"PICOCHAT_HOME": str(work / "home")}
     tag = f"scale/{arch}-d{depth}"
-    code = ("import sys, json, resource; from picochat.cli import main; "
+    code = ("import sys, json; from picochat.cli import main; "
             f"main(['import', 'nanochat', '--path', {str(src)!r}, '--tag', {tag!r}]); "
-            "print(json.dumps(dict(rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))")
-    imp, wall, _ = child(code, home)
+            f"print(json.dumps(dict(rss={PEAK_RSS})))")
+    imp, wall = child(code, home)
     row.update(import_s=wall, import_peak_rss=imp["rss"], import_rss_over_file=imp["rss"] / row["pt_bytes"])
-    first, _, _ = child(FIRST_TOKEN.format(tag=tag), home)
+    first, _ = child(FIRST_TOKEN.format(tag=tag), home)
     row.update(first)
     return row
 
@@ -140,21 +159,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depths", default="4,8,12,20", help="comma-separated depths (default %(default)s)")
     ap.add_argument("--archs", default="picochat,nanochat-2026", help="comma-separated designs (default %(default)s)")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated, from %(default)s")
     ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     rows = []
     with tempfile.TemporaryDirectory(prefix="picochat-scale-") as tmp:
         for arch in args.archs.split(","):
             for depth in map(int, args.depths.split(",")):
                 print(f"measuring {arch} d{depth} ...", file=sys.stderr, flush=True)
-                rows.append(measure(depth, arch, Path(tmp)))
-                rows[-1].pop("_", None)
+                rows.append(measure(depth, arch, Path(tmp), parts))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gb = 1e9
     print(f"{'design':<14} {'d':>3} {'params':>7} {'fp32 GB':>8} | {'tok/s b1 fp32/int8/int4':>24} {'MBU b1':>14} | "
           f"{'tok/s b32 fp32/int8/int4':>25} | {'TTFT512 ms':>10} | {'train s':>7} {'tok/s':>6} {'RSS GB':>6} | "
           f"{'import s':>8} {'RSS/file':>8} {'1st tok s':>9}")
-    for r in rows:
+    for r in rows if set(PARTS) <= set(parts) else []:  # the full table needs every part
         d = {(x["quant"], x["batch"]): x for x in r["decode"]}
         b1 = "/".join(f"{d[(q, 1)]['tokens_per_s']:.1f}" for q in ("none", "int8", "int4"))
         m1 = "/".join(f"{d[(q, 1)]['mbu']:.0%}" for q in ("none", "int8", "int4"))
