@@ -106,7 +106,10 @@ def main() -> None:
 
             with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
                 futures = [pool.submit(one, i) for i in range(args.clients)]
-                concurrent.futures.wait(futures)
+                trace = []  # (seconds, RSS, rows in the batch, queued): where the peak happens
+                while not concurrent.futures.wait(futures, timeout=0.5).not_done == set():
+                    h = httpx.get(url + "/health", timeout=30).json()
+                    trace.append((round(time.time() - t0, 1), rss(server.pid)[0], h["active_slots"], h["queued"]))
                 results = [f.result() for f in futures]
             wall = time.time() - t0
             health = httpx.get(url + "/health").json()
@@ -124,7 +127,8 @@ def main() -> None:
                max_tokens=args.max_tokens, kv_memory=budget, weight_bytes=weight_bytes, completed=ok,
                wall_s=wall, idle_rss=idle_rss, peak_rss=hwm, limit=weight_bytes + budget + (1 << 30),
                within_limit=hwm <= weight_bytes + budget + (1 << 30), stats=health["stats"], banner="".join(banner),
-               first_done_s=min(r["done_s"] for r in results), last_done_s=max(r["done_s"] for r in results))
+               first_done_s=min(r["done_s"] for r in results), last_done_s=max(r["done_s"] for r in results),
+               trace_peak=max(trace, key=lambda x: x[1], default=None), trace=trace[::10])
     print("".join(banner).rstrip())
     print(f"{'clients':>7} {'completed':>9} {'wall s':>7} {'max batch':>9} {'KV peak':>9} {'budget':>7} {'weights':>8} "
           f"{'RSS idle':>8} {'RSS peak':>8} {'limit':>7} ok")

@@ -154,6 +154,12 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         setattr(parent, name, new)
         lin.weight = None  # let the dense copy go now, not when the loop ends
     model.quant = mode
+    # what stays dense (embeddings, norms' scalars) may still be views of the memory-mapped checkpoint
+    # (load_model assigns the file's tensors): copy it out, so the mapping, every page of which
+    # quantizing has read, is released with the last dense view, not kept resident beside the int8 copy
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu":
+            t.data = t.data.clone()
     release_freed_memory()
     return model
 
