@@ -1,12 +1,12 @@
 """`picochat eval base|chat` and `picochat report`: evaluate checkpoints, write the report card.
 
-    picochat eval chat --model sft/d4 --tasks aime --data-file ../shared/data/aime/aime_2024.jsonl
+    picochat eval chat --model sft/d4 --tasks aime --data-file tests/fixtures/aime/aime_made_up.jsonl
     picochat eval base --model base/d4 --tasks bpb,arc-easy
     torchrun --nproc_per_node=2 -m picochat.cli eval chat --tasks spelling    (examples sharded)
     picochat report                                                          ($PICOCHAT_HOME/report/report.md)
 
-Results go to eval_<base|chat>_<step>.json next to the checkpoint (one entry per task, merged
-with earlier runs), written atomically by rank 0. See docs/eval.md.
+Results go to eval_<base|chat>_<step>.json next to the checkpoint (eval-<int8|int4>_... with --quant;
+one entry per task, merged with earlier runs), written atomically by rank 0. See docs/eval.md.
 """
 from __future__ import annotations
 
