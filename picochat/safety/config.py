@@ -12,7 +12,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -263,11 +263,6 @@ def load(path: str | Path | None) -> SafetyConfig:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise PicochatError(f"{path}: cannot parse config ({e})") from None
     return from_dict(data, base_dir=path.resolve().parent)
-
-
-def to_public_dict(cfg: SafetyConfig) -> dict[str, Any]:
-    """The config as saved next to outputs: env var NAMES only, never values."""
-    return cfg.model_dump(mode="json")
 
 
 def sent_names(r: RoleConfig) -> dict[str, str]:

@@ -56,17 +56,14 @@ def distinct_n(texts: list[str], n: int) -> float | None:
     return round(len(grams) / total, 4) if total else None
 
 
-def _scores_of(meta: dict) -> dict | None:
-    s = meta.get("judge", {}).get("scores") if isinstance(meta.get("judge"), dict) else None
-    s = s or meta.get("scores")
-    return s if isinstance(s, dict) else None
-
-
 def _score_counts(records: list[dict]) -> dict[str, Counter]:
-    """{dimension: Counter(score)}: our 6 first, then any other numeric dims the data has."""
+    """{dimension: Counter(score)}: our 6 first, then any other numeric dims the data has (meta.judge.scores,
+    as filter writes them, else meta.scores)."""
     scores = {d: Counter() for d in DIMENSIONS}
     for r in records:
-        for d, v in (_scores_of(r["meta"]) or {}).items():
+        judge = r["meta"].get("judge")
+        s = (judge.get("scores") if isinstance(judge, dict) else None) or r["meta"].get("scores")
+        for d, v in (s if isinstance(s, dict) else {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 scores.setdefault(d, Counter())[int(v)] += 1
     return scores
@@ -161,7 +158,7 @@ def _score_bars(plt, scores: dict, prefix: str):
     return fig
 
 
-def _plots(a: dict, out: Path) -> list[str]:
+def _plots(a: dict, lengths: list[int], out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
@@ -177,7 +174,7 @@ def _plots(a: dict, out: Path) -> list[str]:
         if a.get(key):
             save(_score_bars(plt, a[key], "rejected: " if key == "rejected_scores" else ""), name)
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.hist(a["_assistant_lengths"], bins=30, color="#55a868")
+    ax.hist(lengths, bins=30, color="#55a868")
     ax.set_xlabel("assistant reply length (chars)")
     ax.set_ylabel("replies")
     save(fig, "lengths.png")
@@ -291,15 +288,14 @@ def run_report(input_path: str | Path, out_dir: str | Path, rejected: str | Path
     records, bad = load_any(src)
     rej = read_jsonl(rejected, strict=False) if rejected else None
     a = analyze(records, bad, rej)
-    a["_assistant_lengths"] = [len(_text(m["content"])) for r in records for m in r["messages"] if m["role"] == "assistant"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     note = ""
     try:
-        plots = _plots(a, out) if records else []
+        lengths = [len(_text(m["content"])) for r in records for m in r["messages"] if m["role"] == "assistant"]
+        plots = _plots(a, lengths, out) if records else []
     except ImportError:
         plots, note = [], "matplotlib is not installed: no plots (pip install matplotlib)."
-    a.pop("_assistant_lengths")
     pipeline = pipeline_counts(Path(run_dir)) if run_dir else None
     if pipeline is not None:
         a["pipeline"] = pipeline

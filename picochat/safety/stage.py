@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 
 from picochat.common import write_json_atomic
 from picochat.safety.client import LLM, preflight
-from picochat.safety.config import SafetyConfig, to_public_dict
+from picochat.safety.config import SafetyConfig
 from picochat.safety.usage import UsageLog, format_costs, write_costs
 
 NO_WORK_STAGES = ("check", "preflight")  # endpoint checks only: they leave the run's config.json alone
@@ -70,7 +70,7 @@ def run_stage(cfg: SafetyConfig, stage: str, roles: list[str], body: Callable[[L
             if cfg.preflight and roles:
                 await preflight(llm)
             if stage not in NO_WORK_STAGES:  # provenance: env var NAMES, never keys
-                write_json_atomic(cfg.out_dir / "config.json", to_public_dict(cfg))
+                write_json_atomic(cfg.out_dir / "config.json", cfg.model_dump(mode="json"))
             return await body(llm)
         finally:
             await llm.aclose()

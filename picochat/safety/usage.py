@@ -117,8 +117,7 @@ def aggregate(path: str | os.PathLike) -> dict:
     for stage, stats in stages.items():
         roles = {name: r.entry() for name, r in stats.items()}
         out["stages"][stage] = {"roles": roles, "total": totals(roles.values()), "runs": len(runs[stage])}
-    out["total"] = {k: sum(s["total"][k] for s in out["stages"].values()) for k in TOTAL_KEYS}
-    out["total"]["cost_usd"] = round(out["total"]["cost_usd"], 6)
+    out["total"] = totals(r for s in out["stages"].values() for r in s["roles"].values())
     return out
 
 
