@@ -9,7 +9,8 @@ Per (design, depth), each measured in its own child process so peak memory is it
     tokens/s, peak RSS;
   - `picochat import nanochat` of a nanochat-format checkpoint of that size (random weights, torch.save
     like nanochat, a 32,768-token tokenizer pickle): seconds and peak RSS against the file's size,
-    then load + first token of the imported model.
+    then load + first token of the imported model in fp32 (as `picochat chat` does), with its RSS
+    after that token and its peak.
 Prints a table and a final JSON line. Random weights: speed and memory do not depend on the values.
 """
 from __future__ import annotations
@@ -106,7 +107,9 @@ from picochat.checkpoint import load_tokenizer
 t = time.perf_counter(); model, _ = load_for_inference({tag!r}, 'cpu'); loaded = time.perf_counter() - t
 tok = load_tokenizer({tag!r}); e = Engine(model, tok)
 t = time.perf_counter(); e.generate([tok.encode('Hello there', prepend=tok.bos_token_id)], 1, temperature=0)
-print(json.dumps(dict(load_s=loaded, first_token_s=time.perf_counter() - t)))
+first = time.perf_counter() - t
+rss = int(__import__('re').search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024
+print(json.dumps(dict(load_s=loaded, first_token_s=first, chat_rss=rss, chat_peak_rss={peak})))
 """
 
 
@@ -150,7 +153,7 @@ def import_part(depth: int, arch: str, work: Path) -> dict:
             f"print(json.dumps(dict(rss={PEAK_RSS})))")
     imp, wall = child(code, home)
     row.update(import_s=wall, import_peak_rss=imp["rss"], import_rss_over_file=imp["rss"] / row["pt_bytes"])
-    first, _ = child(FIRST_TOKEN.format(tag=tag), home)
+    first, _ = child(FIRST_TOKEN.format(tag=tag, peak=PEAK_RSS), home)
     row.update(first)
     return row
 

@@ -137,3 +137,25 @@ def test_allocator_tuning_guards(monkeypatch):
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert cpu.retain_freed_memory() is expected
     assert cpu.retain_freed_memory() is expected  # once per process, then remembered
+
+
+def test_a_model_that_only_runs_keeps_one_copy_of_its_packed_weights():
+    model = d2_model(seed=6)
+    plain, packed = copy.deepcopy(model), pack_linears(copy.deepcopy(model))
+    dense_lm_head = model.lm_head.weight.detach().clone()
+    cpu.prepare_cpu_inference(model, release_dense=True)
+    # the lm_head always runs on oneDNN: only its packed copy is left; the MLP (oneDNN from 2 rows) keeps both
+    assert model.lm_head.weight.is_mkldnn and model.lm_head._packed is None
+    assert not model.transformer.h[0].mlp.c_fc.weight.is_mkldnn
+    x = torch.randint(0, 2048, (3, 7))
+    with torch.no_grad():
+        assert torch.equal(model(x), packed(x))  # the same oneDNN calls as before the release
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)  # grad on: rebuilt dense, F.linear
+    prompts = random_prompts(8, hi=40, seed=3, vocab=2048)
+    assert Engine(model).generate(prompts, 10, temperature=0.0, stop_tokens=set()) == \
+        Engine(plain, cpu_tuning=False).generate(prompts, 10, temperature=0.0, stop_tokens=set())
+    unpack_linears(model)  # e.g. for a compiled decode step: the dense weight comes back, exactly
+    assert torch.equal(model.lm_head.weight, dense_lm_head)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from picochat.common import QUANT_MODES, PicochatError
-from picochat.inference.cpu import release_freed_memory
+from picochat.inference.cpu import prepare_cpu_inference
 
 INT4_GROUP = 32           # input channels per int4 scale/minimum (32: the most accurate the CPU kernel takes)
 MIN_QUANT_WEIGHTS = 4096  # smaller linears (smear and value-embedding gates) stay dense: bytes nobody would miss
@@ -154,13 +154,6 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         setattr(parent, name, new)
         lin.weight = None  # let the dense copy go now, not when the loop ends
     model.quant = mode
-    # what stays dense (embeddings, norms' scalars) may still be views of the memory-mapped checkpoint
-    # (load_model assigns the file's tensors): copy it out, so the mapping, every page of which
-    # quantizing has read, is released with the last dense view, not kept resident beside the int8 copy
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "cpu":
-            t.data = t.data.clone()
-    release_freed_memory()
     return model
 
 
@@ -172,8 +165,13 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def load_for_inference(tag: str, device, dtype=None, quant: str = "none", step: int | None = None):
-    """load_model(tag) in `dtype`, then quantized as `quant` says: (model, checkpoint)."""
+    """load_model(tag) in `dtype`, then quantized as `quant` says and, on CPU, made ready to run once
+    (cpu.py: float32 weights held once, packed; nothing left viewing the memory-mapped file, whose
+    pages loading and quantizing have all read): (model, checkpoint)."""
     from picochat.checkpoint import load_model
     check_quant(quant)
     model, ckpt = load_model(tag, device=device, dtype=dtype, step=step)
-    return quantize(model, quant), ckpt
+    model = quantize(model, quant)
+    if next(model.parameters()).device.type == "cpu":
+        prepare_cpu_inference(model, release_dense=True)
+    return model, ckpt
