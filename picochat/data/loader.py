@@ -26,6 +26,7 @@ token for token, and state_dict() then describes the batches handed out, not the
 """
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from itertools import count, islice
 from pathlib import Path
@@ -178,10 +179,8 @@ class SlotLoader:
             self.background.close()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 merge_states = SlotLoader.merge_states

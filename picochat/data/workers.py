@@ -19,6 +19,7 @@ before its prefetch thread starts.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -157,10 +158,8 @@ class WorkerPool:
             return
         self.closed = True
         for conn in self.req_conns:
-            try:
+            with contextlib.suppress(OSError):  # BrokenPipeError is one
                 conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
         for p in self.procs:
             p.join(timeout=0.5)
             if p.is_alive():  # blocked sending a result nobody will read

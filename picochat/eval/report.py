@@ -16,6 +16,7 @@ the sum of training times). Each file is written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -36,15 +37,13 @@ ISA_NAMES = {"AVX512": "AVX-512", "AVX2": "AVX2", "DEFAULT": "no vector kernels 
 def _cpuinfo() -> tuple[str | None, set[str]]:
     """(model name, flags) of the first CPU in /proc/cpuinfo; (None, set()) where there is none (macOS)."""
     model, flags = None, set()
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and model is None:
                 model = value.strip()
             elif key.strip() == "flags" and not flags:
                 flags = set(value.split())
-    except OSError:
-        pass
     return model, flags
 
 
@@ -68,10 +67,8 @@ def hardware() -> dict:
     info = {"cpu": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "cpu_isa": cpu_isa(torch.backends.cpu.get_cpu_capability(), flags, os.environ.get("ATEN_CPU_CAPABILITY")),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         info["memory_gib"] = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
     if torch.cuda.is_available():
         info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -187,11 +184,6 @@ def write_plots(all_runs: list[dict], eval_rows: list[dict], out: Path) -> dict[
             "rl": plot_rl(all_runs, out / "rl.png")}
 
 
-def _subplots(*args, **kwargs):
-    import matplotlib.pyplot as plt
-    return plt.subplots(*args, **kwargs)
-
-
 def _save(fig, path: Path) -> bool:
     import matplotlib.pyplot as plt
     with atomic_path(path) as tmp:
@@ -205,7 +197,8 @@ def plot_curves(all_runs: list[dict], key: str, ylabel: str, path: Path) -> bool
                                        for r in all_runs)]
     if not stages:
         return False
-    fig, axes = _subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4), squeeze=False)
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for r in all_runs:
             pts = [(h["step"], h[key]) for h in r["history"] if r["stage"] == stage and h.get(key) is not None]
@@ -222,7 +215,8 @@ def plot_rl(all_runs: list[dict], path: Path) -> bool:
     rl = [r for r in all_runs if r["stage"] == "rl" and any("reward" in h for h in r["history"])]
     if not rl:
         return False
-    fig, axes = _subplots(1, len(RL_PANELS), figsize=(4.2 * len(RL_PANELS), 3.2), squeeze=False)
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(RL_PANELS), figsize=(4.2 * len(RL_PANELS), 3.2), squeeze=False)
     for ax, (title, ylabel, prefixes) in zip(axes[0], RL_PANELS):
         for r in rl:
             keys = sorted({k for h in r["history"] for k in h if k.startswith(prefixes)})
@@ -247,7 +241,8 @@ def plot_evals(rows: list[dict], path: Path) -> bool:
         return False
     # one task can have several bars (pass@1, answer == calculator result, pass@k): each names its metric
     labels = [f"{r['task']} {r['metric']} · {r['model']}" for r in rows]
-    fig, ax = _subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
     ax.barh(range(len(rows)), [100 * r["value"] for r in rows], color="#4c72b0")
     for i, r in enumerate(rows):
         if r.get("chance") is not None:

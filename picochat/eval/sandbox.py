@@ -31,6 +31,7 @@ from the main thread of a process that is not heavily multi-threaded.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -111,7 +112,7 @@ def _make_preexec(memory_mb: int, timeout: float, fallback_nproc: int | None):
 
     def preexec():  # runs in the forked child before exec: never raise
         is_root, isolated = os.geteuid() == 0, False
-        try:
+        with contextlib.suppress(Exception):
             if is_root:
                 os.setresuid(_NOBODY, 0, 0)  # RLIMIT_NPROC is not enforced for real uid 0
             isolated = _unshare is not None and _unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0
@@ -119,8 +120,6 @@ def _make_preexec(memory_mb: int, timeout: float, fallback_nproc: int | None):
                 os.setresuid(0, 0, 0)
                 if _unshare is not None:
                     _unshare(_CLONE_NEWNET)
-        except Exception:
-            pass
         nproc = _NPROC_LIMIT if isolated else fallback_nproc
         for which, value in limits + ([(resource.RLIMIT_NPROC, nproc)] if nproc is not None else []):
             try:
@@ -135,10 +134,8 @@ def _kill_group(pgid: int, deadline: float = 2.0) -> None:
     """SIGKILL the group until nothing in it is alive (a fork bomb keeps making new members)."""
     end = time.monotonic() + deadline
     while True:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         if not _alive(pgid) or time.monotonic() > end:
             return
         time.sleep(0.01)

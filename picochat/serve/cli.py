@@ -9,6 +9,7 @@ Wired into the main CLI through `register(subparsers)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -100,12 +101,8 @@ def cmd_serve(args) -> None:
     sock = _listen(args.host, args.port)
     print(banner(args, app, sock.getsockname()[1], device, draft is not None, api_key), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
-    try:
+    with sock, contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sock.close()
 
 
 def register(subparsers) -> None:

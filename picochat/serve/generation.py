@@ -10,6 +10,7 @@ prefix of a stop string is held back until decided), and a match cancels the gen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing
@@ -140,10 +141,8 @@ class Generation:
                              name=f"picochat-choice-{i}").start()
 
     def _push(self, event) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
 
     def _run(self, index: int, fn: PieceFn, engine: ScheduledEngine, stops) -> None:
         reply, matcher = Reply(), StopMatcher(stops)
