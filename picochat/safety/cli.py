@@ -30,10 +30,6 @@ def _path(v: str) -> str:
     return str(Path(v).expanduser().resolve())
 
 
-def _names(v: str) -> list:
-    return [s.strip() for s in v.split(",") if s.strip()]
-
-
 def _min_score(s: str):
     from picochat.safety.config import DIMENSIONS
     dim, _, val = s.partition("=")
@@ -178,7 +174,7 @@ STAGE_FLAGS = {
         ("max_user_turns", number_type(int, lambda v: v >= 2, "an integer >= 2"), "N",
          "user turns in a multi-turn conversation: 2..N", None),
         ("limit", nonneg_int, "N", "answer at most N questions; 0 = all", None),
-        ("splits", _names, "SPLITS", "comma-separated question splits to answer", None)),
+        ("splits", lambda v: [s.strip() for s in v.split(",") if s.strip()], "SPLITS", "comma-separated question splits to answer", None)),
     "filter": (
         ("input", _path, "FILE", "conversation JSONL to filter", "<out>/respond/conversations.jsonl"),
         ("near_dup_threshold", _unit, "F", "Jaccard above which conversations are near-duplicates", None)),

@@ -19,10 +19,6 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def exact_key(text: str) -> str:
-    return hashlib.sha256(normalize(text).encode("utf-8")).hexdigest()
-
-
 def shingles(text: str, k: int = 5) -> set[str]:
     t = normalize(text)
     if len(t) <= k:
@@ -79,7 +75,7 @@ def find_duplicates(items: list[tuple[str, str]], threshold: float = 0.7, k: int
     seen_exact: dict[str, str] = {}
     dups: dict[str, dict] = {}
     for rid, text in items:
-        ek = exact_key(text)
+        ek = normalize(text)  # exact duplicates: the same text up to case, punctuation and spacing
         if ek in seen_exact:
             dups[rid] = {"of": seen_exact[ek], "kind": "exact", "jaccard": 1.0}
             continue

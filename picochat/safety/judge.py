@@ -266,10 +266,6 @@ async def classify_refusal(llm: LLM, prompt: str, reply: str, retries: int = 1, 
     return await _ask(llm, classifier_messages(prompt, reply), validate_classification, retries, start)
 
 
-def is_failure(judgement: dict, fail_below: int) -> bool:
-    return judgement["verdict"] == "fail" or min(judgement["scores"].values()) < fail_below
-
-
 def summarize(results: list[dict]) -> dict:
     """Per-dimension means over judged items; errors counted by kind, never folded into the scores."""
     ok = [r["judgement"] for r in results if "judgement" in r]

@@ -184,7 +184,8 @@ async def _optimize(llm: LLM, cfg: SafetyConfig, opt: list[dict], held: list[dic
     history: list[str] = []
 
     for it in range(1, oc.iterations + 1):
-        fails = [r for r in best_results if "judgement" in r and J.is_failure(r["judgement"], oc.fail_below)]
+        fails = [r for r in best_results if "judgement" in r and (r["judgement"]["verdict"] == "fail" or
+                                                                 min(r["judgement"]["scores"].values()) < oc.fail_below)]
         if not fails:
             judged = sum("judgement" in r for r in best_results)
             why = ("no answer on the opt split was judged (all judge errors), nothing to learn from" if not judged

