@@ -91,19 +91,6 @@ def transcript(messages: list[dict]) -> str:
     return "\n\n".join("[" + m["role"].upper() + "]\n" + str(m["content"]).strip() for m in messages)
 
 
-def turn_messages(conversation: list[dict]) -> list[dict]:
-    """Judge request for the last assistant turn of `conversation` (everything up to it is context)."""
-    *context, last = conversation
-    user = ("Conversation so far:\n<conversation>\n" + (transcript(context) or "(none)") + "\n</conversation>\n\n"
-            "Assistant reply to evaluate:\n<reply>\n" + str(last["content"]).strip() + "\n</reply>")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
-
-def classifier_messages(prompt: str, reply: str) -> list[dict]:
-    user = "User prompt:\n<prompt>\n" + prompt.strip() + "\n</prompt>\n\nChatbot reply:\n<reply>\n" + reply.strip() + "\n</reply>"
-    return [{"role": "system", "content": CLASSIFIER_SYSTEM}, {"role": "user", "content": user}]
-
-
 class JudgeError(ValueError):
     def __init__(self, kind: str, detail: str = ""):
         super().__init__(f"{kind}: {detail}")
@@ -242,8 +229,12 @@ def needs_rejudge(result: dict, retries: int) -> bool:
 
 
 async def judge_turn(llm: LLM, conversation: list[dict], retries: int = 1, start: int = 0) -> dict:
-    """Judge the last assistant message of `conversation` on the 6 dimensions."""
-    return await _ask(llm, turn_messages(conversation), validate_judgement, retries, start)
+    """Judge the last assistant message of `conversation` on the 6 dimensions (everything before it is context)."""
+    *context, last = conversation
+    user = ("Conversation so far:\n<conversation>\n" + (transcript(context) or "(none)") + "\n</conversation>\n\n"
+            "Assistant reply to evaluate:\n<reply>\n" + str(last["content"]).strip() + "\n</reply>")
+    messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    return await _ask(llm, messages, validate_judgement, retries, start)
 
 
 async def judge_conversation(llm: LLM, messages: list[dict], retries: int = 1, previous: list[dict] | None = None
@@ -263,7 +254,9 @@ async def judge_conversation(llm: LLM, messages: list[dict], retries: int = 1, p
 
 
 async def classify_refusal(llm: LLM, prompt: str, reply: str, retries: int = 1, start: int = 0) -> dict:
-    return await _ask(llm, classifier_messages(prompt, reply), validate_classification, retries, start)
+    user = "User prompt:\n<prompt>\n" + prompt.strip() + "\n</prompt>\n\nChatbot reply:\n<reply>\n" + reply.strip() + "\n</reply>"
+    messages = [{"role": "system", "content": CLASSIFIER_SYSTEM}, {"role": "user", "content": user}]
+    return await _ask(llm, messages, validate_classification, retries, start)
 
 
 def summarize(results: list[dict]) -> dict:

@@ -40,11 +40,6 @@ def user_turns_for(qid: str, fraction: float, max_user_turns: int) -> int:
     return 2 + int(unit_float("turns", qid) * (max_user_turns - 1))
 
 
-def user_sim_messages(conv: list[dict]) -> list[dict]:
-    return [{"role": "system", "content": USER_SIM_SYSTEM},
-            {"role": "user", "content": "Conversation so far:\n" + transcript(conv) + "\n\nWrite the user's next message."}]
-
-
 async def _blue(llm: LLM, system_prompt: str, conv: list[dict]) -> str:
     try:
         r = await llm.chat("blue", [{"role": "system", "content": system_prompt}] + conv)
@@ -56,9 +51,11 @@ async def _blue(llm: LLM, system_prompt: str, conv: list[dict]) -> str:
 
 
 async def _user(llm: LLM, conv: list[dict]) -> str:
+    messages = [{"role": "system", "content": USER_SIM_SYSTEM},
+                {"role": "user", "content": "Conversation so far:\n" + transcript(conv) + "\n\nWrite the user's next message."}]
     for sample in range(2):  # one re-sample when the red model refuses to play the user
         try:
-            r = await llm.chat("red", user_sim_messages(conv), sample=sample)
+            r = await llm.chat("red", messages, sample=sample)
         except LLMCallError as e:
             raise TurnFailure("red_" + e.kind) from None
         text = r.text.strip()
