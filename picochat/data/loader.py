@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from picochat.data.corpus import count_documents, iter_documents
-from picochat.data.workers import in_worker
+from picochat.data import workers as data_workers
 
 DEFAULT_PREFETCH = 4  # ready batches queued per process: enough to hide a slow chunk, small in memory
 
@@ -68,7 +68,7 @@ class TextDocs:
     def __call__(self, indices: list[int]) -> list[list[int]]:
         # in a worker process the parallelism is the workers themselves: one tokenizer thread each
         return self.tok.encode([self._read(i) for i in indices], prepend=self.tok.bos_token_id,
-                               num_threads=1 if in_worker() else 8)
+                               num_threads=1 if data_workers.IN_WORKER else 8)
 
 
 class SlotStream:
@@ -207,8 +207,7 @@ class PackedLoader(SlotLoader):
         self.streams = [SlotStream(n_docs, s, self.n_slots, self.saved.get(str(s), {}), tokenizer_batch)
                         for s in self.slots]
         if workers:
-            from picochat.data.workers import tokenize_in_background
-            self.background = tokenize_in_background(self, make_docs, workers, prefetch)
+            self.background = data_workers.tokenize_in_background(self, make_docs, workers, prefetch)
         else:
             for stream in self.streams:  # one document reader per slot, in this process
                 stream.chunks = map(make_docs(), stream.requests())

@@ -36,15 +36,11 @@ import numpy as np
 from picochat.common import PicochatError
 
 MAX_DEFAULT_WORKERS = 8   # beyond this tokenization is never the bottleneck; more only costs memory
-_IN_WORKER = False        # set in worker processes: tokenizers there use one thread each
+IN_WORKER = False         # set in worker processes: tokenizers there use one thread each
 
 
 class LoaderWorkerError(PicochatError):
     """A data worker died or raised; training cannot continue from this loader."""
-
-
-def in_worker() -> bool:
-    return _IN_WORKER
 
 
 def default_workers() -> int:
@@ -56,8 +52,8 @@ def default_workers() -> int:
 
 
 def _worker_main(fn, requests, results) -> None:
-    global _IN_WORKER
-    _IN_WORKER = True
+    global IN_WORKER
+    IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     while True:
         try:

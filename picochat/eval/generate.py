@@ -20,5 +20,4 @@ def calculator_agreement(reply: Reply) -> bool | None:
         result = Fraction(outputs[-1].strip())
     except (ValueError, ZeroDivisionError):  # "error: ..." from the calculator
         return None
-    answer = last_number(reply.text)
-    return answer is not None and answer == result
+    return last_number(reply.text) == result  # None (no number) is not the result

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 
-from picochat.common import number_type
+from picochat.common import nonneg_int, number_type
 from picochat.export import DEFAULT_ATOL, DTYPE_NAMES
 
-_nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 _pos_float = number_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
@@ -72,7 +71,7 @@ def register(sub) -> None:
                       description=cmd_export_hf.__doc__)
     p.set_defaults(func=cmd_export_hf)
     p.add_argument("--model", default="sft/d4", help="checkpoint tag to export (default %(default)s)")
-    p.add_argument("--step", type=_nonneg_int, default=None, help="checkpoint step (unset: the latest)")
+    p.add_argument("--step", type=nonneg_int, default=None, help="checkpoint step (unset: the latest)")
     p.add_argument("--out", required=True, help="output directory (created; must not exist unless --force)")
     p.add_argument("--dtype", default="checkpoint", choices=["checkpoint", *DTYPE_NAMES],
                    help="dtype of the exported weights; checkpoint = as stored (default %(default)s)")
@@ -97,5 +96,5 @@ def register(sub) -> None:
     p.add_argument("--path", required=True, help="a nanochat checkpoint folder (e.g. ~/.cache/nanochat/"
                    "chatsft_checkpoints/d20, tokenizer in ../../tokenizer; or model, meta and tokenizer.pkl in one "
                    "folder as on the hub), or a Hugging Face hub repo id such as karpathy/nanochat-d32 (downloaded)")
-    p.add_argument("--step", type=_nonneg_int, default=None, help="which model_<step>.pt (unset: the latest)")
+    p.add_argument("--step", type=nonneg_int, default=None, help="which model_<step>.pt (unset: the latest)")
     p.add_argument("--tag", default=None, help="checkpoint tag to write (unset: nanochat/<folder name>)")

@@ -21,15 +21,11 @@ def normalize(text: str) -> str:
 
 def shingles(text: str, k: int = 5) -> set[str]:
     t = normalize(text)
-    if len(t) <= k:
-        return {t}
-    return {t[i:i + k] for i in range(len(t) - k + 1)}
+    return {t[i:i + k] for i in range(len(t) - k + 1)} if len(t) > k else {t}
 
 
 def jaccard(a: set, b: set) -> float:
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
+    return len(a & b) / len(a | b) if a or b else 1.0
 
 
 def _h31(s: str) -> int:

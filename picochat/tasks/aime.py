@@ -154,9 +154,7 @@ def parse_integer(s: str) -> int | None:
         if re.search(r"[,;]", head) and _tokens(head):
             return None  # x=3, y=4: a list of values, ambiguous
     toks = _tokens(s)
-    if len(toks) != 1:
-        return None
-    return _as_answer(toks[0])
+    return _as_answer(toks[0]) if len(toks) == 1 else None
 
 
 def _last_box(text: str) -> str | None:
@@ -216,9 +214,7 @@ def _reference(answer: str | int) -> int:
 
 def grade(text: str, answer: str | int) -> bool:
     """True iff the response's extracted answer equals the reference as an integer."""
-    ref = _reference(answer)
-    pred = extract_answer(text)
-    return pred is not None and pred == ref
+    return extract_answer(text) == _reference(answer)
 
 
 # --------------------------------------------------------------------------- data

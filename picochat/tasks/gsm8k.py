@@ -61,9 +61,6 @@ def eval_task(name: str, data_file: str | None, limit: int | None, split: str, c
         task = train_task(name, split, limit)
         rows = [{"question": c["messages"][0]["content"], "answer": c["answer"]} for c in task.conversations]
         source = f"hf:openai/gsm8k {split}"
-
-    def grade(ex, reply):
-        pred = last_number(reply)
-        return pred is not None and pred == Fraction(ex["answer"])
-    return EvalTask("gsm8k", "generative", rows[:limit], source, max_tokens=256, grade=grade, extract=last_number,
+    return EvalTask("gsm8k", "generative", rows[:limit], source, max_tokens=256, extract=last_number,
+                    grade=lambda ex, reply: last_number(reply) == Fraction(ex["answer"]),  # None (no number) is wrong
                     chat_prompt=qa_chat, base_prompt=qa_text)
