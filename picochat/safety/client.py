@@ -178,9 +178,7 @@ class LLM:
                     except APIConnectionError as e:
                         raise _Retry("connection", detail=type(e).__name__) from None
                     except APIStatusError as e:
-                        if e.status_code == 429:
-                            raise _Retry("429", _retry_after(e.response.headers)) from None
-                        if e.status_code >= 500 or e.status_code == 408:
+                        if e.status_code in (408, 429) or e.status_code >= 500:  # rate limit, server trouble
                             raise _Retry(str(e.status_code), _retry_after(e.response.headers)) from None
                         self._log(role, event="request", ok=False, failure=f"http_{e.status_code}")
                         raise LLMCallError(role, f"http_{e.status_code}", self._redact(str(e))[:200]) from None
@@ -197,8 +195,7 @@ class LLM:
                 usage = getattr(resp, "usage", None)
                 est = usage is None or usage.prompt_tokens is None  # no usage sent: chars/4 it is
                 if est:
-                    tin = sum(len(str(m.get("content", ""))) for m in messages) // 4
-                    tout = len(text) // 4
+                    tin, tout = sum(len(str(m.get("content", ""))) for m in messages) // 4, len(text) // 4
                 else:
                     tin, tout = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
                 self._log(role, event="request", ok=True, **{"in": tin, "out": tout}, est=est,
