@@ -1,8 +1,8 @@
 """Shared types and helpers of the tasks (one file per task in this package, named in __init__.py).
 
-A Task is a sized, indexable list of training conversations ({"messages": [...]}); a task that can
-grade answers also implements `evaluate(conversation, completion) -> bool`. A TaskMixture draws
-from several tasks with given weights. Its order is a pure function of (seed, index), so a loader
+A Task is a sized, indexable list of training conversations ({"messages": [...]}); answers are
+graded by the task's EvalTask (below), the one grader. A TaskMixture draws from several tasks with
+given weights. Its order is a pure function of (seed, index), so a loader
 can resume from an index with no other state, and every process of a torchrun job sees the same
 order. An EvalTask is what `picochat eval` measures and `picochat train rl` rewards: examples, where
 they came from, and (generative tasks) prompt builders and a grader.

@@ -7,7 +7,7 @@ been asked about by spelling its *tokens*, which it learns from other words that
 words are made of common tokens, while GCIDE's 36k obscure words (the first version) gave a d4
 model 1,400 distinct tokens to learn from 5,000 examples and it learned none of them.
 Train/test split by a stable hash of the word, so held-out words are never seen in training, and
-the grader (`evaluate`, and `picochat eval`'s) is exact match on the letter sequence.
+the grader (`picochat eval`'s and RL's) is exact match on the letter sequence.
 """
 from __future__ import annotations
 
@@ -80,9 +80,6 @@ class SpellingTask(Task):
         question = TEMPLATES[stable_hash(w + str(self.seed)) % len(TEMPLATES)].format(w=w)
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "-".join(w)}],
                 "answer": "-".join(w)}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return extract(completion) == conversation["answer"]
 
 
 def extract(reply: str) -> str:
