@@ -107,7 +107,13 @@ def test_other_dtypes_fall_back_to_f_linear():
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(lin(x), F.linear(x, lin.weight))
-    assert lin._packed is None  # never packed: the bf16 call went to F.linear
+        # one bf16 row (decoding) runs ATen's kernel, not oneDNN's: close to fp32, and the switch is restored
+        one = lin(x[:1])
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert torch.equal(one, F.linear(x[:1], lin.weight))
+        assert torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
+        torch.testing.assert_close(one.float(), F.linear(x[:1].float(), lin.weight.float()), rtol=0.02, atol=0.02)
+    assert lin._packed is None  # never packed: the bf16 calls went to F.linear
 
 
 def test_engine_packed_and_plain_generate_the_same_tokens():
