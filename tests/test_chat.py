@@ -91,6 +91,29 @@ def test_sft_batch_supervises_only_assistant_tokens(tok):
     assert all(v == -1 for v in y[0, pos:pos + 3].tolist())
 
 
+def test_sft_packing_keeps_every_supervised_token_in_fewer_rows(tok):
+    convs = [ArithmeticTask("train", 40)[i] for i in range(12)] + \
+        [{"messages": [{"role": "user", "content": "hi" * k}, {"role": "assistant", "content": "yo"}]} for k in (1, 5, 9)]
+    x_pad, y_pad = sft_batch(convs, tok, max_len=64)
+    x, y = sft_batch(convs, tok, max_len=64, pack=True)
+    assert x.shape[1] == x_pad.shape[1] and x.shape[0] < x_pad.shape[0]  # as wide, fewer rows
+    assert sorted(y[y >= 0].tolist()) == sorted(y_pad[y_pad >= 0].tolist())
+    # each conversation sits whole in one row, inputs and targets exactly as padding has them
+    used, taken = [0] * x.shape[0], set()
+    for i in range(len(convs)):
+        ids, mask = tok.render_conversation(convs[i], max_tokens=65)
+        n = len(ids) - 1
+        spots = [(r, o) for r in range(x.shape[0]) for o in range(x.shape[1] - n + 1)
+                 if (r, o) not in taken and x[r, o:o + n].tolist() == ids[:-1] and
+                 y[r, o:o + n].tolist() == y_pad[i, :n].tolist()]
+        assert spots, f"conversation {i} not found whole"
+        taken.add(spots[0])
+        used[spots[0][0]] += n + 1
+    # best fit leaves no two rows that would have fit in one
+    capacity = x.shape[1] + 1
+    assert all(used[a] + used[b] > capacity for a in range(len(used)) for b in range(a + 1, len(used)))
+
+
 def test_sft_loader_resume_and_slots(tok):
     convs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
              for i in range(40)]

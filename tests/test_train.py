@@ -108,19 +108,22 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(env):
 
 
 @pytest.mark.slow
-def test_sft_resume_continues_exactly(env):
-    run([*TRAIN, "--steps", "2", "--tag", "base/tiny"], env)
+@pytest.mark.parametrize("pack", [[], ["--pack"]])
+def test_sft_resume_continues_exactly(env, pack):
+    run([*TRAIN, "--steps", "2", "--tag", "base/tiny", "--overwrite"], env)
     sft = ["train", "sft", "--model", "base/tiny", "--tasks", "arithmetic=1,identity=1", "--seq-len", "32",
-           "--device-batch-size", "2", "--eval-every", "0", "--log-every", "1", "--device", "cpu", "--steps", "6"]
-    run([*sft, "--tag", "sft/full"], env)
-    run([*sft, "--tag", "sft/split", "--stop-after", "3"], env)
-    run(["train", "sft", "--tag", "sft/split", "--resume", "--device", "cpu"], env)
-    w_full, c_full = final_weights(env, "sft/full")
-    w_split, c_split = final_weights(env, "sft/split")
+           "--device-batch-size", "4", "--eval-every", "0", "--log-every", "1", "--device", "cpu", "--steps", "6", *pack]
+    full, split = f"sft/full{len(pack)}", f"sft/split{len(pack)}"
+    run([*sft, "--tag", full], env)
+    run([*sft, "--tag", split, "--stop-after", "3"], env)
+    run(["train", "sft", "--tag", split, "--resume", "--device", "cpu"], env)
+    w_full, c_full = final_weights(env, full)
+    w_split, c_split = final_weights(env, split)
     assert c_full.step == c_split.step == 6 and c_full.meta["stage"] == "sft"
     for k in w_full:
         torch.testing.assert_close(w_split[k], w_full[k], atol=1e-6, rtol=0)
     assert c_split.state["loader"] == c_full.state["loader"]
+    assert c_split.meta["settings"]["extra"]["pack"] is bool(pack)  # the resumed half packed as the first did
 
 
 def one_line_error(proc, pattern):

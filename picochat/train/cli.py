@@ -127,7 +127,7 @@ def cmd_train_chat(args):
         settings = settings_from_args(args, name, tag, args.seq_len or model.config.sequence_len,
                                       {"source": args.model, "source_step": source.step,
                                        "tasks": args.tasks.split(",") if args.tasks else [], "data": args.data or [],
-                                       "task_size": args.task_size})
+                                       "task_size": args.task_size, "pack": getattr(args, "pack", False)})
         return settings, model, tok
 
     stage = start_stage(args, f"{name}/" + args.model.split("/")[-1], fresh)
@@ -144,7 +144,8 @@ def cmd_train_chat(args):
             return MidLoader(mixture, tok, B, T, info.rank, info.world_size, accum, state, device=device, **kw)
         # compiled training wants one static shape: pad every SFT row to T (loss unchanged)
         return SFTLoader(mixture, tok, B, T, info.rank, info.world_size, accum, state, device=device,
-                         workers=kw["workers"], prefetch=kw["prefetch"], pad_to=T if settings.compile != "off" else None)
+                         workers=kw["workers"], prefetch=kw["prefetch"], pad_to=T if settings.compile != "off" else None,
+                         pack=extra.get("pack", False))
 
     def val_loader():
         return SFTLoader(val_mixture, tok, B, T, info.rank, info.world_size, 1, None, device=device)
@@ -192,6 +193,11 @@ def register(sub) -> None:
         ))
         p.add_argument("--data", action="append", metavar="FILE.jsonl[=WEIGHT]",
                        help="conversation JSONL to mix in (repeatable), e.g. safety data")
+        if stage == "sft":
+            p.add_argument("--pack", action="store_true", help="place each step's conversations whole into as few "
+                           "rows as hold them (best fit, rows as wide as the longest) instead of one per padded row: "
+                           "the same conversations and supervised tokens per step in about half the compute on short "
+                           "chats; a conversation can attend to the one before it in its row, as in nanochat's SFT")
         add_train_flags(p, stage)
         p.set_defaults(func=cmd_train_chat)
 
