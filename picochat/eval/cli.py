@@ -127,6 +127,8 @@ def cmd_eval(args):
             write_json_atomic(out, {"model": args.model, "step": ckpt.step, "kind": args.kind, "quant": args.quant,
                                     "stage": ckpt.meta.get("stage"), "results": {**old, **results}})
             print(f"results -> {out}")
+        if info.enabled:
+            torch.distributed.barrier()  # all ranks finish before any tears down (train/loop.py finish_stage)
     finally:
         if info.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
