@@ -316,3 +316,25 @@ def test_reduce_overhead_on_cpu_trains_like_eager():
     compiled = compile_model(model, "reduce-overhead", torch.device("cpu"))(x, y)
     compiled.backward()
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_workers_exit_when_their_parent_dies_without_closing_them():
+    """An aborted parent (a C-level crash: no Python cleanup) must not leave its workers running,
+    holding its stdout open: they see the parent gone and exit."""
+    code = ("import os; from picochat.data.workers import WorkerPool; pool = WorkerPool(abs, 2, name='t'); "
+            "print(' '.join(str(p.pid) for p in pool.procs), flush=True); os.abort()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert proc.wait(timeout=60) == -signal.SIGABRT and len(pids) == 2
+
+    def running(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 30
+    while time.time() < deadline and any(map(running, pids)):
+        time.sleep(0.2)
+    assert not any(map(running, pids))
+    assert proc.stdout.read() == ""  # EOF: no worker holds the pipe any more

@@ -51,12 +51,18 @@ def default_workers() -> int:
     return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
 
 
-def _worker_main(fn, requests, results) -> None:
+def _worker_main(fn, requests, results, parent: int) -> None:
     global IN_WORKER
     IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     while True:
         try:
+            # a parent that died without closing the pipe (an abort) leaves no EOF here, since forked
+            # siblings hold its end too: a worker that outlived it kept the parent's stdout open and hung
+            # a `| tee` behind it, so look for the parent once a second
+            while not requests.poll(1.0):
+                if os.getppid() != parent:
+                    return
             req = requests.recv()
         except (EOFError, OSError):  # parent closed the pipe or went away
             return
@@ -96,7 +102,7 @@ class WorkerPool:
         for i in range(n):
             req_r, req_w = ctx.Pipe(duplex=False)
             res_r, res_w = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker_main, args=(fn, req_r, res_w), name=f"picochat-{name}-{i}", daemon=True)
+            p = ctx.Process(target=_worker_main, args=(fn, req_r, res_w, os.getpid()), name=f"picochat-{name}-{i}", daemon=True)
             p.start()
             # close the child's ends here: if the child dies, reading its pipe then gives EOF, not a hang
             req_r.close()
